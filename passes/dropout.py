@@ -1,0 +1,60 @@
+"""Dropout pass: make the dropouts traced in train mode follow the PeftModule's train()/eval() mode.
+
+torch.export bakes the mode in at trace time; peftc traces in train mode and turns each dropout into a module call,
+so one graph serves both modes.
+
+    Before:  y = aten.dropout(x, 0.1, True)          a = aten.scaled_dot_product_attention(q, k, v, m, 0.1)
+    After:   y = self.peftc_dropout_0(x)             a = self.peftc_sdpa_0(q, k, v, m, 0.1)
+             (nn.Dropout(0.1): identity in eval)      (dropout_p is 0.0 in eval)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+aten = torch.ops.aten
+DROPOUTS = (aten.dropout.default, aten.feature_dropout.default)
+SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class ModeAwareSDPA(nn.Module):
+    """scaled_dot_product_attention whose dropout applies only in train mode."""
+
+    def forward(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                enable_gqa=False):
+        p = dropout_p if self.training else 0.0
+        return F.scaled_dot_product_attention(query, key, value, attn_mask, p, is_causal, scale=scale,
+                                              enable_gqa=enable_gqa)
+
+
+def _replace_with_module(gm: GraphModule, node: Node, name: str, module: nn.Module, args, kwargs) -> None:
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, tuple(args), dict(kwargs))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def make_dropout_mode_aware(gm: GraphModule) -> int:
+    """Rewrite every train-mode dropout and SDPA-with-dropout; returns the number of rewrites."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target in DROPOUTS:
+            x, p = node.args[0], float(node.args[1])
+            if p == 0.0 or node.args[2] is False:
+                node.replace_all_uses_with(x)
+                gm.graph.erase_node(node)
+            else:
+                _replace_with_module(gm, node, f"peftc_dropout_{count}", nn.Dropout(p), (x,), {})
+            count += 1
+        elif node.target == aten.scaled_dot_product_attention.default:
+            bound = dict(zip(SDPA_ARGS, node.args), **node.kwargs)
+            if float(bound.get("dropout_p", 0.0)) > 0.0:
+                _replace_with_module(gm, node, f"peftc_sdpa_{count}", ModeAwareSDPA(), (), bound)
+                count += 1
+    return count

@@ -1,0 +1,19 @@
+"""peftc: parameter-efficient fine-tuning as a compiler (trace -> match -> rewrite -> emit)."""
+from __future__ import annotations
+
+import logging
+import os
+
+from .compiler import compile, load_adapter
+from .errors import CheckpointError, InputError, PassError, PeftcError, SpecError, TargetNotFound, TraceError
+from .module import PeftModule
+from .spec import LoRA
+
+__all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
+           "TraceError", "PassError", "CheckpointError", "InputError"]
+__version__ = "0.1.0"
+
+if os.environ.get("PEFTC_LOG"):
+    logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
+    logging.getLogger("peftc").setLevel(os.environ["PEFTC_LOG"].upper())
+    

@@ -1,0 +1,143 @@
+"""Adapter checkpoints in PEFT's format: adapter_config.json + adapter_model.safetensors, written atomically."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .spec import spec_from_config, spec_to_config
+from .targets import peft_target_modules
+
+if TYPE_CHECKING:
+    from .module import PeftModule
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename over `path`: a reader never sees a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _prepare_dir(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise CheckpointError(f"cannot save the adapter to {directory}: it exists and is a file; pass a directory path")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create adapter directory {directory}: {e.strerror}") from e
+    if not os.access(directory, os.W_OK):
+        raise CheckpointError(f"adapter directory {directory} is not writable; choose another path")
+
+
+def adapter_config(pm: PeftModule, adapter_name: str) -> dict:
+    ad = pm.store[adapter_name]
+    spec = ad.spec
+    task = spec.task_type or ("CAUSAL_LM" if pm.loss_type == "ForCausalLM" else None)
+    return spec_to_config(
+        spec, target_modules=peft_target_modules(spec.targets, pm.sites, ad.targets),
+        base_model_name_or_path=pm.base_name, task_type=task, modules_to_save=spec.modules_to_save,
+    )
+
+
+def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
+    if adapter_name not in pm.adapters:
+        raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {pm.adapters}")
+    directory = Path(directory)
+    _prepare_dir(directory)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pm.store.peft_state_dict(adapter_name).items()}
+    cfg = adapter_config(pm, adapter_name)
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME,
+                  lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+    return directory
+
+
+def read_adapter_config(directory) -> dict:
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointError(f"adapter directory {directory} does not exist")
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is a file; pass the adapter's directory (holding {CONFIG_NAME})")
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} has no {CONFIG_NAME}; is it an adapter saved by PEFT or peftc?")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
+                              "fix or re-save the adapter") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not UTF-8 text; fix or re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
+    directory = Path(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickled = [n for n in PICKLE_NAMES if (directory / n).exists()]
+        if pickled:
+            raise CheckpointError(
+                f"{directory} holds only {pickled[0]}, a pickle; peftc loads safetensors only (a pickle can run code). "
+                "Re-save it with PEFT: PeftModel.from_pretrained(base, dir).save_pretrained(dir, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); re-save the adapter") from None
+
+
+def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+    """Copy PEFT-keyed tensors into the store, after checking that every key and shape fits (changes `pm`)."""
+    expected = dict(pm.store.peft_parameters(adapter_name))
+    tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
+    missing = [k for k in expected if k not in tensors]
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: key {unexpected[0]!r} (and {len(unexpected) - 1} more) has no place in this model; "
+            f"was the adapter made for a different base model? This model has e.g. {next(iter(expected), None)!r}"
+        )
+    if missing:
+        raise CheckpointError(f"{source}: missing {len(missing)} key(s), e.g. {missing[0]!r}; the file is incomplete "
+                              "or was made with other targets")
+    for k, p in expected.items():
+        if tuple(tensors[k].shape) != tuple(p.shape):
+            raise CheckpointError(
+                f"{source}: {k} has shape {tuple(tensors[k].shape)} in the checkpoint but {tuple(p.shape)} in this "
+                "model; the adapter was made for a different base model (or another rank)"
+            )
+    with torch.no_grad():
+        for k, p in expected.items():
+            p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
+
+
+def _strip_adapter_name(key: str, name: str) -> str:
+    """PEFT strips the adapter name on save; tolerate keys that kept it (lora_A.<name>.weight)."""
+    return key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.") \
+              .replace(f".modules_to_save.{name}.", ".")
+
+
+def load_spec(directory):
+    return spec_from_config(read_adapter_config(directory), source=str(Path(directory) / CONFIG_NAME))

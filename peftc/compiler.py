@@ -1,0 +1,97 @@
+"""peftc.compile and peftc.load_adapter: trace -> match -> rewrite -> emit."""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from typing import Any
+
+from torch import nn
+
+from .passes.dropout import make_dropout_mode_aware
+from .passes.lora import insert_lora
+from .passes.match import find_sites, output_heads
+from .passes.modules_to_save import insert_saved_copies, resolve_modules_to_save
+
+from .checkpoint import load_spec, load_weights_, read_adapter_weights
+from .errors import SpecError
+from .loss import loss_type_of
+from .module import PeftModule
+from .pipeline import run_passes
+from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
+from .store import STORE, Adapter, AdapterStore
+from .targets import check_rank, output_head_paths, resolve_targets
+from .trace import trace
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def _as_spec(spec: Any) -> AdapterSpec:
+    if isinstance(spec, AdapterSpec):
+        return spec
+    if isinstance(spec, dict):
+        return spec_from_config(spec, source="spec dict")
+    raise SpecError(f"spec must be a peftc spec (e.g. peftc.LoRA(r=8)) or a dict in adapter_config.json form, "
+                    f"got {type(spec).__name__}")
+
+
+def check_adapter_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "__base__":
+        raise SpecError(f"adapter_name must be letters, digits, '_' or '-' (and not '__base__'), got {name!r}")
+    return name
+
+
+def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None) -> PeftModule:
+    """Trace `model`, insert the adapter described by `spec` and return a new PeftModule.
+
+    The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
+    its own parameters, flags and mode stay as they were, and a compile that fails leaves nothing behind.
+    """
+    spec = _as_spec(spec)
+    check_adapter_name(adapter_name)
+    traced = trace(model, example_inputs)
+    gm = traced.gm
+    sites = find_sites(gm)
+    heads = output_head_paths(model, output_heads(gm, sites))
+    chosen = resolve_targets(spec.targets, sites, heads)
+    check_rank(spec.r, sites, chosen)
+    optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
+    saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
+    overlap = set(saved) & set(chosen)
+    if overlap:
+        raise SpecError(f"{sorted(overlap)} are both LoRA targets and modules_to_save; pick one for each layer")
+
+    store = AdapterStore()
+    gm.add_submodule(STORE, store)
+    adapter = Adapter(spec, chosen, saved)
+    store.add(adapter_name, adapter)
+    run_passes(gm, [
+        ("dropout", make_dropout_mode_aware),
+        ("lora", functools.partial(insert_lora, sites=sites, spec=spec, adapter=adapter, name=adapter_name)),
+        ("modules_to_save", functools.partial(insert_saved_copies, adapter=adapter, name=adapter_name)),
+    ])
+    cfg = getattr(model, "config", None)
+    pm = PeftModule(traced, store, config=cfg, loss_type=loss_type_of(model), model_class=type(model).__name__,
+                    base_name=getattr(cfg, "name_or_path", None) or None, sites=sites)
+    pm.train(model.training)
+    log.info("compiled %s: %d LoRA sites, %d modules_to_save", type(model).__name__, len(chosen), len(saved))
+    return pm
+
+
+def load_adapter(model: nn.Module, directory, adapter_name: str = "default", *, example_inputs: Any = None,
+                 is_trainable: bool = False) -> PeftModule:
+    """Compile `model` with the adapter saved in `directory` (by PEFT or peftc) and load its weights.
+
+    Safetensors only: a pickled checkpoint is refused. The model is not changed. Like PEFT, the result is in eval
+    mode with frozen adapter weights unless is_trainable=True.
+    """
+    spec = load_spec(directory)
+    tensors = read_adapter_weights(directory)
+    pm = compile(model, spec, adapter_name=adapter_name, example_inputs=example_inputs)
+    load_weights_(pm, adapter_name, tensors, source=str(directory))
+    if not is_trainable:
+        pm.eval()
+        for p in pm.trainable_parameters():
+            p.requires_grad_(False)
+    return pm

@@ -1,0 +1,30 @@
+"""peftc's exceptions: each one says what was expected, what was found, and what to do next."""
+from __future__ import annotations
+
+
+class PeftcError(Exception):
+    """Base class of every error peftc raises on purpose."""
+
+
+class SpecError(PeftcError, ValueError):
+    """An adapter spec (or an adapter_config.json) is malformed or does not fit the model."""
+
+
+class TargetNotFound(SpecError):
+    """A target name or pattern matched no linear layer."""
+
+
+class TraceError(PeftcError):
+    """torch.export could not trace the model."""
+
+
+class PassError(PeftcError):
+    """A compiler pass failed; the message names the pass and the passes that ran before it."""
+
+
+class CheckpointError(PeftcError):
+    """An adapter directory is missing, malformed, truncated, or made for another base model."""
+
+
+class InputError(PeftcError, TypeError):
+    """A PeftModule was called with inputs it was not traced for."""

@@ -1,0 +1,30 @@
+"""The model's own loss, applied outside the graph (one traced graph serves calls with and without labels)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+# transformers' loss_type -> how its loss_function is called (transformers.loss.loss_utils.LOSS_MAPPING).
+_CALLS: dict[str, Callable[..., torch.Tensor]] = {
+    "ForCausalLM": lambda fn, logits, labels, cfg: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size),
+    "ForMaskedLM": lambda fn, logits, labels, cfg: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size),
+    "ForSequenceClassification": lambda fn, logits, labels, cfg: fn(labels, logits, cfg),
+    "ForImageClassification": lambda fn, logits, labels, cfg: fn(labels, logits, cfg),
+    "ForTokenClassification": lambda fn, logits, labels, cfg: fn(logits, labels, cfg),
+}
+
+
+def loss_type_of(model: Any) -> str | None:
+    """The transformers loss type of a model class (ForCausalLM, ForSequenceClassification, ...), if supported."""
+    lt = getattr(model, "loss_type", None)
+    if lt in _CALLS:
+        return lt
+    name = type(model).__name__
+    return next((k for k in _CALLS if name.endswith(k)), None)
+
+
+def compute_loss(loss_type: str, config: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    return _CALLS[loss_type](LOSS_MAPPING[loss_type], logits, labels, config)

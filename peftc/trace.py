@@ -1,0 +1,202 @@
+"""Trace a model to an FX GraphModule with torch.export (non-strict, dynamic batch and sequence), sharing its weights."""
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from .errors import TraceError
+
+log = logging.getLogger(__name__)
+
+TRACE_BATCH = 2  # batch 1 would be specialized by export (0/1 specialization)
+TRACE_SEQ = 8
+
+
+@dataclass
+class Traced:
+    """The traced graph plus what PeftModule needs to call it like the model."""
+
+    gm: torch.fx.GraphModule
+    input_names: tuple[str, ...]           # the graph's inputs, in order (kwargs form), or () for positional inputs
+    constants: dict[str, Any]              # inputs fixed at trace time (use_cache=False)
+    defaults: dict[str, Callable] = field(default_factory=dict)  # name -> fn(inputs) giving the model's default
+    positional: bool = False
+
+
+def _is_hf(model: nn.Module) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def _first_text_input(kw: dict) -> torch.Tensor:
+    return kw["input_ids"]
+
+
+def hf_example_inputs(model: nn.Module) -> tuple[dict, dict, dict, dict]:
+    """(inputs, dynamic_shapes, constants, defaults) for a Hugging Face model, built from its config."""
+    cfg = model.config
+    params = inspect.signature(model.forward).parameters
+    batch = Dim("batch", min=1)
+    constants: dict[str, Any] = {}
+    if "use_cache" in params:
+        constants["use_cache"] = False
+    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+        size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+        x = torch.randn(TRACE_BATCH, cfg.num_channels, size, size, dtype=_dtype(model))
+        return {"pixel_values": x}, {"pixel_values": {0: batch}}, constants, {}
+    vocab = getattr(cfg, "vocab_size", None)
+    if not vocab:
+        raise TraceError(f"{type(model).__name__}: cannot build example inputs (config has no vocab_size); "
+                         "pass example_inputs=(...) or a dict of keyword inputs")
+    max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
+    seq = Dim("seq", min=1, max=int(max_pos))
+    ids = torch.randint(0, vocab, (TRACE_BATCH, TRACE_SEQ))
+    inputs = {"input_ids": ids}
+    dyn: dict[str, Any] = {"input_ids": {0: batch, 1: seq}}
+    defaults: dict[str, Callable] = {}
+    if "attention_mask" in params:
+        inputs["attention_mask"] = torch.ones_like(ids)
+        dyn["attention_mask"] = {0: batch, 1: seq}
+        defaults["attention_mask"] = lambda kw: torch.ones_like(_first_text_input(kw))
+    if "token_type_ids" in params and getattr(cfg, "type_vocab_size", 0):
+        inputs["token_type_ids"] = torch.zeros_like(ids)
+        dyn["token_type_ids"] = {0: batch, 1: seq}
+        defaults["token_type_ids"] = lambda kw: torch.zeros_like(_first_text_input(kw))
+    return inputs, dyn, constants, defaults
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    p = next(model.parameters(), None)
+    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+
+
+class _ModuleTracker:
+    """Global forward hooks that remember which module was running when tracing failed (the user's model is not
+    touched)."""
+
+    def __init__(self, model: nn.Module):
+        self.names = {id(m): (n or "<root>", type(m).__name__) for n, m in model.named_modules()}
+        self.stack: list[tuple[str, str]] = []
+        self.failed_in: tuple[str, str] | None = None
+
+    def __enter__(self):
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        def pre(mod, args):
+            if id(mod) in self.names:
+                self.stack.append(self.names[id(mod)])
+
+        def post(mod, args, out):
+            if id(mod) in self.names and self.stack:
+                self.stack.pop()
+
+        self.handles = [register_module_forward_pre_hook(pre), register_module_forward_hook(post)]
+        return self
+
+    def __exit__(self, et, ev, tb):
+        if ev is not None and self.stack:
+            self.failed_in = self.stack[-1]
+        for h in self.handles:
+            h.remove()
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback frame outside torch/peftc: where the user's code stopped tracing."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    skip = (os.sep + "torch" + os.sep, os.sep + "peftc" + os.sep, os.sep + "sympy" + os.sep)
+    for fr in reversed(frames):
+        if not any(s in fr.filename for s in skip):
+            return f"{fr.filename}:{fr.lineno} ({fr.line})"
+    return "unknown location"
+
+
+def _share_frozen(gm: torch.fx.GraphModule) -> None:
+    """Give the graph its own frozen Parameter objects that alias the model's storage (no copy; the model's own
+    parameters keep their requires_grad). Tied weights stay tied."""
+    new: dict[int, nn.Parameter] = {}
+    for name, p in list(gm.named_parameters(remove_duplicate=False)):
+        q = new.setdefault(id(p), nn.Parameter(p.data, requires_grad=False))
+        owner, _, leaf = name.rpartition(".")
+        mod = gm.get_submodule(owner) if owner else gm
+        mod._parameters[leaf] = q
+
+
+def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
+    """Export `model` and return a plain GraphModule over its (shared, frozen) weights.
+
+    The model is traced in train mode so dropout appears in the graph (passes.dropout makes it follow the PeftModule's
+    mode); the model's own mode is restored afterwards.
+    """
+    constants: dict[str, Any] = {}
+    defaults: dict[str, Callable] = {}
+    positional = False
+    if example_inputs is None:
+        if not _is_hf(model):
+            raise TraceError(
+                f"{type(model).__name__} is not a Hugging Face model, so peftc cannot build example inputs; "
+                "pass example_inputs=(tensor, ...) or example_inputs={'name': tensor, ...}"
+            )
+        kwargs, dyn, constants, defaults = hf_example_inputs(model)
+        args: tuple = ()
+        kwargs = {**kwargs, **constants}
+        dyn = {**dyn, **{k: None for k in constants}}
+    elif isinstance(example_inputs, dict):
+        args, kwargs = (), dict(example_inputs)
+        dyn = {k: _auto_dims(v) for k, v in kwargs.items()}
+    elif isinstance(example_inputs, (tuple, list)):
+        args, kwargs, positional = tuple(example_inputs), {}, True
+        dyn = tuple(_auto_dims(v) for v in args)
+    elif isinstance(example_inputs, torch.Tensor):
+        args, kwargs, positional = (example_inputs,), {}, True
+        dyn = (_auto_dims(example_inputs),)
+    else:
+        raise TraceError(f"example_inputs must be a tuple of args or a dict of kwargs, got {type(example_inputs).__name__}")
+
+    was_training = {m: m.training for m in model.modules()}
+    tracker = _ModuleTracker(model)
+    try:
+        model.train()
+        with tracker:
+            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
+        where = tracker.failed_in
+        culprit = f"module '{where[0]}' ({where[1]})" if where else f"model {type(model).__name__}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.export could not trace {type(model).__name__}: tracing stopped in {culprit} at {_user_frame(e)}: "
+            f"{type(e).__name__}: {first}\n"
+            "What to try: remove data-dependent Python control flow (if on tensor values, .item(), .tolist(), numpy) "
+            "from that forward or rewrite it with torch.cond / torch.where; make sure example_inputs are what the "
+            "model takes; set PEFTC_LOG=debug for the full torch.export error."
+        ) from e
+    finally:
+        for m, t in was_training.items():
+            m.training = t
+
+    src = ep.module()
+    gm = torch.fx.GraphModule(src, src.graph)
+    _share_frozen(gm)
+    names = tuple(kwargs) if not positional else ()
+    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional)
+
+
+def _auto_dims(v: Any):
+    """Batch (dim 0) and, for rank >= 2 integer inputs (token ids, masks), sequence (dim 1) are dynamic."""
+    if not isinstance(v, torch.Tensor) or v.dim() == 0:
+        return None
+    dims = {0: Dim.AUTO}
+    if v.dim() >= 2 and not v.is_floating_point():
+        dims[1] = Dim.AUTO
+    return dims
