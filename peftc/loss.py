@@ -6,12 +6,13 @@ from typing import Any, Callable
 import torch
 
 # transformers' loss_type -> how its loss_function is called (transformers.loss.loss_utils.LOSS_MAPPING).
+# kw: loss kwargs such as num_items_in_batch (HF Trainer's gradient-accumulation normalizer).
 _CALLS: dict[str, Callable[..., torch.Tensor]] = {
-    "ForCausalLM": lambda fn, logits, labels, cfg: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size),
-    "ForMaskedLM": lambda fn, logits, labels, cfg: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size),
-    "ForSequenceClassification": lambda fn, logits, labels, cfg: fn(labels, logits, cfg),
-    "ForImageClassification": lambda fn, logits, labels, cfg: fn(labels, logits, cfg),
-    "ForTokenClassification": lambda fn, logits, labels, cfg: fn(logits, labels, cfg),
+    "ForCausalLM": lambda fn, logits, labels, cfg, kw: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kw),
+    "ForMaskedLM": lambda fn, logits, labels, cfg, kw: fn(logits=logits, labels=labels, vocab_size=cfg.vocab_size, **kw),
+    "ForSequenceClassification": lambda fn, logits, labels, cfg, kw: fn(labels, logits, cfg, **kw),
+    "ForImageClassification": lambda fn, logits, labels, cfg, kw: fn(labels, logits, cfg, **kw),
+    "ForTokenClassification": lambda fn, logits, labels, cfg, kw: fn(logits, labels, cfg, **kw),
 }
 
 
@@ -24,7 +25,7 @@ def loss_type_of(model: Any) -> str | None:
     return next((k for k in _CALLS if name.endswith(k)), None)
 
 
-def compute_loss(loss_type: str, config: Any, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def compute_loss(loss_type: str, config: Any, logits: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:
     from transformers.loss.loss_utils import LOSS_MAPPING
 
-    return _CALLS[loss_type](LOSS_MAPPING[loss_type], logits, labels, config)
+    return _CALLS[loss_type](LOSS_MAPPING[loss_type], logits, labels, config, kw)

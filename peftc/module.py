@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
+import types
 from typing import Any, Iterator
 
 import torch
@@ -34,17 +36,24 @@ class PeftModule(nn.Module):
         self.sites = sites or {}
         self.active_adapter = store.names()[0] if store.names() else None
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
+        self.forward = types.MethodType(_forward_with_signature(self.input_names), self)
 
     @property
     def store(self) -> AdapterStore:
         return getattr(self.graph_module, STORE)
 
     @property
+    def input_names(self) -> list[str]:
+        """The inputs the graph was traced with (constants such as use_cache=False left out)."""
+        return [n for n in self._traced.input_names if n not in self._traced.constants]
+
+    @property
     def adapters(self) -> list[str]:
         return self.store.names()
 
     # --- calling -----------------------------------------------------------------------------------------------
-    def forward(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None, **kwargs):
+    def forward(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
+                num_items_in_batch: Any = None, **kwargs):
         t = self._traced
         if t.positional:
             if kwargs:
@@ -58,7 +67,8 @@ class PeftModule(nn.Module):
                 kwargs.update(zip(t.input_names, args))
             out = self.graph_module(**self._complete(kwargs))
         if labels is not None:
-            out = self._with_loss(out, labels)
+            loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            out = self._with_loss(out, labels, loss_kwargs)
         if return_dict is False and hasattr(out, "to_tuple"):
             return out.to_tuple()
         return out
@@ -74,7 +84,7 @@ class PeftModule(nn.Module):
                 kwargs.pop(k)
         if unknown:
             raise InputError(
-                f"unexpected input(s) {unknown}: this PeftModule was traced with inputs {list(t.input_names)}. "
+                f"unexpected input(s) {unknown}: this PeftModule was traced with inputs {self.input_names}. "
                 "Pass example_inputs=... to peftc.compile with these inputs included to trace them."
             )
         full = {}
@@ -86,17 +96,17 @@ class PeftModule(nn.Module):
             elif name in t.defaults:
                 full[name] = t.defaults[name](kwargs)
             else:
-                raise InputError(f"missing input {name!r}; this PeftModule takes {list(t.input_names)}")
+                raise InputError(f"missing input {name!r}; this PeftModule takes {self.input_names}")
         return full
 
-    def _with_loss(self, out, labels: torch.Tensor):
+    def _with_loss(self, out, labels: torch.Tensor, loss_kwargs: dict):
         if self.loss_type is None:
             raise InputError(
                 f"labels were given, but peftc does not know the loss of {self.model_class or 'this model'}; "
                 "call without labels and compute the loss from the outputs"
             )
         logits = out["logits"] if isinstance(out, dict) else out.logits
-        loss = compute_loss(self.loss_type, self.config, logits, labels)
+        loss = compute_loss(self.loss_type, self.config, logits, labels, **loss_kwargs)
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
 
     # --- parameters ----------------------------------------------------------------------------------------------
@@ -128,3 +138,20 @@ class PeftModule(nn.Module):
 
     def extra_repr(self) -> str:
         return f"model={self.model_class}, adapters={self.adapters}, active={self.active_adapter!r}"
+
+
+def _forward_with_signature(input_names: list[str]):
+    """PeftModule.forward with the traced inputs spelled out in its signature: HF Trainer (and other tools) read the
+    signature to decide which batch columns to keep."""
+
+    def forward(self, *args, **kwargs):
+        return PeftModule.forward(self, *args, **kwargs)
+
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in input_names]
+    params += [P(n, P.KEYWORD_ONLY, default=None) for n in ("labels", "return_dict", "num_items_in_batch")]
+    params.append(P("kwargs", P.VAR_KEYWORD))
+    forward.__signature__ = inspect.Signature(params)
+    forward.__doc__ = PeftModule.forward.__doc__
+    return forward

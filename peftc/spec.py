@@ -98,7 +98,7 @@ def spec_from_config(cfg: Any, *, source: str = "adapter_config.json") -> LoRA:
     ptype = cfg.get("peft_type")
     if ptype is None:
         raise SpecError(f"{source}: missing 'peft_type'; expected \"LORA\" (the only method peftc supports so far)")
-    if str(ptype).upper() != "LORA":
+    if str(getattr(ptype, "value", ptype)).upper() != "LORA":  # PEFT's to_dict() gives a PeftType enum
         raise SpecError(f"{source}: peft_type={ptype!r} is not supported yet; supported: ['LORA']")
     for key, neutral in _NEUTRAL.items():
         if key in cfg and cfg[key] != neutral and cfg[key] not in _NEUTRAL_ALT.get(key, ()):
