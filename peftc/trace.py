@@ -53,7 +53,7 @@ def hf_example_inputs(model: nn.Module) -> tuple[dict, dict, dict, dict]:
         constants["use_cache"] = False
     if getattr(model, "main_input_name", "input_ids") == "pixel_values":
         size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-        x = torch.randn(TRACE_BATCH, cfg.num_channels, size, size, dtype=_dtype(model))
+        x = torch.randn(TRACE_BATCH, cfg.num_channels, size, size, dtype=_dtype(model), device=_device(model))
         return {"pixel_values": x}, {"pixel_values": {0: batch}}, constants, {}
     vocab = getattr(cfg, "vocab_size", None)
     if not vocab:
@@ -61,7 +61,7 @@ def hf_example_inputs(model: nn.Module) -> tuple[dict, dict, dict, dict]:
                          "pass example_inputs=(...) or a dict of keyword inputs")
     max_pos = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 4096
     seq = Dim("seq", min=1, max=int(max_pos))
-    ids = torch.randint(0, vocab, (TRACE_BATCH, TRACE_SEQ))
+    ids = torch.randint(0, vocab, (TRACE_BATCH, TRACE_SEQ), device=_device(model))
     inputs = {"input_ids": ids}
     dyn: dict[str, Any] = {"input_ids": {0: batch, 1: seq}}
     defaults: dict[str, Callable] = {}
@@ -74,6 +74,11 @@ def hf_example_inputs(model: nn.Module) -> tuple[dict, dict, dict, dict]:
         dyn["token_type_ids"] = {0: batch, 1: seq}
         defaults["token_type_ids"] = lambda kw: torch.zeros_like(_first_text_input(kw))
     return inputs, dyn, constants, defaults
+
+
+def _device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
