@@ -4,8 +4,11 @@ torch.export bakes the mode in at trace time; peftc traces in train mode and tur
 so one graph serves both modes.
 
     Before:  y = aten.dropout(x, 0.1, True)          a = aten.scaled_dot_product_attention(q, k, v, m, 0.1)
-    After:   y = self.peftc_dropout_0(x)             a = self.peftc_sdpa_0(q, k, v, m, 0.1)
-             (nn.Dropout(0.1): identity in eval)      (dropout_p is 0.0 in eval)
+    After:   y = self.peftc_dropout_0(x)             a = self.peftc_sdpa_1(q, k, v, m, 0.1)
+             (the same op with train=self.training)   (dropout_p is 0.0 in eval)
+
+Every dropout kind keeps its own op (element-wise, channel-wise "feature", alpha); in-place variants become their
+out-of-place op (the result is what the graph uses).
 """
 from __future__ import annotations
 
@@ -15,8 +18,32 @@ from torch import nn
 from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
-DROPOUTS = (aten.dropout.default, aten.feature_dropout.default)
+# traced op -> the out-of-place op called with train=self.training
+DROPOUTS = {
+    aten.dropout.default: aten.dropout.default,                        # nn.Dropout
+    aten.dropout_.default: aten.dropout.default,                       # nn.Dropout(inplace=True)
+    aten.feature_dropout.default: aten.feature_dropout.default,        # nn.Dropout1d/2d/3d
+    aten.feature_dropout_.default: aten.feature_dropout.default,
+    aten.alpha_dropout.default: aten.alpha_dropout.default,            # nn.AlphaDropout
+    aten.alpha_dropout_.default: aten.alpha_dropout.default,
+    aten.feature_alpha_dropout.default: aten.feature_alpha_dropout.default,   # nn.FeatureAlphaDropout
+    aten.feature_alpha_dropout_.default: aten.feature_alpha_dropout.default,
+}
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+class ModeAwareDropout(nn.Module):
+    """A traced dropout op that applies only in train mode."""
+
+    def __init__(self, op, p: float):
+        super().__init__()
+        self.op, self.p = op, float(p)
+
+    def forward(self, x):
+        return self.op(x, self.p, self.training)
+
+    def extra_repr(self) -> str:
+        return f"{self.op.__name__}, p={self.p}"
 
 
 class ModeAwareSDPA(nn.Module):
@@ -29,13 +56,14 @@ class ModeAwareSDPA(nn.Module):
                                               enable_gqa=enable_gqa)
 
 
-def _replace_with_module(gm: GraphModule, node: Node, name: str, module: nn.Module, args, kwargs) -> None:
+def replace_with_module(gm: GraphModule, node: Node, name: str, module: nn.Module, args, kwargs) -> Node:
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
         new = gm.graph.call_module(name, tuple(args), dict(kwargs))
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    return new
 
 
 def make_dropout_mode_aware(gm: GraphModule) -> int:
@@ -45,16 +73,17 @@ def make_dropout_mode_aware(gm: GraphModule) -> int:
         if node.op != "call_function":
             continue
         if node.target in DROPOUTS:
-            x, p = node.args[0], float(node.args[1])
-            if p == 0.0 or node.args[2] is False:
+            x, p, train = node.args[0], float(node.args[1]), node.args[2]
+            if p == 0.0 or train is False:
                 node.replace_all_uses_with(x)
                 gm.graph.erase_node(node)
             else:
-                _replace_with_module(gm, node, f"peftc_dropout_{count}", nn.Dropout(p), (x,), {})
+                replace_with_module(gm, node, f"peftc_dropout_{count}", ModeAwareDropout(DROPOUTS[node.target], p),
+                                    (x,), {})
             count += 1
         elif node.target == aten.scaled_dot_product_attention.default:
             bound = dict(zip(SDPA_ARGS, node.args), **node.kwargs)
             if float(bound.get("dropout_p", 0.0)) > 0.0:
-                _replace_with_module(gm, node, f"peftc_sdpa_{count}", ModeAwareSDPA(), (), bound)
+                replace_with_module(gm, node, f"peftc_sdpa_{count}", ModeAwareSDPA(), (), bound)
                 count += 1
     return count

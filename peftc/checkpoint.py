@@ -23,17 +23,22 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename over `path`: a reader never sees a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def _atomic_write(files: dict[Path, Any]) -> None:
+    """Write every file to a temp file first (write(tmp_path)), then rename each over its target: a failure while
+    writing leaves the old files whole, and a reader never sees a half-written file."""
+    tmps: dict[Path, str] = {}
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        for path, write in files.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps[path] = tmp
+            write(tmp)
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
 
 def _prepare_dir(directory: Path) -> None:
@@ -64,9 +69,10 @@ def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
     _prepare_dir(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in pm.store.peft_state_dict(adapter_name).items()}
     cfg = adapter_config(pm, adapter_name)
-    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_NAME,
-                  lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"))
+    _atomic_write({
+        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
+    })
     return directory
 
 

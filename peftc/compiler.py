@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
 from .passes.lora import insert_lora
 from .passes.match import find_sites, output_heads
@@ -42,7 +43,8 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
-def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None) -> PeftModule:
+def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
+            _loading: bool = False) -> PeftModule:
     """Trace `model`, insert the adapter described by `spec` and return a new PeftModule.
 
     The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
@@ -53,12 +55,13 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     traced = trace(model, example_inputs)
     gm = traced.gm
     sites = find_sites(gm)
-    heads = output_head_paths(model, output_heads(gm, sites))
-    chosen = resolve_targets(spec.targets, sites, heads)
-    check_rank(spec.r, sites, chosen)
     optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
-    overlap = set(saved) & set(chosen)
+    heads = output_head_paths(model, output_heads(gm, sites), spec.task_type)
+    chosen = resolve_targets(spec.targets, sites, heads, saved)
+    if not _loading:  # PEFT accepts r > min(in, out); checkpoints it wrote must load
+        check_rank(spec.r, sites, chosen)
+    overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
     if overlap:
         raise SpecError(f"{sorted(overlap)} are both LoRA targets and modules_to_save; pick one for each layer")
 
@@ -68,6 +71,7 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     store.add(adapter_name, adapter)
     run_passes(gm, [
         ("dropout", make_dropout_mode_aware),
+        ("batchnorm", make_batchnorm_mode_aware),
         ("lora", functools.partial(insert_lora, sites=sites, spec=spec, adapter=adapter, name=adapter_name)),
         ("modules_to_save", functools.partial(insert_saved_copies, adapter=adapter, name=adapter_name)),
     ])
@@ -88,7 +92,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", *, 
     """
     spec = load_spec(directory)
     tensors = read_adapter_weights(directory)
-    pm = compile(model, spec, adapter_name=adapter_name, example_inputs=example_inputs)
+    pm = compile(model, spec, adapter_name=adapter_name, example_inputs=example_inputs, _loading=True)
     load_weights_(pm, adapter_name, tensors, source=str(directory))
     if not is_trainable:
         pm.eval()

@@ -22,7 +22,10 @@ def loss_type_of(model: Any) -> str | None:
     if lt in _CALLS:
         return lt
     name = type(model).__name__
-    return next((k for k in _CALLS if name.endswith(k)), None)
+    found = next((k for k in _CALLS if name.endswith(k)), None)
+    if found is None and callable(getattr(model, "get_output_embeddings", None)) and model.get_output_embeddings() is not None:
+        found = "ForCausalLM"  # transformers' own fallback (GPT2LMHeadModel has no loss_type)
+    return found
 
 
 def compute_loss(loss_type: str, config: Any, logits: torch.Tensor, labels: torch.Tensor, **kw) -> torch.Tensor:

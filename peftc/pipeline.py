@@ -18,7 +18,7 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> dict[str, int]:
     done: dict[str, int] = {}
     for name, fn in passes:
         try:
-            done[name] = fn(gm)
+            count = fn(gm)
             gm.graph.lint()
             gm.recompile()
         except PeftcError:
@@ -26,5 +26,6 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> dict[str, int]:
         except Exception as e:
             ran = ", ".join(done) or "none"
             raise PassError(f"pass '{name}' failed (passes that ran before it: {ran}): {type(e).__name__}: {e}") from e
+        done[name] = count
         log.debug("pass %s: %d rewrites", name, done[name])
     return done

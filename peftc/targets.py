@@ -9,6 +9,7 @@ from torch import nn
 
 from .passes.match import Site
 from .errors import SpecError, TargetNotFound
+from .spec import SEQ_CLS_HEADS
 
 
 def name_matches(path: str, name: str) -> bool:
@@ -30,21 +31,26 @@ def _linear_names(sites: dict[str, Site]) -> str:
     return ", ".join(dict.fromkeys(s.name for s in sites.values()))
 
 
-def output_head_paths(model: nn.Module | None, graph_heads: set[str]) -> set[str]:
-    """The output head excluded by "all-linear": the model's output embeddings (lm_head) if it has them, the task
-    head of a Hugging Face task model (classifier, score), nothing for a bare encoder, and the graph's final linear
-    layer(s) for any other module."""
+def output_head_paths(model: nn.Module | None, graph_heads: set[str], task_type: str | None) -> set[str]:
+    """The output head that "all-linear" leaves out, as PEFT decides it for Hugging Face models: the output
+    embeddings (lm_head) if the model has them, else with task_type="SEQ_CLS" the classification head (classifier,
+    score). For any other module: the graph's final linear layer(s)."""
     get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        head = get_out()
-        if head is not None:
-            return {n for n, m in model.named_modules() if m is head}
-        return set(graph_heads) if "For" in type(model).__name__ else set()
-    return set(graph_heads)
+    if not callable(get_out):
+        return set(graph_heads)
+    head = get_out()
+    if head is not None:
+        return {n for n, m in model.named_modules() if m is head}
+    if task_type == "SEQ_CLS":
+        for name in SEQ_CLS_HEADS:
+            if isinstance(getattr(model, name, None), nn.Module):
+                return {name}
+    return set()
 
 
-def resolve_targets(targets, sites: dict[str, Site], heads: set[str]) -> list[str]:
-    """Module paths of the sites selected by `targets`, in graph order."""
+def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
+    """Module paths of the sites selected by `targets`, in graph order ("all-linear" leaves out `heads` and the
+    modules_to_save in `saved`)."""
     if not sites:
         raise TargetNotFound("the traced graph has no linear layer (aten.linear, or GPT-2 Conv1D addmm) to adapt")
     if targets is None:
@@ -58,7 +64,8 @@ def resolve_targets(targets, sites: dict[str, Site], heads: set[str]) -> list[st
         return chosen
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
-            return [f for f in sites if f not in heads]
+            return [f for f in sites
+                    if f not in heads and not any(f == m or f.startswith(m + ".") for m in saved)]
         try:
             pattern = re.compile(targets)
         except re.error as e:

@@ -198,4 +198,5 @@ def test_gpt2_conv1d_is_matched_as_addmm_with_transposed_weight():
     assert (c_attn.in_features, c_attn.out_features) == (64, 192)
     fc = sites["transformer.h.0.mlp.c_fc"]
     assert (fc.in_features, fc.out_features) == (64, 256)
-    assert (sites["transformer.h.0.mlp.c_proj"].in_features, sites["transformer.h.0.mlp.c_proj"].out_features) == (256, 64)
+    proj = sites["transformer.h.0.mlp.c_proj"]
+    assert (proj.in_features, proj.out_features) == (256, 64)
