@@ -67,7 +67,7 @@ def build_contestants(base: LlamaForCausalLM, seed: int = 1):
     with torch.no_grad():
         for path in ours_sites.targets:
             w = ours_sites.sites[path.replace(".", "-")]
-            w.B.copy_(torch.randn(w.B.shape, generator=g) * 0.02)
+            w.B.copy_(torch.randn(w.B.shape, generator=g).to(w.B.device) * 0.02)
             layer = theirs.base_model.model.get_submodule(path)
             layer.lora_A["default"].weight.copy_(w.A)
             layer.lora_B["default"].weight.copy_(w.B)
@@ -84,6 +84,11 @@ def check_agree(contestants: dict, ids: torch.Tensor) -> None:
         raise SystemExit("outputs disagree; not timing")
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_interleaved(contestants: dict, ids: torch.Tensor, rounds: int, warmup: int) -> dict[str, list[float]]:
     names = list(contestants)
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -93,8 +98,10 @@ def time_interleaved(contestants: dict, ids: torch.Tensor, rounds: int, warmup: 
                 contestants[n](input_ids=ids)
         for i in range(rounds):
             for n in names[i % len(names):] + names[:i % len(names)]:   # rotate the order each round
+                _sync(ids.device)
                 t0 = time.perf_counter()
                 contestants[n](input_ids=ids)
+                _sync(ids.device)
                 times[n].append(time.perf_counter() - t0)
     return times
 
@@ -104,16 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
     args = ap.parse_args(argv)
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)   # transformers deprecations raised inside PEFT
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = build_base()
+    base = build_base().to(args.device)
     ours, theirs = build_contestants(base)
     contestants = {"base": base, "PEFT": theirs, "peftc": ours}
     ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))  # (B, T)
+    ids = ids.to(args.device)
     check_agree(contestants, ids)
 
     flops_base, flops_adapter = flop_share(base, BATCH * SEQ, SEQ)
@@ -121,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     times = time_interleaved(contestants, ids, args.rounds, args.warmup)
     med = {n: statistics.median(t) for n, t in times.items()}
 
-    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
+    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
           f"{args.rounds} rounds (+{args.warmup} warm-up)")
     print(f"{'':8s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
     for n in contestants:

@@ -173,7 +173,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     try:
         model.train()
         with tracker:
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+            ep = _export(model, args, kwargs, dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
         where = tracker.failed_in
         culprit = f"module '{where[0]}' ({where[1]})" if where else f"model {type(model).__name__}"
@@ -195,6 +195,28 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     names = tuple(kwargs) if not positional else ()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional)
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:
+    """torch.export with our named Dims; if export cannot prove guards that hold over the whole declared range
+    (seen with transformers' CUDA mask code: "Constraints violated"), retry with Dim.AUTO and require the result to
+    keep every dimension we declared dynamic."""
+    try:
+        return torch.export.export(model, args, kwargs, dynamic_shapes=dyn, strict=False)
+    except Exception as e:  # noqa: BLE001
+        if "Constraints violated" not in str(e):
+            raise
+        log.debug("export with named dims failed (%s); retrying with Dim.AUTO", str(e).splitlines()[0])
+    auto = torch.utils._pytree.tree_map(lambda d: Dim.AUTO if isinstance(d, torch.export.dynamic_shapes._Dim) else d,
+                                        dyn, is_leaf=lambda d: isinstance(d, torch.export.dynamic_shapes._Dim))
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=auto, strict=False)
+    user = set(ep.graph_signature.user_inputs)
+    static = [n.name for n in ep.graph.nodes if n.op == "placeholder" and n.name in user
+              and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].dim() >= 1
+              and isinstance(n.meta["val"].shape[0], int)]
+    if static:
+        raise TraceError(f"torch.export made the batch dimension of {static} static; peftc needs it dynamic")
+    return ep
 
 
 def _auto_dims(v: Any):
