@@ -51,6 +51,7 @@ def insert_saved_copies(gm: GraphModule, adapter: Adapter, name: str) -> int:
             if leaf not in holder._parameters:
                 src = gm.get_parameter(node.target)
                 holder.register_parameter(leaf, nn.Parameter(src.detach().clone(), requires_grad=True))
+            node.meta["peftc"] = {"adapter": name, "saved_from": node.target, "method": "modules_to_save"}
             node.target = f"{STORE}.adapters.{name}.saved.{site_key(path)}.{leaf}"
             count += 1
     return count

@@ -5,12 +5,15 @@ import logging
 import os
 
 from .compiler import compile, load_adapter
-from .errors import CheckpointError, InputError, PassError, PeftcError, SpecError, TargetNotFound, TraceError
-from .module import PeftModule
+from .errors import (CheckpointError, ExportError, InputError, MergeError, PassError, PeftcError, SpecError,
+                     TargetNotFound, TraceError)
+from .export import export_merged
+from .module import MergedModule, PeftModule
 from .spec import LoRA
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
-           "TraceError", "PassError", "CheckpointError", "InputError"]
+           "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
+           "export_merged"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

@@ -76,8 +76,8 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
         ("modules_to_save", functools.partial(insert_saved_copies, adapter=adapter, name=adapter_name)),
     ])
     cfg = getattr(model, "config", None)
-    pm = PeftModule(traced, store, config=cfg, loss_type=loss_type_of(model), model_class=type(model).__name__,
-                    base_name=getattr(cfg, "name_or_path", None) or None, sites=sites)
+    pm = PeftModule(traced, store, base_model=model, sites=sites, loss_type=loss_type_of(model),
+                    base_name=getattr(cfg, "name_or_path", None) or None)
     pm.train(model.training)
     log.info("compiled %s: %d LoRA sites, %d modules_to_save", type(model).__name__, len(chosen), len(saved))
     return pm

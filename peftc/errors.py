@@ -28,3 +28,11 @@ class CheckpointError(PeftcError):
 
 class InputError(PeftcError, TypeError):
     """A PeftModule was called with inputs it was not traced for."""
+
+
+class MergeError(PeftcError):
+    """An adapter cannot be folded into the weights (a method that is no weight update, or non-finite weights)."""
+
+
+class ExportError(PeftcError):
+    """An export target path or dtype is unusable; nothing existing was changed."""

@@ -29,6 +29,8 @@ class Traced:
     constants: dict[str, Any]              # inputs fixed at trace time (use_cache=False)
     defaults: dict[str, Callable] = field(default_factory=dict)  # name -> fn(inputs) giving the model's default
     positional: bool = False
+    example: tuple = ((), {})              # (args, kwargs) the graph was traced with, constants included
+    dynamic: Any = None                    # their dynamic_shapes spec
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -194,7 +196,8 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     _share_frozen(gm)
     names = tuple(kwargs) if not positional else ()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
-    return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional)
+    return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional,
+                  example=(args, kwargs), dynamic=dyn)
 
 
 def _export(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:

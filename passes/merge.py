@@ -1,0 +1,124 @@
+"""Merge pass: fold an adapter into the weights it adapts, as a compiler folds constants.
+
+    Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
+             y' = add(y, mul(linear(linear(d, A), B), s))
+    After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
+             (the adapter's nodes are gone; its modules_to_save copies become plain constants again)
+
+The pass works on a copy of the graph (`merge_graph_module`): the PeftModule it came from is not changed, so going
+back to the unmerged model is exact.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+
+from peftc.errors import MergeError
+from peftc.spec import AdapterSpec, LoRA
+from peftc.store import STORE, Adapter, site_key
+
+from .match import Site
+
+
+def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
+    """s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), computed in float32."""
+    w = adapter.sites[site_key(site.fqn)]
+    delta = w.scale * (w.B.detach().float() @ w.A.detach().float())   # (out, in)
+    return delta.T if site.kind == "conv1d" else delta
+
+
+# How each method's delta is computed; a method missing here cannot be folded (prefix and prompt tuning add
+# inputs to attention, not a weight update).
+FOLDS: dict[type[AdapterSpec], Callable[[Adapter, Site], torch.Tensor]] = {LoRA: lora_delta}
+
+
+def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """W + delta in W's dtype, checked to be finite (PEFT's safe_merge)."""
+    fold = FOLDS.get(type(adapter.spec))
+    if fold is None:
+        raise MergeError(f"adapter {name!r} ({type(adapter.spec).__name__}) cannot be merged into the weights: only "
+                         f"{[t.__name__ for t in FOLDS]} adapters are weight updates; use the unmerged module")
+    merged = (weight.detach().float() + fold(adapter, site).to(weight.device)).to(weight.dtype)
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives non-finite weights (inf or NaN); "
+                         "the adapter weights are broken (check training for divergence); nothing was merged")
+    return merged
+
+
+def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
+    owner, _, leaf = target.rpartition(".")
+    mod = gm
+    for part in owner.split(".") if owner else ():
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    if leaf in mod._parameters:
+        del mod._parameters[leaf]
+    mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+
+
+def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> int:
+    """Fold `adapter` into gm's weights in place (gm must be a copy) and delete its nodes; returns the fold count."""
+    g = gm.graph
+    count = 0
+    for path in adapter.targets:
+        site = sites[path]
+        weight = _tensor(gm, site.weight)
+        target = f"{path}.weight"  # the model's own key: the merged module's state dict has the model's names
+        _set_attr(gm, target, folded_weight(adapter, name, site, weight))
+        new_w = None
+        names = {s.name for s in site.nodes}
+        for node in g.nodes:
+            if node.op == "call_function" and node.name in names:
+                if new_w is None:
+                    with g.inserting_before(node):
+                        new_w = g.get_attr(target)
+                idx = 1 if site.kind == "linear" else 2
+                node.update_arg(idx, new_w)
+        count += 1
+    # y' = add(y, delta): users of y' read y again; then the adapter's nodes are dead
+    mine = [n for n in g.nodes if (n.meta.get("peftc") or {}).get("adapter") == name]
+    for n in mine:
+        if n.op == "call_function" and n.target == torch.ops.aten.add.Tensor and n.meta["peftc"].get("method") == "lora":
+            n.replace_all_uses_with(n.args[0])
+    for n in reversed(mine):
+        if n.meta["peftc"].get("method") == "modules_to_save":
+            value = gm.get_parameter(n.target).detach()
+            n.target = n.meta["peftc"]["saved_from"]
+            _set_attr(gm, n.target, value)
+            n.meta = {k: v for k, v in n.meta.items() if k != "peftc"}
+        elif not n.users:
+            g.erase_node(n)
+    leftover = [n.name for n in g.nodes if (n.meta.get("peftc") or {}).get("adapter") == name]
+    if leftover:
+        raise MergeError(f"adapter {name!r}: nodes {leftover[:3]} are still used after folding")
+    return count
+
+
+def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return gm.get_buffer(target)
+
+
+def merge_graph_module(src: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> GraphModule:
+    """A new GraphModule: `src`'s graph with `adapter` folded in. Weights it does not fold are shared with `src`;
+    mode-carrying modules (dropout) are copied so the two modules' train()/eval() stay apart."""
+    gm = GraphModule(src, copy.deepcopy(src.graph))
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            owner, _, leaf = node.target.rpartition(".")
+            parent = gm.get_submodule(owner) if owner else gm
+            setattr(parent, leaf, copy.deepcopy(getattr(parent, leaf)))
+    fold_adapter(gm, sites, adapter, name)
+    gm.delete_all_unused_submodules()
+    if hasattr(gm, STORE):
+        delattr(gm, STORE)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

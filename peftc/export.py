@@ -1,0 +1,240 @@
+"""Exports: a merged model as a Hugging Face directory (streamed, sharded, atomic) and a graph as torch.export .pt2."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .errors import ExportError
+from .store import site_key
+
+if TYPE_CHECKING:
+    from .graph_model import GraphModel
+    from .module import PeftModule
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+          "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.I)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+          "TIB": 2**40}
+
+
+def parse_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise ExportError(f"dtype={dtype!r} cannot hold the model's weights; use one of fp32, fp16, bf16 "
+                      "(or a floating torch.dtype)")
+
+
+def parse_size(size: Any) -> int:
+    """'2GB' -> 2_000_000_000 (as Hugging Face counts: GB = 10^9, GiB = 2^30); an int is bytes."""
+    if isinstance(size, int) and size > 0:
+        return size
+    m = _SIZE.match(str(size))
+    if not m or float(m.group(1)) <= 0:
+        raise ExportError(f"max_shard_size={size!r} is not a size; use e.g. '2GB', '500MB' or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+
+
+def _check_target(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"cannot export to {out}: it exists and is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} exists and is not empty; pass overwrite=True to replace it, or choose a new path")
+    parent = out.parent if not out.exists() else out
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot export to {out}: {parent} is not writable")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Move the finished temp directory to `out`; an existing `out` is replaced only now, when all is written."""
+    if out.exists():
+        backup = out.with_name(f".{out.name}.peftc-old")
+        os.replace(out, backup)
+        os.replace(tmp, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+
+
+def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]:
+    """[(key, how)] in the model's state-dict order, where how is a tensor or ("fold", site) or ("saved", tensor);
+    tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
+    adapter = pm.store[name]
+    folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
+    saved = {}
+    for path in adapter.saved_modules:
+        for pname, p in adapter.saved[site_key(path)].named_parameters():
+            saved[f"{path}.{pname.replace('-', '.')}"] = p.detach()
+    state = pm.base_model.state_dict()
+    groups: dict[tuple, list[str]] = {}
+    for k, v in state.items():
+        groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
+    untied = any(len(g) > 1 and any(k in folded or k in saved for k in g) for g in groups.values())
+    keep = {k for g in groups.values() for k in (g if untied and len(g) > 1 else g[:1])}
+    plan = []
+    for k, v in state.items():
+        if k not in keep:
+            continue
+        plan.append((k, ("fold", folded[k], v) if k in folded else ("saved", saved[k]) if k in saved else v))
+    return plan, untied
+
+
+def _materialize(how, pm: PeftModule, name: str, dtype) -> torch.Tensor:
+    from .passes.merge import folded_weight
+
+    if isinstance(how, tuple) and how[0] == "fold":
+        t = folded_weight(pm.store[name], name, how[1], how[2])
+    elif isinstance(how, tuple):
+        t = how[1]
+    else:
+        t = how
+    t = t.detach()
+    if dtype is not None and t.is_floating_point():
+        t = t.to(dtype)
+    return t.to("cpu").contiguous()
+
+
+def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_size: Any = "2GB",
+                  adapter_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Write the merged model as a Hugging Face directory that `AutoModel...from_pretrained(directory)` loads.
+
+    config.json (+ generation_config.json), safetensors weights under the model's own key names, sharded with an
+    index above `max_shard_size`. Streams layer by layer: extra memory is one shard plus the folded weight being
+    computed. Tied weights stay tied. Everything is written to a temp directory that replaces `directory` only when
+    complete; nothing existing is touched on failure.
+    """
+    from tqdm.auto import tqdm
+
+    name = adapter_name or pm.active_adapter
+    if name not in pm.adapters:
+        raise ExportError(f"no adapter named {name!r}; adapters: {pm.adapters}")
+    if not hasattr(pm.base_model, "save_pretrained") or pm.config is None:
+        raise ExportError(f"{pm.model_class} is not a Hugging Face model; use pm.export(path) for a .pt2 program")
+    dtype = parse_dtype(dtype)
+    limit = parse_size(max_shard_size)
+    out = Path(directory)
+    _check_target(out, overwrite)
+    plan, untied = _state_plan(pm, name)
+
+    # shard plan from sizes alone, so file names are known before any tensor is computed
+    size_of = lambda v: v[2].numel() * (dtype or v[2].dtype).itemsize if isinstance(v, tuple) and v[0] == "fold" \
+        else _size(v[1] if isinstance(v, tuple) else v, dtype)
+    shards: list[list[tuple[str, Any]]] = [[]]
+    used = 0
+    for k, how in plan:
+        n = size_of(how)
+        if shards[-1] and used + n > limit:
+            shards.append([])
+            used = 0
+        shards[-1].append((k, how))
+        used += n
+    files = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+
+    out.parent.mkdir(parents=True, exist_ok=True) if not out.parent.exists() else None
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftc-tmp-", dir=out.parent))
+    try:
+        cfg = copy.deepcopy(pm.config)
+        cfg.architectures = [pm.model_class]
+        if dtype is not None:
+            cfg.dtype = dtype
+        if untied:
+            log.warning("an adapted layer shares its weight with another (tied embeddings); the merged weights are "
+                        "written untied and config.tie_word_embeddings is set to False")
+            cfg.tie_word_embeddings = False
+        cfg.save_pretrained(tmp)
+        gen = getattr(pm.base_model, "generation_config", None)
+        if gen is not None and pm.base_model.can_generate():
+            gen.save_pretrained(tmp)
+        weight_map: dict[str, str] = {}
+        total = 0
+        bar = tqdm(total=len(plan), desc="exporting merged weights", unit="tensor", disable=not progress)
+        for fname, shard in zip(files, shards):
+            tensors = {}
+            for k, how in shard:
+                tensors[k] = _materialize(how, pm, name, dtype)
+                total += tensors[k].numel() * tensors[k].itemsize
+                weight_map[k] = fname
+                bar.update()
+            save_file(tensors, tmp / fname, metadata={"format": "pt"})
+            del tensors
+        bar.close()
+        if len(files) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("exported %d tensors in %d file(s) to %s", len(plan), len(files), out)
+    return out
+
+
+def _size(t: torch.Tensor, dtype) -> int:
+    return t.numel() * ((dtype if dtype is not None and t.is_floating_point() else t.dtype).itemsize)
+
+
+def _program(module: GraphModel, names: list[str]) -> nn.Module:
+    """What torch.export sees: the module called with the model's own inputs, spelled out as named parameters
+    (trace-time constants such as use_cache=False are filled in by the module)."""
+    params = ", ".join(names)
+    call = ", ".join(f"{n}={n}" for n in names)
+    scope: dict[str, Any] = {}
+    exec(f"def forward(self, {params}):\n    return self.inner({call})\n", scope)  # noqa: S102 - our own names
+    cls = type("Program", (nn.Module,), {"forward": scope["forward"]})
+    prog = cls()
+    prog.inner = module
+    return prog
+
+
+def export_program(module: GraphModel, path) -> Path:
+    """torch.export `module` (eval mode) with dynamic batch and sequence and save it atomically to `path`."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExportError(f"cannot write the program to {path}: it is a directory; pass a file path such as model.pt2")
+    if path.parent.exists() and not os.access(path.parent, os.W_OK):
+        raise ExportError(f"cannot write the program to {path}: {path.parent} is not writable")
+    t = module._traced
+    args, kwargs = t.example
+    kwargs = {k: v for k, v in kwargs.items() if k not in t.constants}
+    if t.positional:
+        prog = _program(module, [f"arg{i}" for i in range(len(args))])
+        dyn = tuple(t.dynamic)
+    else:
+        names = [n for n in t.input_names if n not in t.constants]
+        prog = _program(module, names)
+        dyn = {k: v for k, v in t.dynamic.items() if k not in t.constants}
+    was = module.training
+    module.eval()
+    try:
+        ep = torch.export.export(prog, args, kwargs, dynamic_shapes=dyn, strict=False)
+    finally:
+        module.train(was)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.export.save(ep, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path

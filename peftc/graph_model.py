@@ -1,0 +1,111 @@
+"""GraphModel: a traced graph called like the model it came from (same inputs, same output type, the model's loss)."""
+from __future__ import annotations
+
+import copy
+import inspect
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .loss import compute_loss
+from .trace import Traced
+
+
+class GraphModel(nn.Module):
+    """A traced model's graph plus the model's config: takes the model's own arguments (plus `labels`) and returns
+    the model's own output type. Base of PeftModule (adapted) and MergedModule (adapters folded in)."""
+
+    def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
+                 base_name: str | None = None):
+        super().__init__()
+        self.graph_module = traced.gm
+        self._traced = traced
+        self.config = copy.deepcopy(config)      # never the user's object: losses may set config.problem_type
+        self.loss_type = loss_type
+        self.model_class = model_class
+        self.base_name = base_name
+        self.main_input_name = (traced.input_names or ("input_ids",))[0]
+        self.forward = types.MethodType(_forward_with_signature(self.input_names), self)
+
+    @property
+    def input_names(self) -> list[str]:
+        """The inputs the graph was traced with (constants such as use_cache=False left out)."""
+        return [n for n in self._traced.input_names if n not in self._traced.constants]
+
+    # --- calling -----------------------------------------------------------------------------------------------
+    def forward(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
+                num_items_in_batch: Any = None, **kwargs):
+        t = self._traced
+        if t.positional:
+            if kwargs:
+                raise InputError(f"this module was traced with positional inputs; got keyword inputs {sorted(kwargs)}")
+            out = self.graph_module(*args)
+        else:
+            if args:
+                if len(args) > len(t.input_names):
+                    raise InputError(f"expected at most {len(t.input_names)} positional inputs "
+                                     f"({', '.join(t.input_names)}), got {len(args)}")
+                kwargs.update(zip(t.input_names, args))
+            out = self.graph_module(**self._complete(kwargs))
+        if labels is not None:
+            loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+            out = self._with_loss(out, labels, loss_kwargs)
+        if return_dict is False and hasattr(out, "to_tuple"):
+            return out.to_tuple()
+        return out
+
+    def _complete(self, kwargs: dict) -> dict:
+        t = self._traced
+        unknown = [k for k in kwargs if k not in t.input_names]
+        for k in list(unknown):
+            if k in t.constants and kwargs[k] == t.constants[k]:
+                unknown.remove(k)
+            elif kwargs[k] is None:   # an optional input left at its default
+                unknown.remove(k)
+                kwargs.pop(k)
+        if unknown:
+            raise InputError(
+                f"unexpected input(s) {unknown}: this module was traced with inputs {self.input_names}. "
+                "Pass example_inputs=... to peftc.compile with these inputs included to trace them."
+            )
+        full = {}
+        for name in t.input_names:
+            if name in t.constants:
+                full[name] = t.constants[name]
+            elif kwargs.get(name) is not None:
+                full[name] = kwargs[name]
+            elif name in t.defaults:
+                full[name] = t.defaults[name](kwargs)
+            else:
+                raise InputError(f"missing input {name!r}; this PeftModule takes {self.input_names}")
+        return full
+
+    def _with_loss(self, out, labels: torch.Tensor, loss_kwargs: dict):
+        if self.loss_type is None:
+            raise InputError(
+                f"labels were given, but peftc does not know the loss of {self.model_class or 'this model'}; "
+                "call without labels and compute the loss from the outputs"
+            )
+        logits = out["logits"] if isinstance(out, dict) else out.logits
+        loss = compute_loss(self.loss_type, self.config, logits, labels, **loss_kwargs)
+        return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+
+
+def _forward_with_signature(input_names: list[str]):
+    """PeftModule.forward with the traced inputs spelled out in its signature: HF Trainer (and other tools) read the
+    signature to decide which batch columns to keep."""
+
+    def forward(self, *args, **kwargs):
+        return GraphModel.forward(self, *args, **kwargs)
+
+    P = inspect.Parameter
+    params = [P("self", P.POSITIONAL_OR_KEYWORD)]
+    params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in input_names]
+    params += [P(n, P.KEYWORD_ONLY, default=None) for n in ("labels", "return_dict", "num_items_in_batch")]
+    params.append(P("kwargs", P.VAR_KEYWORD))
+    forward.__signature__ = inspect.Signature(params)
+    forward.__doc__ = GraphModel.forward.__doc__
+    return forward
