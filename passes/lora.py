@@ -1,71 +1,166 @@
-"""LoRA pass: add a low-rank update at each targeted site (arXiv:2106.09685).
+"""LoRA pass: add every adapter's low-rank update at each site, routed per row by data (arXiv:2106.09685; the
+gathered-bank form of Punica/S-LoRA, arXiv:2310.18547, arXiv:2311.03285).
 
-    Before:  y = linear(x, W, b)                      (GPT-2 Conv1D: y = addmm(b, x, W), x: [N, in])
+    Before:  y = linear(x, W, b)                       (GPT-2 Conv1D: y = addmm(b, x, W), x: [N, in])
     After:   y = linear(x, W, b)
-             d = self.peftc_store.adapters.<name>.sites.<site>.dropout(x)
-             y' = y + linear(linear(d, A), B) * s      (A: [r, in], B: [out, r], s = alpha/r or alpha/sqrt(r))
+             rows = where(store.mixed, store.rows[arange(batch)], store.active.expand(batch))  # (batch,) slot per row
+             A = stack([0, pad(A_1), pad(A_2), ...])[rows]                                # (batch, R, in)
+             B = stack([0, pad(B_1), pad(B_2), ...])[rows]                                # (batch, out, R)
+             s = scales[rows]                                                             # (batch,)
+             x3 = row_dropout(x.reshape(batch, -1, in), rows)
+             y' = y + (bmm(bmm(x3, A^T), B^T) * s).reshape(y.shape)
 
-The weights live in the adapter store (get_attr into it); every new node carries meta["peftc"] so later passes
-(merge, export) can find the adapter subgraph.
+Slot 0 is the base model (zero weights, zero scale); an adapter that does not target a site has zeros there, and
+ranks are zero-padded to the largest rank R. Which adapter applies is data: switching, disabling and per-row
+choice never change the graph. Every new node carries meta["peftc"] so merge and export can find the subgraph.
 """
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.spec import LoRA
-from peftc.store import STORE, Adapter, LoraWeights, site_key
+from peftc.store import STORE, AdapterStore, site_key
 
 from .match import Site
 
 aten = torch.ops.aten
 
 
+class RowDropout(nn.Module):
+    """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode."""
+
+    def __init__(self, rates: list[float]):
+        super().__init__()
+        self.register_buffer("rates", torch.tensor(rates), persistent=False)
+
+    def forward(self, x, rows):
+        if not self.training:
+            return x
+        keep = 1.0 - self.rates.to(x.dtype)[rows].view(-1, *([1] * (x.dim() - 1)))     # (batch, 1, 1)
+        return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+class SiteBank(nn.Module):
+    """Per-site constants of the routed subgraph: the scale of every slot, zero pads for slots without weights."""
+
+    def __init__(self, scales: list[float], rank: int, in_f: int, out_f: int, dtype, device):
+        super().__init__()
+        self.register_buffer("scales", torch.tensor(scales, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("zero_A", torch.zeros(rank, in_f, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("zero_B", torch.zeros(out_f, rank, dtype=dtype, device=device), persistent=False)
+
+
 def _input_of(site: Site, node: Node) -> Node:
     return node.args[0] if site.kind == "linear" else node.args[1]
 
 
-def insert_lora(gm: GraphModule, sites: dict[str, Site], spec: LoRA, adapter: Adapter, name: str) -> int:
-    """Create `adapter`'s LoRA weights for `adapter.targets` and wire them into the graph; returns the rewrite count."""
+def _batch_source(gm: GraphModule) -> tuple[Node, Node]:
+    """(the first tensor input, whose dim 0 is the batch; the last placeholder, after which new nodes may go)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return next(n for n in phs if hasattr(n.meta.get("val"), "shape")), phs[-1]
+
+
+def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) -> int:
+    """Wire every adapter in `store` into the graph (the store already holds their weights); returns the number of
+    rewritten site calls."""
+    slots = store.slots()
+    paths = [p for p in sites if any(p in store[a].targets for a in slots[1:])]
+    if not paths:
+        return 0
+    rank = max(store[a].spec.r for a in slots[1:])
+    g = gm.graph
+    meta = {"method": "lora", "adapter": "*"}
+    new: list[Node] = []
+
+    first, last = _batch_source(gm)
+    with g.inserting_after(last):
+        batch = g.call_function(aten.sym_size.int, (first, 0))
+    with g.inserting_after(batch):
+        rows_all = g.get_attr(f"{STORE}.rows")
+    with g.inserting_after(rows_all):
+        first_rows = g.call_function(aten.arange.default, (batch,), {"device": store.rows.device})
+    with g.inserting_after(first_rows):   # index_select, not a slice: no guard on the batch against the capacity
+        rows_b = g.call_function(aten.index_select.default, (rows_all, 0, first_rows))
+    with g.inserting_after(rows_b):
+        active = g.get_attr(f"{STORE}.active")
+    with g.inserting_after(active):
+        active_b = g.call_function(aten.expand.default, (active, [batch]))
+    with g.inserting_after(active_b):
+        mixed = g.get_attr(f"{STORE}.mixed")
+    with g.inserting_after(mixed):
+        rows = g.call_function(aten.where.self, (mixed, rows_b, active_b))          # (batch,)
+    new += [batch, rows_all, first_rows, rows_b, active, active_b, mixed, rows]
+
     count = 0
-    for path in adapter.targets:
+    by_name = {n.name: n for n in g.nodes}
+    for path in paths:
         site = sites[path]
-        w = gm.get_parameter(site.weight) if _has_param(gm, site.weight) else gm.get_buffer(site.weight)
         key = site_key(path)
-        adapter.sites[key] = LoraWeights(spec.r, site.in_features, site.out_features, spec.scale, spec.dropout,
-                                         spec.init, dtype=w.dtype, device=w.device)
-        prefix = f"{STORE}.adapters.{name}.sites.{key}"
-        for node in site.nodes:
-            _rewrite(gm, site, node, prefix, adapter.sites[key], name)
+        w = _tensor(gm, site.weight)
+        weights = {a: store[a].sites[key] for a in slots[1:] if path in store[a].targets}
+        scales = [0.0] + [weights[a].scale if a in weights else 0.0 for a in slots[1:]]
+        rates = [0.0] + [weights[a].p if a in weights else 0.0 for a in slots[1:]]
+        store.banks[key] = SiteBank(scales, rank, site.in_features, site.out_features, w.dtype, w.device)
+        if any(rates):
+            store.banks[key].add_module("dropout", RowDropout(rates))
+        for node in (by_name[n.name] for n in site.nodes):   # the site's calls in this copy of the graph
+            new += _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, any(rates))
             count += 1
+    for n in new:
+        n.meta["peftc"] = meta
     return count
 
 
-def _has_param(gm: GraphModule, target: str) -> bool:
+def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
     try:
-        gm.get_parameter(target)
-        return True
+        return gm.get_parameter(target)
     except AttributeError:
-        return False
+        return gm.get_buffer(target)
 
 
-def _rewrite(gm: GraphModule, site: Site, node: Node, prefix: str, weights: LoraWeights, adapter: str) -> None:
+def _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, dropout) -> list[Node]:
     g = gm.graph
-    meta = {"adapter": adapter, "site": site.fqn, "method": "lora"}
+    bank = f"{STORE}.banks.{key}"
     x = _input_of(site, node)
-    new: list[Node] = []
+    made: list[Node] = []
+
+    def call(target, *args):
+        made.append(g.call_function(target, args))
+        return made[-1]
+
+    def attr(target):
+        made.append(g.get_attr(target))
+        return made[-1]
+
     with g.inserting_before(node.next):
-        d = x if isinstance(weights.dropout, torch.nn.Identity) else g.call_module(f"{prefix}.dropout", (x,))
-        if d is not x:
-            new.append(d)
-        a = g.get_attr(f"{prefix}.A")
-        b = g.get_attr(f"{prefix}.B")
-        ax = g.call_function(aten.linear.default, (d, a))        # (N, r)
-        bax = g.call_function(aten.linear.default, (ax, b))      # (N, out)
-        delta = g.call_function(aten.mul.Tensor, (bax, weights.scale))
-        y = g.call_function(aten.add.Tensor, (node, delta))
-        new += [a, b, ax, bax, delta, y]
-    node.replace_all_uses_with(y, delete_user_cb=lambda u: u is not y)
-    for n in new:
+        a_list, b_list = [attr(f"{bank}.zero_A")], [attr(f"{bank}.zero_B")]
+        for a in slots[1:]:
+            if a not in weights:
+                a_list.append(a_list[0])
+                b_list.append(b_list[0])
+                continue
+            prefix = f"{STORE}.adapters.{a}.sites.{key}"
+            A, B = attr(f"{prefix}.A"), attr(f"{prefix}.B")
+            pad = rank - weights[a].A.shape[0]
+            a_list.append(call(aten.constant_pad_nd.default, A, [0, 0, 0, pad]) if pad else A)   # (R, in)
+            b_list.append(call(aten.constant_pad_nd.default, B, [0, pad]) if pad else B)         # (out, R)
+        A_rows = call(aten.index.Tensor, call(aten.stack.default, a_list), [rows])             # (batch, R, in)
+        B_rows = call(aten.index.Tensor, call(aten.stack.default, b_list), [rows])             # (batch, out, R)
+        s_rows = call(aten.index.Tensor, attr(f"{bank}.scales"), [rows])                       # (batch,)
+        x3 = call(aten.reshape.default, x, [batch, -1, site.in_features])                     # (batch, T, in)
+        if dropout:
+            made.append(g.call_module(f"{bank}.dropout", (x3, rows)))
+            x3 = made[-1]
+        h = call(aten.bmm.default, x3, call(aten.transpose.int, A_rows, 1, 2))                  # (batch, T, R)
+        d = call(aten.bmm.default, h, call(aten.transpose.int, B_rows, 1, 2))                   # (batch, T, out)
+        d = call(aten.mul.Tensor, d, call(aten.view.default, s_rows, [-1, 1, 1]))
+        shape = [call(aten.sym_size.int, node, i) for i in range(len(node.meta["val"].shape))] \
+            if "val" in node.meta else [-1, site.out_features]
+        d = call(aten.reshape.default, d, shape)
+        y = call(aten.add.Tensor, node, d)
+    mine = set(made)
+    node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in mine)
+    for n in made:
         n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-        n.meta["peftc"] = meta
+    return made

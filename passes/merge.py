@@ -68,10 +68,14 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     for path in adapter.targets:
         site = sites[path]
         weight = _tensor(gm, site.weight)
-        target = f"{path}.weight"  # the model's own key: the merged module's state dict has the model's names
+        names = {s.name for s in site.nodes}
+        # the model's own key, so the merged module's state dict has the model's names; a fresh one if the weight
+        # is also read outside the site (a tied embedding keeps the unmerged weight)
+        target = f"{path}.weight"
+        if any(u.name not in names for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+            target = f"{path}.weight_merged"
         _set_attr(gm, target, folded_weight(adapter, name, site, weight))
         new_w = None
-        names = {s.name for s in site.nodes}
         for node in g.nodes:
             if node.op == "call_function" and node.name in names:
                 if new_w is None:
@@ -80,20 +84,26 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                 idx = 1 if site.kind == "linear" else 2
                 node.update_arg(idx, new_w)
         count += 1
-    # y' = add(y, delta): users of y' read y again; then the adapter's nodes are dead
-    mine = [n for n in g.nodes if (n.meta.get("peftc") or {}).get("adapter") == name]
-    for n in mine:
-        if n.op == "call_function" and n.target == torch.ops.aten.add.Tensor and n.meta["peftc"].get("method") == "lora":
+    # y' = add(y, delta): users of y' read y again; saved modules read the adapter's copy (or the original)
+    for n in list(g.nodes):
+        info = n.meta.get("peftc") or {}
+        if info.get("method") == "lora" and n.target == torch.ops.aten.add.Tensor:
             n.replace_all_uses_with(n.args[0])
-    for n in reversed(mine):
-        if n.meta["peftc"].get("method") == "modules_to_save":
-            value = gm.get_parameter(n.target).detach()
-            n.target = n.meta["peftc"]["saved_from"]
-            _set_attr(gm, n.target, value)
-            n.meta = {k: v for k, v in n.meta.items() if k != "peftc"}
-        elif not n.users:
+        elif info.get("method") == "modules_to_save" and info.get("role") == "out":
+            orig = info["saved_from"]
+            path = next((p for p in adapter.saved_modules if orig.startswith(p + ".")), None)
+            if path is not None:
+                leaf = orig[len(path) + 1:].replace(".", "-")
+                _set_attr(gm, orig, adapter.saved[site_key(path)].get_parameter(leaf).detach())
+            with g.inserting_before(n):
+                plain = g.get_attr(orig)
+            n.replace_all_uses_with(plain)
+    for n in reversed(list(g.nodes)):
+        if "peftc" in n.meta and not n.users:
             g.erase_node(n)
-    leftover = [n.name for n in g.nodes if (n.meta.get("peftc") or {}).get("adapter") == name]
+        elif n.op == "get_attr" and not n.users:
+            g.erase_node(n)
+    leftover = [n.name for n in g.nodes if "peftc" in n.meta]
     if leftover:
         raise MergeError(f"adapter {name!r}: nodes {leftover[:3]} are still used after folding")
     return count
@@ -115,6 +125,12 @@ def merge_graph_module(src: GraphModule, sites: dict[str, Site], adapter: Adapte
             owner, _, leaf = node.target.rpartition(".")
             parent = gm.get_submodule(owner) if owner else gm
             setattr(parent, leaf, copy.deepcopy(getattr(parent, leaf)))
+    for mod in gm.modules():   # statistics the graph updates itself (batch norm) must not be shared with `src`
+        for key, buf in list(mod._buffers.items()):
+            if getattr(buf, "_peftc_owned", False):
+                own = buf.detach().clone()
+                own._peftc_owned = True
+                mod._buffers[key] = own
     fold_adapter(gm, sites, adapter, name)
     gm.delete_all_unused_submodules()
     if hasattr(gm, STORE):

@@ -1,26 +1,24 @@
 """peftc.compile and peftc.load_adapter: trace -> match -> rewrite -> emit."""
 from __future__ import annotations
 
-import functools
 import logging
 import re
 from typing import Any
 
+import torch
 from torch import nn
-
-from .passes.batchnorm import make_batchnorm_mode_aware
-from .passes.dropout import make_dropout_mode_aware
-from .passes.lora import insert_lora
-from .passes.match import find_sites, output_heads
-from .passes.modules_to_save import insert_saved_copies, resolve_modules_to_save
 
 from .checkpoint import load_spec, load_weights_, read_adapter_weights
 from .errors import SpecError
 from .loss import loss_type_of
 from .module import PeftModule
+from .passes.batchnorm import make_batchnorm_mode_aware
+from .passes.dropout import make_dropout_mode_aware
+from .passes.match import Site, find_sites, output_heads
+from .passes.modules_to_save import resolve_modules_to_save, saved_copies
 from .pipeline import run_passes
 from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
-from .store import STORE, Adapter, AdapterStore
+from .store import Adapter, LoraWeights, site_key
 from .targets import check_rank, output_head_paths, resolve_targets
 from .trace import trace
 
@@ -28,7 +26,7 @@ log = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 
-def _as_spec(spec: Any) -> AdapterSpec:
+def as_spec(spec: Any) -> AdapterSpec:
     if isinstance(spec, AdapterSpec):
         return spec
     if isinstance(spec, dict):
@@ -43,6 +41,36 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
+def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapter:
+    """Resolve `spec` against the traced graph and create its weights (nothing is attached yet)."""
+    gm, sites = pm.base_graph_module, pm.sites
+    optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
+    saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
+    heads = output_head_paths(pm.base_model, output_heads(gm, sites), spec.task_type)
+    chosen = resolve_targets(spec.targets, sites, heads, saved)
+    if not loading:  # PEFT accepts r > min(in, out); checkpoints it wrote must load
+        check_rank(spec.r, sites, chosen)
+    overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
+    if overlap:
+        raise SpecError(f"{sorted(overlap)} are both LoRA targets and modules_to_save; pick one for each layer")
+    adapter = Adapter(spec, chosen, saved)
+    for path in chosen:
+        site: Site = sites[path]
+        w = _tensor(gm, site.weight)
+        adapter.sites[site_key(path)] = LoraWeights(spec.r, site.in_features, site.out_features, spec.scale,
+                                                    spec.dropout, spec.init, dtype=w.dtype, device=w.device)
+    for path in saved:
+        adapter.saved[site_key(path)] = saved_copies(gm, path)
+    return adapter
+
+
+def _tensor(gm, target: str) -> torch.Tensor:
+    try:
+        return gm.get_parameter(target)
+    except AttributeError:
+        return gm.get_buffer(target)
+
+
 def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
             _loading: bool = False) -> PeftModule:
     """Trace `model`, insert the adapter described by `spec` and return a new PeftModule.
@@ -50,36 +78,18 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
     its own parameters, flags and mode stay as they were, and a compile that fails leaves nothing behind.
     """
-    spec = _as_spec(spec)
+    spec = as_spec(spec)
     check_adapter_name(adapter_name)
     traced = trace(model, example_inputs)
     gm = traced.gm
     sites = find_sites(gm)
-    optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
-    saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
-    heads = output_head_paths(model, output_heads(gm, sites), spec.task_type)
-    chosen = resolve_targets(spec.targets, sites, heads, saved)
-    if not _loading:  # PEFT accepts r > min(in, out); checkpoints it wrote must load
-        check_rank(spec.r, sites, chosen)
-    overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
-    if overlap:
-        raise SpecError(f"{sorted(overlap)} are both LoRA targets and modules_to_save; pick one for each layer")
-
-    store = AdapterStore()
-    gm.add_submodule(STORE, store)
-    adapter = Adapter(spec, chosen, saved)
-    store.add(adapter_name, adapter)
-    run_passes(gm, [
-        ("dropout", make_dropout_mode_aware),
-        ("batchnorm", make_batchnorm_mode_aware),
-        ("lora", functools.partial(insert_lora, sites=sites, spec=spec, adapter=adapter, name=adapter_name)),
-        ("modules_to_save", functools.partial(insert_saved_copies, adapter=adapter, name=adapter_name)),
-    ])
+    base_passes = run_passes(gm, [("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware)])
     cfg = getattr(model, "config", None)
-    pm = PeftModule(traced, store, base_model=model, sites=sites, loss_type=loss_type_of(model),
-                    base_name=getattr(cfg, "name_or_path", None) or None)
+    pm = PeftModule(traced, base_model=model, sites=sites, loss_type=loss_type_of(model),
+                    base_name=getattr(cfg, "name_or_path", None) or None, base_passes=list(base_passes))
+    pm._add(adapter_name, build_adapter(pm, spec, loading=_loading))
     pm.train(model.training)
-    log.info("compiled %s: %d LoRA sites, %d modules_to_save", type(model).__name__, len(chosen), len(saved))
+    log.info("compiled %s: %d LoRA sites", type(model).__name__, len(pm.store[adapter_name].targets))
     return pm
 
 
@@ -96,6 +106,6 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", *, 
     load_weights_(pm, adapter_name, tensors, source=str(directory))
     if not is_trainable:
         pm.eval()
-        for p in pm.trainable_parameters():
+        for p in pm.store[adapter_name].parameters():
             p.requires_grad_(False)
     return pm

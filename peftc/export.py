@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import ExportError
 from .store import site_key
+from .trace import export_with_fallback
 
 if TYPE_CHECKING:
     from .graph_model import GraphModel
@@ -42,7 +43,7 @@ def parse_dtype(dtype: Any) -> torch.dtype | None:
 
 def parse_size(size: Any) -> int:
     """'2GB' -> 2_000_000_000 (as Hugging Face counts: GB = 10^9, GiB = 2^30); an int is bytes."""
-    if isinstance(size, int) and size > 0:
+    if isinstance(size, int) and not isinstance(size, bool) and size > 0:
         return size
     m = _SIZE.match(str(size))
     if not m or float(m.group(1)) <= 0:
@@ -55,9 +56,11 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot export to {out}: it exists and is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"{out} exists and is not empty; pass overwrite=True to replace it, or choose a new path")
-    parent = out.parent if not out.exists() else out
+    parent = out.parent   # the temp directory is made beside `out`, then renamed
     while not parent.exists():
         parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot export to {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"cannot export to {out}: {parent} is not writable")
 
@@ -75,7 +78,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]:
-    """[(key, how)] in the model's state-dict order, where how is a tensor or ("fold", site) or ("saved", tensor);
+    """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight) or
+    ("saved", trained copy);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
     adapter = pm.store[name]
     folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
@@ -135,12 +139,10 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
     plan, untied = _state_plan(pm, name)
 
     # shard plan from sizes alone, so file names are known before any tensor is computed
-    size_of = lambda v: v[2].numel() * (dtype or v[2].dtype).itemsize if isinstance(v, tuple) and v[0] == "fold" \
-        else _size(v[1] if isinstance(v, tuple) else v, dtype)
     shards: list[list[tuple[str, Any]]] = [[]]
     used = 0
     for k, how in plan:
-        n = size_of(how)
+        n = _size(how[-1] if isinstance(how, tuple) else how, dtype)
         if shards[-1] and used + n > limit:
             shards.append([])
             used = 0
@@ -149,7 +151,7 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
     files = ["model.safetensors"] if len(shards) == 1 else \
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
-    out.parent.mkdir(parents=True, exist_ok=True) if not out.parent.exists() else None
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftc-tmp-", dir=out.parent))
     try:
         cfg = copy.deepcopy(pm.config)
@@ -192,11 +194,11 @@ def _size(t: torch.Tensor, dtype) -> int:
     return t.numel() * ((dtype if dtype is not None and t.is_floating_point() else t.dtype).itemsize)
 
 
-def _program(module: GraphModel, names: list[str]) -> nn.Module:
+def _program(module: GraphModel, names: list[str], positional: bool) -> nn.Module:
     """What torch.export sees: the module called with the model's own inputs, spelled out as named parameters
     (trace-time constants such as use_cache=False are filled in by the module)."""
     params = ", ".join(names)
-    call = ", ".join(f"{n}={n}" for n in names)
+    call = params if positional else ", ".join(f"{n}={n}" for n in names)
     scope: dict[str, Any] = {}
     exec(f"def forward(self, {params}):\n    return self.inner({call})\n", scope)  # noqa: S102 - our own names
     cls = type("Program", (nn.Module,), {"forward": scope["forward"]})
@@ -210,22 +212,27 @@ def export_program(module: GraphModel, path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise ExportError(f"cannot write the program to {path}: it is a directory; pass a file path such as model.pt2")
-    if path.parent.exists() and not os.access(path.parent, os.W_OK):
-        raise ExportError(f"cannot write the program to {path}: {path.parent} is not writable")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ExportError(f"cannot write the program to {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write the program to {path}: {parent} is not writable")
     t = module._traced
     args, kwargs = t.example
     kwargs = {k: v for k, v in kwargs.items() if k not in t.constants}
     if t.positional:
-        prog = _program(module, [f"arg{i}" for i in range(len(args))])
+        prog = _program(module, [f"arg{i}" for i in range(len(args))], positional=True)
         dyn = tuple(t.dynamic)
     else:
         names = [n for n in t.input_names if n not in t.constants]
-        prog = _program(module, names)
+        prog = _program(module, names, positional=False)
         dyn = {k: v for k, v in t.dynamic.items() if k not in t.constants}
     was = module.training
     module.eval()
     try:
-        ep = torch.export.export(prog, args, kwargs, dynamic_shapes=dyn, strict=False)
+        ep = export_with_fallback(prog, args, kwargs, dyn)
     finally:
         module.train(was)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,8 @@ class GraphModel(nn.Module):
     """A traced model's graph plus the model's config: takes the model's own arguments (plus `labels`) and returns
     the model's own output type. Base of PeftModule (adapted) and MergedModule (adapters folded in)."""
 
+    extra_call_kwargs: tuple[str, ...] = ()   # keyword arguments a subclass's forward adds
+
     def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
                  base_name: str | None = None):
         super().__init__()
@@ -28,7 +30,7 @@ class GraphModel(nn.Module):
         self.model_class = model_class
         self.base_name = base_name
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
-        self.forward = types.MethodType(_forward_with_signature(self.input_names), self)
+        self.forward = types.MethodType(_forward_with_signature(type(self), self.input_names), self)
 
     @property
     def input_names(self) -> list[str]:
@@ -94,18 +96,19 @@ class GraphModel(nn.Module):
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
 
 
-def _forward_with_signature(input_names: list[str]):
+def _forward_with_signature(cls: type, input_names: list[str]):
     """PeftModule.forward with the traced inputs spelled out in its signature: HF Trainer (and other tools) read the
     signature to decide which batch columns to keep."""
 
     def forward(self, *args, **kwargs):
-        return GraphModel.forward(self, *args, **kwargs)
+        return cls.forward(self, *args, **kwargs)
 
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD)]
     params += [P(n, P.POSITIONAL_OR_KEYWORD, default=None) for n in input_names]
-    params += [P(n, P.KEYWORD_ONLY, default=None) for n in ("labels", "return_dict", "num_items_in_batch")]
+    params += [P(n, P.KEYWORD_ONLY, default=None)
+               for n in ("labels", "return_dict", "num_items_in_batch", *cls.extra_call_kwargs)]
     params.append(P("kwargs", P.VAR_KEYWORD))
     forward.__signature__ = inspect.Signature(params)
-    forward.__doc__ = GraphModel.forward.__doc__
+    forward.__doc__ = cls.forward.__doc__
     return forward

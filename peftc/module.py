@@ -1,52 +1,211 @@
 """PeftModule: the rewritten graph, its adapter store and the model's config, called like the model itself."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import functools
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
+import torch
 from torch import nn
+from torch.fx import GraphModule
 
-from .errors import MergeError
+from .errors import InputError, MergeError, SpecError
 from .graph_model import GraphModel
-from .store import STORE, AdapterStore
+from .passes.lora import insert_lora
+from .passes.modules_to_save import insert_saved_copies
+from .pipeline import run_passes
+from .store import BASE, STORE, Adapter, AdapterStore
 from .trace import Traced
 
 log = logging.getLogger(__name__)
 
 
 class PeftModule(GraphModel):
-    """An adapted model. Takes the model's own arguments (plus `labels`) and returns the model's own output type.
+    """An adapted model. Takes the model's own arguments (plus `labels`, and `adapter_names`: one adapter name per
+    row, "__base__" for none) and returns the model's own output type.
 
-    Base weights are shared with the user's model, frozen; adapter weights live in `self.store`.
+    Base weights are shared with the user's model, frozen; every adapter lives in `self.store`. Which adapter
+    applies is data in the store: set_adapter, disable_adapters and per-row choice never change the graph; adding
+    or deleting an adapter rebuilds it (one recompile under torch.compile).
     """
 
-    def __init__(self, traced: Traced, store: AdapterStore, *, base_model: nn.Module, sites: dict,
-                 loss_type: str | None = None, base_name: str | None = None):
+    extra_call_kwargs = ("adapter_names", "adapter_index")
+
+    def __init__(self, traced: Traced, *, base_model: nn.Module, sites: dict, loss_type: str | None = None,
+                 base_name: str | None = None, base_passes: list[str] | None = None):
         super().__init__(traced, config=getattr(base_model, "config", None), loss_type=loss_type,
                          model_class=type(base_model).__name__, base_name=base_name)
         self.sites = sites
-        self.active_adapter = store.names()[0] if store.names() else None
+        self.base_passes = base_passes or []      # passes already applied to the base graph
+        self.active_adapter: str | None = None
+        # The graph before any adapter (mode passes applied): every rebuild starts from a copy of it.
+        self.base_graph_module = traced.gm
+        object.__setattr__(self, "_store", AdapterStore().to(_device_of(traced.gm)))
         # The user's model, not registered as a submodule: export_merged reads its state dict (key names, tied
         # weights, tensors the graph never reads). Its weights are the ones the graph shares anyway.
         object.__setattr__(self, "base_model", base_model)
 
     @property
     def store(self) -> AdapterStore:
-        return getattr(self.graph_module, STORE)
+        return self._store
 
     @property
     def adapters(self) -> list[str]:
         return self.store.names()
 
-    # --- parameters ----------------------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        """The parameters a fine-tune updates (adapter weights and modules_to_save copies)."""
-        return [p for p in self.parameters() if p.requires_grad]
+    # --- adapters ----------------------------------------------------------------------------------------------
+    def _rebuild(self) -> None:
+        """Rewrite a fresh copy of the base graph with every adapter in the store."""
+        src = self.base_graph_module
+        gm = GraphModule(src, copy.deepcopy(src.graph))
+        gm.add_submodule(STORE, self.store)
+        run_passes(gm, [
+            ("lora", functools.partial(insert_lora, sites=self.sites, store=self.store)),
+            ("modules_to_save", functools.partial(insert_saved_copies, store=self.store)),
+        ], before=self.base_passes)
+        gm.train(self.training)
+        self.graph_module = gm
+        self._traced = dataclasses.replace(self._traced, gm=gm)
 
-    def named_trainable_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.named_parameters() if p.requires_grad)
+    def _add(self, name: str, adapter: Adapter) -> None:
+        if name in self.adapters:
+            raise SpecError(f"an adapter named {name!r} exists already; adapters: {self.adapters}")
+        self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
+        try:
+            self._rebuild()
+        except BaseException:
+            self.store.remove(name)
+            if self.adapters:
+                self._rebuild()
+            raise
+        if self.active_adapter is None:
+            self.set_adapter(name)
+        else:
+            self.set_adapter(self.active_adapter)   # slots may have moved
+
+    def _check_name(self, name: str) -> None:
+        if name not in self.adapters:
+            raise InputError(f"unknown adapter {name!r}; adapters: {self.adapters}")
+
+    def add_adapter(self, adapter_name: str, spec: Any) -> None:
+        """Add a new adapter (fresh weights) beside the others; the active adapter does not change."""
+        from .compiler import as_spec, build_adapter, check_adapter_name
+
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
+        self._add(adapter_name, build_adapter(self, as_spec(spec)))
+
+    def load_adapter(self, directory, adapter_name: str, *, is_trainable: bool = False) -> None:
+        """Add the adapter saved in `directory` (by PEFT or peftc) under `adapter_name`."""
+        from .checkpoint import load_spec, load_weights_, read_adapter_weights
+        from .compiler import build_adapter, check_adapter_name
+
+        check_adapter_name(adapter_name)
+        if adapter_name in self.adapters:
+            raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
+        spec = load_spec(directory)
+        tensors = read_adapter_weights(directory)
+        adapter = build_adapter(self, spec, loading=True)
+        self._add(adapter_name, adapter)
+        try:
+            load_weights_(self, adapter_name, tensors, source=str(directory))
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+        if not is_trainable:
+            for p in adapter.parameters():
+                p.requires_grad_(False)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make `adapter_name` the adapter every row uses (writes the store's routing; the graph is unchanged)."""
+        self._check_name(adapter_name)
+        with torch.no_grad():
+            self.store.active.fill_(self.store.slot(adapter_name))
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_name(adapter_name)
+        if adapter_name == self.active_adapter:
+            others = [a for a in self.adapters if a != adapter_name]
+            raise InputError(f"cannot delete the active adapter {adapter_name!r}; "
+                             + (f"set_adapter() to one of {others} first" if others else "it is the only adapter"))
+        self.store.remove(adapter_name)
+        self._rebuild()
+        self.set_adapter(self.active_adapter)
+
+    @contextlib.contextmanager
+    def disable_adapters(self):
+        """Within the block every row runs the base model exactly (the routing points at slot 0)."""
+        prev = self.store.active.clone()
+        with torch.no_grad():
+            self.store.active.fill_(0)
+        try:
+            yield self
+        finally:
+            with torch.no_grad():
+                self.store.active.copy_(prev)
+
+    def adapter_index(self, adapter_names: Sequence[str]) -> torch.Tensor:
+        """The per-row slot tensor for `adapter_names` ("__base__" = no adapter); pass it as adapter_index=... to
+        route a batch without Python strings (no recompiles under torch.compile)."""
+        slots = self.store.slots()
+        unknown = sorted({n for n in adapter_names if n not in slots})
+        if unknown:
+            raise InputError(f"unknown adapter(s) {unknown} in adapter_names; adapters: {self.adapters} "
+                             f"(and {BASE!r} for the base model)")
+        return torch.tensor([slots.index(n) for n in adapter_names], device=self.store.rows.device)
+
+    # --- calling -----------------------------------------------------------------------------------------------
+    def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_index: torch.Tensor | None = None,
+                **kwargs):
+        if adapter_names is None and adapter_index is None:
+            return GraphModel.forward(self, *args, **kwargs)
+        rows = self.adapter_index(adapter_names) if adapter_index is None else adapter_index
+        batch = self._batch_size(args, kwargs)
+        if rows.dim() != 1 or rows.shape[0] != batch:
+            raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
+                             f"got {tuple(rows.shape)}")
+        if adapter_names is not None:
+            saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
+            if saving and len(set(adapter_names)) > 1:
+                raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route "
+                                 "whole modules per row; run their rows in a batch of their own")
+        store = self.store
+        if batch > store.rows.shape[0]:
+            store.rows = torch.zeros(2 * batch, dtype=torch.long, device=store.rows.device)
+        with torch.no_grad():
+            store.rows[:batch].copy_(rows)
+            store.mixed.fill_(True)
+        try:
+            return GraphModel.forward(self, *args, **kwargs)
+        finally:
+            with torch.no_grad():
+                store.mixed.fill_(False)
+
+    def _batch_size(self, args, kwargs) -> int:
+        first = args[0] if args else kwargs.get(self.main_input_name)
+        if first is None:
+            first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
+        return first.shape[0]
+
+    # --- parameters ----------------------------------------------------------------------------------------------
+    def trainable_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
+        """The parameters a fine-tune of the adapter (default: the active one) updates: its LoRA weights and its
+        modules_to_save copies."""
+        name = adapter_name or self.active_adapter
+        self._check_name(name)
+        return [p for p in self.store[name].parameters() if p.requires_grad]
+
+    def named_trainable_parameters(self, adapter_name: str | None = None) -> Iterator[tuple[str, nn.Parameter]]:
+        name = adapter_name or self.active_adapter
+        self._check_name(name)
+        return ((f"graph_module.{STORE}.adapters.{name}.{n}", p) for n, p in self.store[name].named_parameters()
+                if p.requires_grad)
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) parameter counts, counted as PEFT counts them (shared tensors once)."""
@@ -83,7 +242,7 @@ class PeftModule(GraphModel):
 
     def export(self, path, *, merged: bool = True, adapter_name: str | None = None) -> Path:
         """Write a torch.export program (.pt2) with dynamic batch and sequence: the merged graph, or with
-        merged=False the adapted graph. Load it with torch.export.load(path).module()."""
+        merged=False the adapted graph (the active adapter). Load it with torch.export.load(path).module()."""
         from .export import export_program
 
         module = self.merge(adapter_name) if merged else self
@@ -91,6 +250,11 @@ class PeftModule(GraphModel):
 
     def extra_repr(self) -> str:
         return f"model={self.model_class}, adapters={self.adapters}, active={self.active_adapter!r}"
+
+
+def _device_of(gm: nn.Module) -> torch.device:
+    p = next(gm.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 class MergedModule(GraphModel):

@@ -13,8 +13,9 @@ log = logging.getLogger(__name__)
 Pass = tuple[str, Callable[[GraphModule], int]]
 
 
-def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> dict[str, int]:
-    """Apply each (name, fn) to `gm`; fn returns its rewrite count. Returns {name: count}."""
+def run_passes(gm: GraphModule, passes: Sequence[Pass], before: Sequence[str] = ()) -> dict[str, int]:
+    """Apply each (name, fn) to `gm`; fn returns its rewrite count. Returns {name: count}. `before` names passes
+    that already ran on this graph (for error messages)."""
     done: dict[str, int] = {}
     for name, fn in passes:
         try:
@@ -24,7 +25,7 @@ def run_passes(gm: GraphModule, passes: Sequence[Pass]) -> dict[str, int]:
         except PeftcError:
             raise
         except Exception as e:
-            ran = ", ".join(done) or "none"
+            ran = ", ".join([*before, *done]) or "none"
             raise PassError(f"pass '{name}' failed (passes that ran before it: {ran}): {type(e).__name__}: {e}") from e
         done[name] = count
         log.debug("pass %s: %d rewrites", name, done[name])

@@ -18,7 +18,7 @@ def site_key(path: str) -> str:
 
 
 class LoraWeights(nn.Module):
-    """One LoRA site: A [r, in], B [out, r], the scale and the dropout applied to the site's input."""
+    """One LoRA site of one adapter: A [r, in], B [out, r], the scale and the dropout rate on the site's input."""
 
     def __init__(self, r: int, in_features: int, out_features: int, scale: float, dropout: float, init,
                  dtype: torch.dtype, device: torch.device):
@@ -26,7 +26,7 @@ class LoraWeights(nn.Module):
         self.A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
         self.B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
         self.scale = float(scale)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.p = float(dropout)
         self.reset(init)
 
     @torch.no_grad()
@@ -55,15 +55,38 @@ class Adapter(nn.Module):
         self.saved = nn.ModuleDict()          # site_key(module path) -> module holding trainable parameter copies
 
 
+BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
+ROWS_CAPACITY = 1024  # rows of a mixed-adapter batch; a larger batch reallocates (one recompile under torch.compile)
+
+
 class AdapterStore(nn.Module):
-    """adapters[name].sites[site_key(path)] -> LoraWeights; adapters[name].saved[site_key(path)] -> param copies."""
+    """Every adapter's state, and which adapter applies, as data.
+
+    adapters[name].sites[site_key(path)] -> LoraWeights; adapters[name].saved[site_key(path)] -> param copies.
+    Slots: 0 is the base model, then the adapters in insertion order. The graph reads the routing from buffers:
+    `active` (0-dim slot index) for the whole batch, or `rows[:batch]` per row when `mixed` is set; switching
+    adapters therefore writes data and never changes the graph.
+    """
 
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
+        self.banks = nn.ModuleDict()          # site_key -> per-site constants of the routed subgraph (passes.lora)
+        self.register_buffer("active", torch.tensor(0), persistent=False)
+        self.register_buffer("mixed", torch.tensor(False), persistent=False)
+        self.register_buffer("rows", torch.zeros(ROWS_CAPACITY, dtype=torch.long), persistent=False)
 
     def add(self, name: str, adapter: Adapter) -> None:
         self.adapters[name] = adapter
+
+    def remove(self, name: str) -> None:
+        del self.adapters[name]
+
+    def slots(self) -> list[str]:
+        return [BASE, *self.adapters]
+
+    def slot(self, name: str) -> int:
+        return self.slots().index(name)
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]

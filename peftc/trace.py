@@ -175,7 +175,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     try:
         model.train()
         with tracker:
-            ep = _export(model, args, kwargs, dyn)
+            ep = export_with_fallback(model, args, kwargs, dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
         where = tracker.failed_in
         culprit = f"module '{where[0]}' ({where[1]})" if where else f"model {type(model).__name__}"
@@ -200,7 +200,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
                   example=(args, kwargs), dynamic=dyn)
 
 
-def _export(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:
+def export_with_fallback(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:
     """torch.export with our named Dims; if export cannot prove guards that hold over the whole declared range
     (seen with transformers' CUDA mask code: "Constraints violated"), retry with Dim.AUTO and require the result to
     keep every dimension we declared dynamic."""

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.passes.dropout import make_dropout_mode_aware
-from peftc.passes.lora import insert_lora
+from peftc.passes.lora import RowDropout, insert_lora
 from peftc.passes.match import find_sites
 from peftc.spec import LoRA
-from peftc.store import STORE, Adapter, AdapterStore, site_key
+from peftc.store import STORE, Adapter, AdapterStore, LoraWeights, site_key
 from peftc.trace import trace
 from tests.models import inputs, make
 
@@ -49,15 +49,26 @@ def weights(model):
 X = torch.randn(2, 5, D)
 
 
+def add_adapter_(store: AdapterStore, sites, name: str, spec: LoRA, targets) -> Adapter:
+    """Create `name`'s LoRA weights for `targets` (what peftc.compiler.build_adapter does) and add it."""
+    adapter = Adapter(spec, targets, [])
+    for t in targets:
+        s = sites[t]
+        adapter.sites[site_key(t)] = LoraWeights(spec.r, s.in_features, s.out_features, spec.scale, spec.dropout,
+                                                 spec.init, dtype=torch.float32, device=torch.device("cpu"))
+    store.add(name, adapter)
+    return adapter
+
+
 def lora_graph(model, spec: LoRA, targets, x=X, name="default"):
-    """Trace `model`, run insert_lora on `targets`; returns (gm, adapter, rewrite count)."""
+    """Trace `model`, add one adapter on `targets`, run insert_lora; returns (gm, adapter, rewrite count)."""
     gm = trace(model, (x,) if isinstance(x, torch.Tensor) else x).gm
     sites = find_sites(gm)
-    adapter = Adapter(spec, targets, [])
     store = AdapterStore()
     gm.add_submodule(STORE, store)
-    store.add(name, adapter)
-    n = insert_lora(gm, sites, spec, adapter, name)
+    adapter = add_adapter_(store, sites, name, spec, targets)
+    store.active.fill_(store.slot(name))
+    n = insert_lora(gm, sites, store)
     gm.graph.lint()
     gm.recompile()
     return gm, adapter, n
@@ -75,24 +86,24 @@ def lora_nodes(gm):
 
 def test_insert_lora_structure():
     model = Attn().eval()
-    base_linears = sum(n.target == aten.linear.default for n in trace(model, (X,)).gm.graph.nodes)
+    base = trace(model, (X,)).gm.graph.nodes
     gm, adapter, n = lora_graph(model, LoRA(r=4, alpha=8), ["q", "v"])
     assert n == 2
     assert list(adapter.sites) == ["q", "v"]
-    nodes = gm.graph.nodes
-    assert sum(n.target == aten.linear.default for n in nodes) == base_linears + 2 * 2
+    nodes = list(gm.graph.nodes)
+    assert sum(n.target == aten.linear.default for n in nodes) == sum(n.target == aten.linear.default for n in base)
     new = lora_nodes(gm)
-    assert len(new) == 2 * 6                                    # get_attr A, B, linear, linear, mul, add per site
-    assert {tuple(sorted(n.meta["peftc"].items())) for n in new} == {
-        (("adapter", "default"), ("method", "lora"), ("site", s)) for s in ("q", "v")}
-    attrs = sorted(n.target for n in new if n.op == "get_attr")
-    assert attrs == [f"{STORE}.adapters.default.sites.{s}.{p}" for s in ("q", "v") for p in ("A", "B")]
-    for n in new:
-        if n.target == aten.mul.Tensor:
-            assert n.args[1] == 2.0                             # alpha / r
-    # the site's old users now read the adapted output; the old linear feeds only the add
-    add = next(n for n in new if n.target == aten.add.Tensor and n.meta["peftc"]["site"] == "q")
-    assert len(add.args[0].users) == 1 and add.args[0].target == aten.linear.default
+    assert all(n.meta["peftc"]["method"] == "lora" for n in new)
+    assert sum(n.target == aten.bmm.default for n in new) == 2 * 2            # x A^T, then B^T, per site
+    assert sum(n.target == aten.add.Tensor for n in new) == 2                 # y + delta, per site
+    attrs = {n.target for n in new if n.op == "get_attr"}
+    assert {f"{STORE}.adapters.default.sites.{s}.{p}" for s in ("q", "v") for p in ("A", "B")} <= attrs
+    assert {f"{STORE}.active", f"{STORE}.mixed", f"{STORE}.rows"} <= attrs  # the routing is read, not built in
+    gm_store = gm.get_submodule(STORE)
+    assert gm_store.banks["q"].scales.tolist() == [0.0, 2.0]                # slot 0 is the base model; alpha / r
+    # the site's old users now read the adapted output; the old linear feeds the add and the shape of the delta
+    add = next(n for n in new if n.target == aten.add.Tensor)
+    assert add.args[0].target == aten.linear.default
     w = adapter.sites["q"]
     assert w.A.shape == (4, D) and w.B.shape == (D, 4) and w.A.requires_grad and w.B.requires_grad
     assert torch.count_nonzero(w.B) == 0
@@ -130,13 +141,13 @@ def test_gradients_reach_adapter_weights_only():
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_dropout_in_spec_wraps_the_site_input():
+def test_dropout_in_spec_is_a_per_row_module_on_the_site_input():
     model = Attn().eval()
     gm, adapter, _ = lora_graph(model, LoRA(r=2, dropout=0.5), ["q"])
     calls = [n for n in lora_nodes(gm) if n.op == "call_module"]
-    assert [n.target for n in calls] == [f"{STORE}.adapters.default.sites.q.dropout"]
-    assert isinstance(gm.get_submodule(calls[0].target), nn.Dropout)
-    assert calls[0].args[0].op == "placeholder"                 # dropout(x), x being q's input
+    assert [n.target for n in calls] == [f"{STORE}.banks.q.dropout"]
+    assert isinstance(gm.get_submodule(calls[0].target), RowDropout)
+    assert gm.get_submodule(calls[0].target).rates.tolist() == [0.0, 0.5]
     randomize_b_(adapter)
     gm.train()
     torch.manual_seed(0)
@@ -172,23 +183,42 @@ def test_shared_module_is_adapted_at_every_call():
     torch.testing.assert_close(gm(x), F.linear(torch.relu(F.linear(x, W, model.lin.bias)), W, model.lin.bias))
 
 
-def test_two_adapters_in_one_store_add_up():
+def test_routing_is_data_two_adapters_of_other_ranks_and_targets():
+    """Adapters a (r=2, on q) and b (r=3, on q and o) in one graph: the active slot or the per-row slots pick the
+    update; slot 0 is the base model; b's rank pads a's to R=3; a adds nothing at o."""
     model = Attn().eval()
     gm = trace(model, (X,)).gm
     sites = find_sites(gm)
     store = AdapterStore()
     gm.add_submodule(STORE, store)
-    for name, r in (("a", 2), ("b", 3)):
-        store.add(name, Adapter(LoRA(r=r, alpha=r), ["q"], []))
-        assert insert_lora(gm, sites, LoRA(r=r, alpha=r), store[name], name) == 1
+    a = add_adapter_(store, sites, "a", LoRA(r=2, alpha=2), ["q"])
+    b = add_adapter_(store, sites, "b", LoRA(r=3, alpha=6), ["q", "o"])
+    assert insert_lora(gm, sites, store) == 2
     gm.graph.lint()
     gm.recompile()
-    for name in ("a", "b"):
-        randomize_b_(store[name])
-    w = weights(model)
-    qa, qb = store["a"].sites["q"], store["b"].sites["q"]
-    w["q"] = (w["q"][0] + qa.B @ qa.A + qb.B @ qb.A, w["q"][1])
-    torch.testing.assert_close(gm(X), reference(X, w), rtol=1e-5, atol=1e-5)
+    randomize_b_(a)
+    randomize_b_(b)
+    assert gm.get_submodule(STORE).banks["q"].zero_A.shape == (3, D)
+    assert gm.get_submodule(STORE).banks["o"].scales.tolist() == [0.0, 0.0, 2.0]
+
+    def expected(x, who):
+        w = weights(model)
+        if who == "a":
+            w["q"] = (w["q"][0] + a.sites["q"].B @ a.sites["q"].A, w["q"][1])
+        if who == "b":
+            for s in ("q", "o"):
+                w[s] = (w[s][0] + 2.0 * b.sites[s].B @ b.sites[s].A, w[s][1])
+        return reference(x, w)
+
+    x = torch.randn(3, 5, D)
+    for who in ("__base__", "a", "b"):
+        store.active.fill_(store.slot(who))
+        torch.testing.assert_close(gm(x), expected(x, who), rtol=1e-5, atol=1e-5)
+    store.rows[:3] = torch.tensor([store.slot("b"), 0, store.slot("a")])   # one adapter per row
+    store.mixed.fill_(True)
+    got = gm(x)
+    for i, who in enumerate(("b", "__base__", "a")):
+        torch.testing.assert_close(got[i], expected(x[i:i + 1], who)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_gpt2_conv1d_site_numerics():
@@ -201,16 +231,17 @@ def test_gpt2_conv1d_site_numerics():
     spec = LoRA(r=4, alpha=8)
     store = AdapterStore()
     gm.add_submodule(STORE, store)
-    store.add("default", Adapter(spec, paths, []))
-    assert insert_lora(gm, sites, spec, store["default"], "default") == 2
+    add_adapter_(store, sites, "default", spec, paths)
+    store.active.fill_(1)
+    assert insert_lora(gm, sites, store) == 2
     gm.graph.lint()
     gm.recompile()
     # Conv1D: y = addmm(b, x, W), x: [N, in]; the adapter reads addmm's second argument and adds to its output
     conv = sites[paths[0]].nodes[0]
-    (add,) = conv.users
-    assert add.target == aten.add.Tensor and add.meta["peftc"]["site"] == paths[0]
-    a_lin = next(n for n in lora_nodes(gm) if n.target == aten.linear.default and n.meta["peftc"]["site"] == paths[0])
-    assert a_lin.args[0] is conv.args[1]
+    add = next(u for u in conv.users if u.target == aten.add.Tensor)
+    assert add.meta["peftc"]["method"] == "lora"
+    x3 = next(u for u in conv.args[1].users if u.target == aten.reshape.default and "peftc" in u.meta)
+    assert x3.args[1][1:] == [-1, 64]                           # (N, in) -> (batch, N / batch, in)
     weights = [store["default"].sites[site_key(p)] for p in paths]
     assert weights[0].A.shape == (4, 64) and weights[0].B.shape == (192, 4)
     assert weights[1].A.shape == (4, 64) and weights[1].B.shape == (256, 4)

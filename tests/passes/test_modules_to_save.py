@@ -7,9 +7,9 @@ from torch import nn
 
 import peftc
 from peftc.errors import SpecError
-from peftc.passes.modules_to_save import insert_saved_copies, module_paths, resolve_modules_to_save
+from peftc.passes.modules_to_save import insert_saved_copies, module_paths, resolve_modules_to_save, saved_copies
 from peftc.spec import LoRA
-from peftc.store import STORE, Adapter, AdapterStore
+from peftc.store import STORE, Adapter, AdapterStore, site_key
 from peftc.trace import trace
 from tests.models import inputs, make
 
@@ -35,8 +35,12 @@ def saved_graph(model, names):
     paths = resolve_modules_to_save(gm, names)
     store = AdapterStore()
     gm.add_submodule(STORE, store)
-    store.add("default", Adapter(LoRA(r=1), [], paths))
-    n = insert_saved_copies(gm, store["default"], "default")
+    adapter = Adapter(LoRA(r=1), [], paths)
+    for path in paths:
+        adapter.saved[site_key(path)] = saved_copies(gm, path)
+    store.add("default", adapter)
+    store.active.fill_(1)
+    n = insert_saved_copies(gm, store)
     gm.graph.lint()
     gm.recompile()
     return gm, store["default"], n
@@ -65,9 +69,11 @@ def test_insert_saved_copies_structure():
     gm, adapter, n = saved_graph(model, ["head", "norm"])
     assert n == 4                                                           # weight + bias of each
     attrs = [x.target for x in gm.graph.nodes if x.op == "get_attr"]
-    assert not any(a.startswith(("head.", "norm.")) for a in attrs)
-    assert {a for a in attrs if a.startswith(STORE)} == {
+    assert {a for a in attrs if a.startswith(f"{STORE}.adapters")} == {
         f"{STORE}.adapters.default.saved.{m}.{p}" for m in ("head", "norm") for p in ("weight", "bias")}
+    for x in gm.graph.nodes:                      # the originals feed only the routing: stack([original, copy])
+        if x.op == "get_attr" and x.target.startswith(("head.", "norm.")):
+            assert [u.target for u in x.users] == [torch.ops.aten.stack.default]
     for m in ("head", "norm"):
         for p in ("weight", "bias"):
             copy = gm.get_parameter(f"{STORE}.adapters.default.saved.{m}.{p}")
