@@ -7,13 +7,14 @@ import os
 from .compiler import compile, load_adapter
 from .errors import (CheckpointError, ExportError, InputError, MergeError, PassError, PeftcError, SpecError,
                      TargetNotFound, TraceError)
+from .compiled import CompiledPeftModule
 from .export import export_merged
 from .module import MergedModule, PeftModule
 from .spec import LoRA
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
-           "export_merged"]
+           "export_merged", "CompiledPeftModule"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

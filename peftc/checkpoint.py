@@ -62,7 +62,19 @@ def adapter_config(pm: PeftModule, adapter_name: str) -> dict:
     )
 
 
+def save_adapters(pm: PeftModule, directory, adapter_name: str | None = None) -> list[Path]:
+    """PEFT's layout: the adapter named "default" in `directory`, any other in `directory/<name>`; one adapter when
+    `adapter_name` is given, else all of them. Returns the directories written."""
+    names = pm.adapters if adapter_name is None else [adapter_name]
+    for name in names:
+        if name not in pm.adapters:
+            raise CheckpointError(f"no adapter named {name!r}; adapters: {pm.adapters}")
+    directory = Path(directory)
+    return [save_adapter(pm, directory if n == "default" else directory / n, n) for n in names]
+
+
 def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
+    """One adapter's adapter_config.json + adapter_model.safetensors in `directory`."""
     if adapter_name not in pm.adapters:
         raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {pm.adapters}")
     directory = Path(directory)

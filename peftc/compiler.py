@@ -72,8 +72,9 @@ def _tensor(gm, target: str) -> torch.Tensor:
 
 
 def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
-            _loading: bool = False) -> PeftModule:
-    """Trace `model`, insert the adapter described by `spec` and return a new PeftModule.
+            backend: str | None = None, _loading: bool = False):
+    """Trace `model`, insert the adapter described by `spec` and return a new PeftModule (with `backend`, e.g.
+    "inductor": a CompiledPeftModule, the PeftModule under torch.compile with routing as data).
 
     The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
     its own parameters, flags and mode stay as they were, and a compile that fails leaves nothing behind.
@@ -90,6 +91,10 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     pm._add(adapter_name, build_adapter(pm, spec, loading=_loading))
     pm.train(model.training)
     log.info("compiled %s: %d LoRA sites", type(model).__name__, len(pm.store[adapter_name].targets))
+    if backend is not None:
+        from .compiled import CompiledPeftModule
+
+        return CompiledPeftModule(pm, backend=backend)
     return pm
 
 

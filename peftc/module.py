@@ -171,10 +171,7 @@ class PeftModule(GraphModel):
             raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
                              f"got {tuple(rows.shape)}")
         if adapter_names is not None:
-            saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
-            if saving and len(set(adapter_names)) > 1:
-                raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route "
-                                 "whole modules per row; run their rows in a batch of their own")
+            self.check_mixed(adapter_names)
         store = self.store
         if batch > store.rows.shape[0]:
             store.rows = torch.zeros(2 * batch, dtype=torch.long, device=store.rows.device)
@@ -186,6 +183,12 @@ class PeftModule(GraphModel):
         finally:
             with torch.no_grad():
                 store.mixed.fill_(False)
+
+    def check_mixed(self, adapter_names: Sequence[str]) -> None:
+        saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
+        if saving and len(set(adapter_names)) > 1:
+            raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route whole "
+                             "modules per row; run their rows in a batch of their own")
 
     def _batch_size(self, args, kwargs) -> int:
         first = args[0] if args else kwargs.get(self.main_input_name)
@@ -218,11 +221,12 @@ class PeftModule(GraphModel):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
-    def save_adapter(self, directory, adapter_name: str | None = None) -> None:
-        """Write adapter_config.json + adapter_model.safetensors in PEFT's format (atomically)."""
-        from .checkpoint import save_adapter
+    def save_adapter(self, directory, adapter_name: str | None = None) -> list[Path]:
+        """Write adapter_config.json + adapter_model.safetensors in PEFT's format and layout (atomically): the
+        adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`."""
+        from .checkpoint import save_adapters
 
-        save_adapter(self, directory, adapter_name or self.active_adapter)
+        return save_adapters(self, directory, adapter_name)
 
     save_pretrained = save_adapter
 

@@ -149,9 +149,10 @@ def test_save_load_round_trip(tmp_path):
 def test_adapter_names_are_not_part_of_the_checkpoint(tmp_path):
     m = model()
     pm = peftc.compile(m, SPEC, adapter_name="mine", example_inputs=ex())
-    pm.save_adapter(tmp_path)                                        # the active adapter
-    assert all(".mine." not in k for k in load_file(tmp_path / WEIGHTS))
-    loaded = peftc.load_adapter(m, tmp_path, adapter_name="theirs", example_inputs=ex())
+    pm.save_adapter(tmp_path)                        # PEFT's layout: an adapter not named "default" in a subfolder
+    assert not (tmp_path / WEIGHTS).exists()
+    assert all(".mine." not in k for k in load_file(tmp_path / "mine" / WEIGHTS))
+    loaded = peftc.load_adapter(m, tmp_path / "mine", adapter_name="theirs", example_inputs=ex())
     assert loaded.adapters == ["theirs"]
     assert torch.equal(loaded.store["theirs"].sites["v"].B, pm.store["mine"].sites["v"].B)
 
