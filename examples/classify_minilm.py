@@ -22,7 +22,7 @@ from transformers import AutoTokenizer, BertForSequenceClassification  # noqa: E
 from transformers import logging as hf_logging  # noqa: E402
 
 import peftc  # noqa: E402
-from peftc.demo import LABELS, accuracy, batches, encode, load_split, minilm_dir, predict  # noqa: E402
+from peftc.demo import LABELS, accuracy, auto_threads, batches, encode, load_split, minilm_dir, predict  # noqa: E402
 
 MIN_ACCURACY = 0.9
 
@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
 
     hf_logging.set_verbosity_error()   # the classifier head is new; transformers would warn about it
+    torch.set_num_threads(auto_threads())   # 1 thread when other jobs keep the cores busy
     torch.manual_seed(args.seed)
     t0 = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
