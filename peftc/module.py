@@ -138,6 +138,18 @@ class PeftModule(GraphModel):
         self._rebuild()
         self.set_adapter(self.active_adapter)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add `adapter_name`, a weighted combination of LoRA `adapters` ("linear", "cat" or "svd"), as PEFT's
+        add_weighted_adapter does (frozen, lora_alpha = r); the active adapter does not change. See peftc.weighted."""
+        from .weighted import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
+                             svd_full_matrices, svd_driver, density, majority_sign_method)
+
     @contextlib.contextmanager
     def disable_adapters(self):
         """Within the block every row runs the base model exactly (the routing points at slot 0)."""

@@ -54,8 +54,10 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     snippets = _blocks("python")
     assert snippets
     monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__readme__"}         # later snippets go on from the quickstart, as a reader would
     for code in snippets:
-        exec(compile(code, str(README), "exec"), {"__name__": "__readme__"})
+        exec(compile(code, str(README), "exec"), namespace)
+    assert namespace["mixed"].logits.shape[0] == 4
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
     assert (tmp_path / "out" / "model.pt2").is_file()
