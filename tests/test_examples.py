@@ -46,3 +46,9 @@ def test_export_merged(tmp_path):
     for name in ("base/config.json", "adapter/adapter_config.json", "merged/model.safetensors", "model.pt2",
                  "model-unmerged.pt2"):
         assert (tmp_path / name).is_file(), name
+
+
+def test_multi_adapter_serving():
+    example = load("multi_adapter_serving.py")
+    r = example["main"]([])
+    assert example["failures"](r) == [], r

@@ -17,6 +17,7 @@ NOT_RUN_HERE = {
     "peftc demo": "tests/test_cli.py::test_demo",
     "python examples/classify_minilm.py": "tests/test_examples.py::test_classify_minilm",
     "python examples/causal_lm_llama.py": "tests/test_examples.py::test_causal_lm_llama",
+    "python examples/multi_adapter_serving.py": "tests/test_examples.py::test_multi_adapter_serving",
 }
 
 
