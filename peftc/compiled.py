@@ -23,13 +23,17 @@ class CompiledPeftModule(nn.Module):
 
     def forward(self, *args, adapter_names: Sequence[str] | None = None, **kwargs):
         pm = self.peft
-        if adapter_names is not None:
-            rows = pm.adapter_index(adapter_names)
-            pm.check_mixed(adapter_names)
-        else:
+        if adapter_names is None:
             batch = pm._batch_size(args, kwargs)
             rows = pm.store.active.repeat(batch)          # contiguous, like an adapter_index tensor
-        return self.compiled(*args, adapter_index=rows, **kwargs)
+            return self.compiled(*args, adapter_index=rows, **kwargs)
+        rows = pm.adapter_index(adapter_names)
+        with torch.no_grad():                              # the batch's whole-batch slot (modules_to_save), as data
+            pm.store.active.fill_(pm.call_slot(adapter_names))
+        try:
+            return self.compiled(*args, adapter_index=rows, **kwargs)
+        finally:
+            pm._sync_active()
 
     def __getattr__(self, name: str):
         try:

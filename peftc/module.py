@@ -122,11 +122,17 @@ class PeftModule(GraphModel):
                 p.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter every row uses (writes the store's routing; the graph is unchanged)."""
+        """Make `adapter_name` the adapter every row uses (writes the store's routing; the graph is unchanged).
+        Inside `disable_adapters()` the choice takes effect when the block ends."""
         self._check_name(adapter_name)
-        with torch.no_grad():
-            self.store.active.fill_(self.store.slot(adapter_name))
         self.active_adapter = adapter_name
+        self._sync_active()
+
+    def _sync_active(self) -> None:
+        """Write the routing for the whole batch: slot 0 while disabled, else the active adapter's slot."""
+        slot = 0 if getattr(self, "_disabled", 0) or self.active_adapter is None else self.store.slot(self.active_adapter)
+        with torch.no_grad():
+            self.store.active.fill_(slot)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
@@ -153,14 +159,13 @@ class PeftModule(GraphModel):
     @contextlib.contextmanager
     def disable_adapters(self):
         """Within the block every row runs the base model exactly (the routing points at slot 0)."""
-        prev = self.store.active.clone()
-        with torch.no_grad():
-            self.store.active.fill_(0)
+        self._disabled = getattr(self, "_disabled", 0) + 1
+        self._sync_active()
         try:
             yield self
         finally:
-            with torch.no_grad():
-                self.store.active.copy_(prev)
+            self._disabled -= 1
+            self._sync_active()
 
     def adapter_index(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """The per-row slot tensor for `adapter_names` ("__base__" = no adapter); pass it as adapter_index=... to
@@ -182,19 +187,44 @@ class PeftModule(GraphModel):
         if rows.dim() != 1 or rows.shape[0] != batch:
             raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
                              f"got {tuple(rows.shape)}")
-        if adapter_names is not None:
-            self.check_mixed(adapter_names)
         store = self.store
+        call_slot = None
+        if not torch.compiler.is_compiling():   # compiled: CompiledPeftModule checked the names in eager mode
+            if adapter_names is None:
+                adapter_names = self.names_of(rows)
+            call_slot = self.call_slot(adapter_names)
         if batch > store.rows.shape[0]:
             store.rows = torch.zeros(2 * batch, dtype=torch.long, device=store.rows.device)
         with torch.no_grad():
             store.rows[:batch].copy_(rows)
             store.mixed.fill_(True)
+            if call_slot is not None:
+                store.active.fill_(call_slot)
         try:
             return GraphModel.forward(self, *args, **kwargs)
         finally:
             with torch.no_grad():
                 store.mixed.fill_(False)
+            if call_slot is not None:
+                self._sync_active()
+
+    def names_of(self, rows: torch.Tensor) -> list[str]:
+        """The adapter name of each slot index in `rows` (checked to be in range)."""
+        slots = self.store.slots()
+        values = rows.tolist()
+        bad = sorted({v for v in values if not 0 <= v < len(slots)})
+        if bad:
+            raise InputError(f"adapter_index has slot(s) {bad}; valid slots are 0..{len(slots) - 1} "
+                             f"({dict(enumerate(slots))}); build it with pm.adapter_index(names)")
+        return [slots[v] for v in values]
+
+    def call_slot(self, adapter_names: Sequence[str]) -> int:
+        """The whole-batch slot to use during a routed call: the batch's one adapter, or the base model for a mixed
+        batch (so no adapter's modules_to_save copies leak into other rows). Refuses a mixed batch that needs
+        modules_to_save copies per row."""
+        self.check_mixed(adapter_names)
+        distinct = set(adapter_names)
+        return self.store.slot(next(iter(distinct))) if len(distinct) == 1 else 0
 
     def check_mixed(self, adapter_names: Sequence[str]) -> None:
         saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
