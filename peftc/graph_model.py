@@ -31,6 +31,13 @@ class GraphModel(nn.Module):
         self.base_name = base_name
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
         self.forward = types.MethodType(_forward_with_signature(type(self), self.input_names), self)
+        self.fresh_compile_cache()
+
+    def fresh_compile_cache(self) -> None:
+        """Give this module's forward its own code object: torch.compile caches (at most 8 graphs) per code object,
+        and every module and every rebuilt graph would otherwise share one entry list."""
+        fn = self.forward.__func__
+        fn.__code__ = fn.__code__.replace()
 
     @property
     def input_names(self) -> list[str]:

@@ -70,6 +70,7 @@ class PeftModule(GraphModel):
         gm.train(self.training)
         self.graph_module = gm
         self._traced = dataclasses.replace(self._traced, gm=gm)
+        self.fresh_compile_cache()   # the old graph's compiled entries are not reused
 
     def _add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:

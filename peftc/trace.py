@@ -128,6 +128,28 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
+def _with_grad_mode(enabled, body, *args):
+    with torch.set_grad_enabled(enabled):
+        return body(*args)
+
+
+def _with_autocast(device_type, dtype, enabled, cache_enabled, body, *args):
+    with torch.autocast(device_type, dtype, enabled, cache_enabled):
+        return body(*args)
+
+
+def _inline_mode_wrappers(gm: torch.fx.GraphModule) -> None:
+    """export wraps `with torch.no_grad()` / autocast regions (the rotary embedding's) in higher-order ops that
+    torch.compile cannot re-trace once shapes are dynamic; call their bodies under the same mode instead."""
+    hop = torch.ops.higher_order
+    swaps = {getattr(hop, "wrap_with_set_grad_enabled", None): _with_grad_mode,
+             getattr(hop, "wrap_with_autocast", None): _with_autocast}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in swaps and node.target is not None:
+            node.target = swaps[node.target]
+    gm.recompile()
+
+
 def _share_frozen(gm: torch.fx.GraphModule) -> None:
     """Give the graph its own frozen Parameter objects that alias the model's storage (no copy; the model's own
     parameters keep their requires_grad). Tied weights stay tied."""
@@ -194,6 +216,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     src = ep.module()
     gm = torch.fx.GraphModule(src, src.graph)
     _share_frozen(gm)
+    _inline_mode_wrappers(gm)
     names = tuple(kwargs) if not positional else ()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional,

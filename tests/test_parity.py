@@ -6,7 +6,7 @@ import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 
 import peftc
-from tests.models import ARCHS, DECODERS, make
+from tests.models import ARCHS, make
 from tests.parity import (MOVED, TOL, assert_parity, assert_same_weights, lora_config, max_diff, parity_inputs,
                           peft_targets, randomize_ours_, randomize_peft_)
 

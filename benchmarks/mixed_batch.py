@@ -1,0 +1,157 @@
+"""Benchmark: a batch whose rows use 8 different LoRA adapters vs the same batch on one adapter, peftc vs HF PEFT.
+
+    python benchmarks/mixed_batch.py [--rounds 30] [--threads N] [--warmup 3] [--device cpu]
+
+Setup: a Llama-shaped LlamaForCausalLM (random init; hidden 256, 4 layers, 4 heads, intermediate 688, vocab 1024),
+8 LoRA adapters (r=16, alpha=32 on q, k, v, o; each with its own A and random non-zero B), batch 8 x 128 tokens, fp32,
+eval mode under torch.inference_mode(). PEFT (get_peft_model + add_adapter x 7) wraps its own deepcopy of the base
+model and gets the same weights, adapter by adapter.
+
+Contestants: the base model; each library with every row on one adapter (the active adapter, the ordinary call) and
+with adapter_names naming 8 different adapters, one per row; and peftc with adapter_names naming one adapter 8 times
+(the per-row path with nothing to mix). Before timing, the script checks that peftc and PEFT agree on both calls, that
+each row of the mixed batch equals that row run on its adapter alone, and that the adapters differ from the base.
+
+The report is ratios of medians (interleaved rounds, rotated order, after a warm-up); the key figure is mixed / single
+per library. Goal for peftc: <= 1.05 (required: <= 1.15).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import logging as hf_logging  # noqa: E402
+
+import peftc  # noqa: E402
+from lora_overhead import time_interleaved  # noqa: E402
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+R, ALPHA = 16, 32
+N_ADAPTERS = 8
+BATCH, SEQ = 8, 128
+REQUIRED, GOAL = 1.15, 1.05
+
+
+def build_base(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+                      intermediate_size=688, vocab_size=1024, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def build_pair(base: LlamaForCausalLM, seed: int = 1):
+    """(peftc PeftModule, PEFT PeftModel), both with adapters a0..a7 holding the same weights; a0 active."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [f"a{i}" for i in range(N_ADAPTERS)]
+    spec = peftc.LoRA(r=R, alpha=ALPHA, targets=list(PROJ))
+    ours = peftc.compile(base, spec, adapter_name=names[0]).eval()
+    cfg = LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(PROJ))
+    theirs = get_peft_model(copy.deepcopy(base), cfg, adapter_name=names[0]).eval()
+    for n in names[1:]:
+        ours.add_adapter(n, spec)
+        theirs.add_adapter(n, cfg)
+    theirs.set_adapter(names[0])
+    theirs.eval()
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n in names:
+            adapter = ours.store[n]
+            for path in adapter.targets:
+                w = adapter.sites[path.replace(".", "-")]
+                w.B.copy_((torch.randn(w.B.shape, generator=g) * 0.02).to(w.B.device))
+                layer = theirs.base_model.model.get_submodule(path)
+                layer.lora_A[n].weight.copy_(w.A)
+                layer.lora_B[n].weight.copy_(w.B)
+    return ours, theirs, names
+
+
+def check_outputs(ours, theirs, base, ids: torch.Tensor, mixed: list[str]) -> None:
+    with torch.inference_mode():
+        single = {"peftc": ours(input_ids=ids).logits, "PEFT": theirs(input_ids=ids).logits}
+        mix = {"peftc": ours(input_ids=ids, adapter_names=mixed).logits,
+               "PEFT": theirs(input_ids=ids, adapter_names=mixed).logits}
+        per_row = []
+        for i, n in enumerate(mixed):
+            ours.set_adapter(n)
+            per_row.append(ours(input_ids=ids[i:i + 1]).logits[0])
+        ours.set_adapter(mixed[0])
+        per_row = torch.stack(per_row)                           # (B, T, vocab): each row on its adapter alone
+        ref = base(input_ids=ids).logits
+    d_single = (single["peftc"] - single["PEFT"]).abs().max().item()
+    d_mixed = (mix["peftc"] - mix["PEFT"]).abs().max().item()
+    d_rows = (mix["peftc"] - per_row).abs().max().item()
+    moved = min((mix["peftc"][i] - ref[i]).abs().max().item() for i in range(len(mixed)))
+    print(f"check: max |peftc - PEFT| single {d_single:.2e}, mixed {d_mixed:.2e}; max |mixed row - row alone| "
+          f"{d_rows:.2e}; min over rows of max |mixed - base| {moved:.2e} (B != 0, must differ)")
+    if not (d_single < 1e-4 and d_mixed < 1e-4 and d_rows < 1e-4 and moved > 1e-3):
+        raise SystemExit("outputs disagree; not timing")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
+    args = ap.parse_args(argv)
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    base = build_base().to(args.device)
+    ours, theirs, names = build_pair(base)
+    mixed = [names[i % N_ADAPTERS] for i in range(BATCH)]                    # 8 rows, 8 different adapters
+    same = [names[0]] * BATCH
+    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
+    ids = ids.to(args.device)                                                # (B, T)
+    check_outputs(ours, theirs, base, ids, mixed)
+
+    contestants = {
+        "base": base,
+        "peftc 1": ours,
+        "peftc 8": lambda input_ids: ours(input_ids=input_ids, adapter_names=mixed),
+        "peftc 1x8": lambda input_ids: ours(input_ids=input_ids, adapter_names=same),
+        "PEFT 1": theirs,
+        "PEFT 8": lambda input_ids: theirs(input_ids=input_ids, adapter_names=mixed),
+    }
+    times = time_interleaved(contestants, ids, args.rounds, args.warmup)
+    med = {n: statistics.median(t) for n, t in times.items()}
+
+    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
+          f"{N_ADAPTERS} adapters r={R} on {'/'.join(p[0] for p in PROJ)}, "
+          f"{args.rounds} rounds (+{args.warmup} warm-up)")
+    print("'1': every row on the active adapter; '8': adapter_names with 8 different adapters; "
+          "'1x8': adapter_names naming one adapter 8 times")
+    print(f"{'':10s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
+    for n in contestants:
+        t = times[n]
+        print(f"{n:10s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
+
+    pairs = (("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"), ("peftc 1x8", "peftc 1"),
+             ("peftc 8", "PEFT 8"))
+    ratios = {f"{a} / {b}": med[a] / med[b] for a, b in pairs}
+    mins = {f"{a} / {b}": min(times[a]) / min(times[b]) for a, b in pairs}
+    paired = {f"{a} / {b}": statistics.median(x / y for x, y in zip(times[a], times[b])) for a, b in pairs}
+    print(f"\n{'ratio':22s} {'medians':>8s} {'minimums':>9s} {'per-round':>10s}")
+    for k in ratios:
+        print(f"{k:22s} {ratios[k]:8.3f} {mins[k]:9.3f} {paired[k]:10.3f}")
+    r = ratios["peftc 8 / peftc 1"]
+    verdict = "meets the goal" if r <= GOAL else "meets the requirement" if r <= REQUIRED else "FAILS the requirement"
+    print(f"\npeftc mixed / single = {r:.3f}: {verdict} (required <= {REQUIRED}, goal <= {GOAL})")
+    return {"medians_s": med, "ratios": ratios, "min_ratios": mins, "paired_ratios": paired}
+
+
+if __name__ == "__main__":
+    main()
