@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import operator
 import os
 import traceback
 from dataclasses import dataclass, field
@@ -128,25 +129,47 @@ def _user_frame(exc: BaseException) -> str:
     return "unknown location"
 
 
-def _with_grad_mode(enabled, body, *args):
-    with torch.set_grad_enabled(enabled):
-        return body(*args)
-
-
 def _with_autocast(device_type, dtype, enabled, cache_enabled, body, *args):
     with torch.autocast(device_type, dtype, enabled, cache_enabled):
         return body(*args)
 
 
 def _inline_mode_wrappers(gm: torch.fx.GraphModule) -> None:
-    """export wraps `with torch.no_grad()` / autocast regions (the rotary embedding's) in higher-order ops that
-    torch.compile cannot re-trace once shapes are dynamic; call their bodies under the same mode instead."""
+    """export wraps `with torch.no_grad()` regions (the rotary embedding's) in a higher-order op that torch.compile
+    cannot re-trace once shapes are dynamic, and autocast regions in another. Grad-mode regions are inlined into the
+    graph, their outputs detached when grad was off (no gradient leaves them, as before); autocast regions become a
+    plain call of their body under autocast."""
     hop = torch.ops.higher_order
-    swaps = {getattr(hop, "wrap_with_set_grad_enabled", None): _with_grad_mode,
-             getattr(hop, "wrap_with_autocast", None): _with_autocast}
-    for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in swaps and node.target is not None:
-            node.target = swaps[node.target]
+    grad_op = getattr(hop, "wrap_with_set_grad_enabled", None)
+    autocast_op = getattr(hop, "wrap_with_autocast", None)
+    g = gm.graph
+    for node in list(g.nodes):
+        if node.op != "call_function":
+            continue
+        if autocast_op is not None and node.target is autocast_op:
+            node.target = _with_autocast
+        elif grad_op is not None and node.target is grad_op:
+            enabled, body_node, *args = node.args
+            body = getattr(gm, body_node.target)
+            phs = [n for n in body.graph.nodes if n.op == "placeholder"]
+            if any(n.op in ("get_attr", "call_module") for n in body.graph.nodes):
+                continue   # a body with state of its own: leave the wrapper
+            with g.inserting_before(node):
+                outs = g.graph_copy(body.graph, dict(zip(phs, args)))
+                outs = outs if isinstance(outs, (tuple, list)) else (outs,)
+                if not enabled:
+                    outs = [g.call_function(torch.ops.aten.detach.default, (o,)) if isinstance(o, torch.fx.Node)
+                            else o for o in outs]
+            for user in list(node.users):
+                if user.target is operator.getitem:
+                    user.replace_all_uses_with(outs[user.args[1]])
+                    g.erase_node(user)
+            if not node.users:
+                g.erase_node(node)
+                if not body_node.users:
+                    g.erase_node(body_node)
+                    delattr(gm, body_node.target)
+    g.lint()
     gm.recompile()
 
 
