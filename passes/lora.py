@@ -22,7 +22,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.store import STORE, AdapterStore, site_key
 
-from .match import Site
+from .match import Site, tensor_at
 
 aten = torch.ops.aten
 
@@ -97,7 +97,7 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
     for path in paths:
         site = sites[path]
         key = site_key(path)
-        w = _tensor(gm, site.weight)
+        w = tensor_at(gm, site.weight)
         weights = {a: store[a].sites[key] for a in slots[1:] if path in store[a].targets}
         scales = [0.0] + [weights[a].scale if a in weights else 0.0 for a in slots[1:]]
         rates = [0.0] + [weights[a].p if a in weights else 0.0 for a in slots[1:]]
@@ -110,13 +110,6 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
     for n in new:
         n.meta["peftc"] = meta
     return count
-
-
-def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(target)
-    except AttributeError:
-        return gm.get_buffer(target)
 
 
 def _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, dropout) -> list[Node]:

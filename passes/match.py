@@ -62,7 +62,10 @@ def _site_of(gm: GraphModule, node: Node) -> tuple[str, str, int, int, str, str]
         return None
     if not isinstance(w, Node) or w.op != "get_attr":
         return None  # weight computed in the graph: not an adapter site
-    shape = tuple(gm.get_parameter(w.target).shape) if _is_param(gm, w.target) else tuple(w.meta["val"].shape)
+    try:
+        shape = tuple(tensor_at(gm, w.target).shape)
+    except AttributeError:   # a plain tensor attribute: the traced value's shape
+        shape = tuple(w.meta["val"].shape)
     if len(shape) != 2:
         return None
     out_f, in_f = shape if kind == "linear" else shape[::-1]
@@ -72,12 +75,12 @@ def _site_of(gm: GraphModule, node: Node) -> tuple[str, str, int, int, str, str]
     return fqn, kind, in_f, out_f, w.target, typ
 
 
-def _is_param(gm: GraphModule, target: str) -> bool:
+def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:
+    """The parameter or buffer a get_attr target names."""
     try:
-        gm.get_parameter(target)
-        return True
+        return gm.get_parameter(target)
     except AttributeError:
-        return False
+        return gm.get_buffer(target)
 
 
 def find_sites(gm: GraphModule) -> dict[str, Site]:

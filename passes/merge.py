@@ -21,7 +21,7 @@ from peftc.errors import MergeError
 from peftc.spec import AdapterSpec, LoRA
 from peftc.store import STORE, Adapter, site_key
 
-from .match import Site
+from .match import Site, tensor_at
 
 
 def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
@@ -67,7 +67,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     count = 0
     for path in adapter.targets:
         site = sites[path]
-        weight = _tensor(gm, site.weight)
+        weight = tensor_at(gm, site.weight)
         names = {s.name for s in site.nodes}
         # the model's own key, so the merged module's state dict has the model's names; a fresh one if the weight
         # is also read outside the site (a tied embedding keeps the unmerged weight)
@@ -107,13 +107,6 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     if leftover:
         raise MergeError(f"adapter {name!r}: nodes {leftover[:3]} are still used after folding")
     return count
-
-
-def _tensor(gm: GraphModule, target: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(target)
-    except AttributeError:
-        return gm.get_buffer(target)
 
 
 def merge_graph_module(src: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> GraphModule:

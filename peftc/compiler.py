@@ -14,7 +14,7 @@ from .loss import loss_type_of
 from .module import PeftModule
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
-from .passes.match import Site, find_sites, output_heads
+from .passes.match import Site, find_sites, output_heads, tensor_at
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
 from .pipeline import run_passes
 from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
@@ -56,19 +56,12 @@ def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapt
     adapter = Adapter(spec, chosen, saved)
     for path in chosen:
         site: Site = sites[path]
-        w = _tensor(gm, site.weight)
+        w = tensor_at(gm, site.weight)
         adapter.sites[site_key(path)] = LoraWeights(spec.r, site.in_features, site.out_features, spec.scale,
                                                     spec.dropout, spec.init, dtype=w.dtype, device=w.device)
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     return adapter
-
-
-def _tensor(gm, target: str) -> torch.Tensor:
-    try:
-        return gm.get_parameter(target)
-    except AttributeError:
-        return gm.get_buffer(target)
 
 
 def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
