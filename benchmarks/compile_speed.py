@@ -17,21 +17,18 @@ Required: compiled peftc <= 0.9 x eager peftc, and no slower than compiled PEFT.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import logging as hf_logging  # noqa: E402
 
 import peftc  # noqa: E402
-from lora_overhead import BATCH, SEQ, build_base, build_contestants, time_interleaved  # noqa: E402
+from lora_overhead import (BATCH, SEQ, bench_parser, build_base, build_contestants, example_ids, report,  # noqa: E402
+                           setup, time_interleaved)
 
 LIMIT_VS_EAGER = 0.9
 LIMIT_VS_PEFT = 1.0
@@ -60,18 +57,10 @@ def compile_and_check(contestants: dict, compiled: dict, ids: torch.Tensor) -> N
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
+    ap = bench_parser(__doc__, rounds=15)
     ap.add_argument("--compile-base", action="store_true", help="also time torch.compile(base) (one more compile)")
     args = ap.parse_args(argv)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)   # before compiling: inductor's CPU kernels fix their thread count
-
+    setup(args)
     base = build_base().to(args.device)
     ours, theirs = build_contestants(base)
     contestants = {"base": base, "PEFT": theirs, "peftc": ours}
@@ -79,35 +68,21 @@ def main(argv: list[str] | None = None) -> dict:
                 "PEFT compiled": torch.compile(theirs)}
     if args.compile_base:
         compiled["base compiled"] = torch.compile(base)
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-    ids = ids.to(args.device)                                                   # (B, T)
+    ids = example_ids(base, BATCH, SEQ, args.device)                          # (B, T)
     compile_and_check(contestants, compiled, ids)
 
     times = time_interleaved(contestants, ids, args.rounds, args.warmup)
-    med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-          f"{args.rounds} rounds (+{args.warmup} warm-up)")
-    print(f"{'':15s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
-    for n in contestants:
-        t = times[n]
-        print(f"{n:15s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
-
     pairs = [("peftc compiled", "peftc"), ("peftc compiled", "PEFT compiled"), ("PEFT compiled", "PEFT"),
              ("peftc", "PEFT")]
     if args.compile_base:
         pairs.append(("peftc compiled", "base compiled"))
-    ratios = {f"{a} / {b}": med[a] / med[b] for a, b in pairs}
-    mins = {f"{a} / {b}": min(times[a]) / min(times[b]) for a, b in pairs}
-    paired = {f"{a} / {b}": statistics.median(x / y for x, y in zip(times[a], times[b])) for a, b in pairs}
-    print(f"\n{'ratio':32s} {'medians':>8s} {'minimums':>9s} {'per-round':>10s}")
-    for k in ratios:
-        print(f"{k:32s} {ratios[k]:8.3f} {mins[k]:9.3f} {paired[k]:10.3f}")
-    vs_eager, vs_peft = ratios["peftc compiled / peftc"], ratios["peftc compiled / PEFT compiled"]
-    ok = vs_eager <= LIMIT_VS_EAGER and vs_peft <= LIMIT_VS_PEFT
+    out = report(times, pairs, f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, "
+                               f"batch {BATCH}x{SEQ}, fp32, {args.rounds} rounds (+{args.warmup} warm-up)")
+    vs_eager, vs_peft = out["ratios"]["peftc compiled / peftc"], out["ratios"]["peftc compiled / PEFT compiled"]
+    out["ok"] = vs_eager <= LIMIT_VS_EAGER and vs_peft <= LIMIT_VS_PEFT
     print(f"\ncompiled / eager peftc = {vs_eager:.3f} (required <= {LIMIT_VS_EAGER}); compiled peftc / compiled PEFT = "
-          f"{vs_peft:.3f} (required <= {LIMIT_VS_PEFT}): {'ok' if ok else 'FAILS'}")
-    return {"medians_s": med, "ratios": ratios, "min_ratios": mins, "paired_ratios": paired, "ok": ok}
-
+          f"{vs_peft:.3f} (required <= {LIMIT_VS_PEFT}): {'ok' if out['ok'] else 'FAILS'}")
+    return out
 
 if __name__ == "__main__":
     sys.exit(0 if main()["ok"] else 1)

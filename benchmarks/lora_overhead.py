@@ -106,49 +106,67 @@ def time_interleaved(contestants: dict, ids: torch.Tensor, rounds: int, warmup: 
     return times
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=30)
+def bench_parser(doc: str, rounds: int = 30) -> argparse.ArgumentParser:
+    """The flags every benchmark here takes."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def setup(args) -> None:
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)   # transformers deprecations raised inside PEFT
     if args.threads:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)   # before any compile: inductor's CPU kernels fix their thread count
 
+
+def example_ids(base, batch: int, seq: int, device) -> torch.Tensor:
+    """(batch, seq) token ids, the same in every run."""
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(2))
+    return ids.to(device)
+
+
+def report(times: dict[str, list[float]], pairs, header: str) -> dict:
+    """Print each contestant's times and, per (a, b) pair, a/b as ratios of medians, of minimums and the median
+    per-round ratio (on a busy machine the medians drift; the other two are steadier). Returns those ratios."""
+    med = {n: statistics.median(t) for n, t in times.items()}
+    width = max(map(len, times)) + 1
+    print(f"\n{header}")
+    print(f"{'':{width}s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
+    for n, t in times.items():
+        print(f"{n:{width}s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
+    keys = [f"{a} / {b}" for a, b in pairs]
+    ratios = {k: med[a] / med[b] for k, (a, b) in zip(keys, pairs)}
+    mins = {k: min(times[a]) / min(times[b]) for k, (a, b) in zip(keys, pairs)}
+    paired = {k: statistics.median(x / y for x, y in zip(times[a], times[b])) for k, (a, b) in zip(keys, pairs)}
+    kw = max(map(len, keys)) + 1
+    print(f"\n{'ratio':{kw}s} {'medians':>8s} {'minimums':>9s} {'per-round':>10s}")
+    for k in keys:
+        print(f"{k:{kw}s} {ratios[k]:8.3f} {mins[k]:9.3f} {paired[k]:10.3f}")
+    return {"medians_s": med, "ratios": ratios, "min_ratios": mins, "paired_ratios": paired}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = bench_parser(__doc__).parse_args(argv)
+    setup(args)
     base = build_base().to(args.device)
     ours, theirs = build_contestants(base)
     contestants = {"base": base, "PEFT": theirs, "peftc": ours}
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))  # (B, T)
-    ids = ids.to(args.device)
+    ids = example_ids(base, BATCH, SEQ, args.device)                          # (B, T)
     check_agree(contestants, ids)
 
     flops_base, flops_adapter = flop_share(base, BATCH * SEQ, SEQ)
     ideal = 1 + flops_adapter / flops_base
     times = time_interleaved(contestants, ids, args.rounds, args.warmup)
-    med = {n: statistics.median(t) for n, t in times.items()}
-
-    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-          f"{args.rounds} rounds (+{args.warmup} warm-up)")
-    print(f"{'':8s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
-    for n in contestants:
-        t = times[n]
-        print(f"{n:8s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
-    ratios = {"peftc/base": med["peftc"] / med["base"], "PEFT/base": med["PEFT"] / med["base"],
-              "peftc/PEFT": med["peftc"] / med["PEFT"], "ideal": ideal}
-    print("\nratios of medians: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    # Noise check: on a busy machine the medians drift; minimums and per-round ratios are steadier.
-    mins = {n: min(t) for n, t in times.items()}
-    paired = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times[a], times[b]))
-              for a, b in (("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"))}
-    print("ratios of minimums: " + ", ".join(f"{a}/{b} {mins[a] / mins[b]:.3f}"
-                                             for a, b in (("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"))))
-    print("median per-round ratio: " + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
+    out = report(times, [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT")],
+                 f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, "
+                 f"fp32, {args.rounds} rounds (+{args.warmup} warm-up)")
     print(f"adapter FLOP share: {flops_adapter / flops_base:.2%} of base ({flops_adapter / 1e9:.2f} of "
           f"{flops_base / 1e9:.2f} GFLOP) -> ideal overhead ratio {ideal:.3f}")
-    return {"medians_s": med, "ratios": ratios, "paired_ratios": paired}
+    return dict(out, ideal=ideal)
 
 
 if __name__ == "__main__":

@@ -13,20 +13,17 @@ check is merged / base <= 1.05.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import statistics
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from transformers import logging as hf_logging  # noqa: E402
 
 import peftc  # noqa: E402
-from lora_overhead import ALPHA, BATCH, PROJ, R, SEQ, build_base, time_interleaved  # noqa: E402
+from lora_overhead import (ALPHA, BATCH, PROJ, R, SEQ, bench_parser, build_base, example_ids, report,  # noqa: E402
+                           setup, time_interleaved)
 
 LIMIT = 1.05
 
@@ -55,42 +52,21 @@ def check_outputs(contestants: dict, ids: torch.Tensor) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
-    args = ap.parse_args(argv)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    args = bench_parser(__doc__).parse_args(argv)
+    setup(args)
     base = build_base().to(args.device)
     contestants = build_contestants(base)
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))  # (B, T)
-    ids = ids.to(args.device)
+    ids = example_ids(base, BATCH, SEQ, args.device)                          # (B, T)
     check_outputs(contestants, ids)
 
     times = time_interleaved(contestants, ids, args.rounds, args.warmup)
-    med = {n: statistics.median(t) for n, t in times.items()}
-    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-          f"{args.rounds} rounds (+{args.warmup} warm-up)")
-    print(f"{'':9s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
-    for n in contestants:
-        t = times[n]
-        print(f"{n:9s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
-    ratios = {"merged/base": med["merged"] / med["base"], "unmerged/base": med["unmerged"] / med["base"]}
-    mins = {f"{n}/base": min(times[n]) / min(times["base"]) for n in ("merged", "unmerged")}
-    paired = {f"{n}/base": statistics.median(x / y for x, y in zip(times[n], times["base"]))
-              for n in ("merged", "unmerged")}
-    print("\nratios of medians: " + ", ".join(f"{k} {v:.3f}" for k, v in ratios.items()))
-    print("ratios of minimums: " + ", ".join(f"{k} {v:.3f}" for k, v in mins.items()))
-    print("median per-round ratio: " + ", ".join(f"{k} {v:.3f}" for k, v in paired.items()))
-    ok = ratios["merged/base"] <= LIMIT
-    print(f"merged/base {ratios['merged/base']:.3f}: {'ok' if ok else 'ABOVE'} (goal 1.00, limit {LIMIT:.2f})")
-    return {"medians_s": med, "ratios": ratios, "min_ratios": mins, "paired_ratios": paired, "ok": ok}
-
+    out = report(times, [("merged", "base"), ("unmerged", "base")],
+                 f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, "
+                 f"fp32, {args.rounds} rounds (+{args.warmup} warm-up)")
+    r = out["ratios"]["merged / base"]
+    out["ok"] = r <= LIMIT
+    print(f"merged / base {r:.3f}: {'ok' if out['ok'] else 'ABOVE'} (goal 1.00, limit {LIMIT:.2f})")
+    return out
 
 if __name__ == "__main__":
     sys.exit(0 if main()["ok"] else 1)

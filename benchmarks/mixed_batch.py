@@ -17,22 +17,18 @@ per library. Goal for peftc: <= 1.05 (required: <= 1.15).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import os
-import statistics
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-from transformers import logging as hf_logging  # noqa: E402
 
 import peftc  # noqa: E402
-from lora_overhead import time_interleaved  # noqa: E402
+from lora_overhead import bench_parser, example_ids, report, setup, time_interleaved  # noqa: E402
 
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 R, ALPHA = 16, 32
@@ -99,23 +95,13 @@ def check_outputs(ours, theirs, base, ids: torch.Tensor, mixed: list[str]) -> No
 
 
 def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=30)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as torch starts)")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (timings are synchronized)")
-    args = ap.parse_args(argv)
-    hf_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
+    args = bench_parser(__doc__).parse_args(argv)
+    setup(args)
     base = build_base().to(args.device)
     ours, theirs, names = build_pair(base)
     mixed = [names[i % N_ADAPTERS] for i in range(BATCH)]                    # 8 rows, 8 different adapters
     same = [names[0]] * BATCH
-    ids = torch.randint(0, base.config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(2))
-    ids = ids.to(args.device)                                                # (B, T)
+    ids = example_ids(base, BATCH, SEQ, args.device)                          # (B, T)
     check_outputs(ours, theirs, base, ids, mixed)
 
     contestants = {
@@ -127,31 +113,17 @@ def main(argv: list[str] | None = None) -> dict:
         "PEFT 8": lambda input_ids: theirs(input_ids=input_ids, adapter_names=mixed),
     }
     times = time_interleaved(contestants, ids, args.rounds, args.warmup)
-    med = {n: statistics.median(t) for n, t in times.items()}
-
-    print(f"\ntorch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-          f"{N_ADAPTERS} adapters r={R} on {'/'.join(p[0] for p in PROJ)}, "
-          f"{args.rounds} rounds (+{args.warmup} warm-up)")
     print("'1': every row on the active adapter; '8': adapter_names with 8 different adapters; "
           "'1x8': adapter_names naming one adapter 8 times")
-    print(f"{'':10s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
-    for n in contestants:
-        t = times[n]
-        print(f"{n:10s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
-
-    pairs = (("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"), ("peftc 1x8", "peftc 1"),
-             ("peftc 8", "PEFT 8"))
-    ratios = {f"{a} / {b}": med[a] / med[b] for a, b in pairs}
-    mins = {f"{a} / {b}": min(times[a]) / min(times[b]) for a, b in pairs}
-    paired = {f"{a} / {b}": statistics.median(x / y for x, y in zip(times[a], times[b])) for a, b in pairs}
-    print(f"\n{'ratio':22s} {'medians':>8s} {'minimums':>9s} {'per-round':>10s}")
-    for k in ratios:
-        print(f"{k:22s} {ratios[k]:8.3f} {mins[k]:9.3f} {paired[k]:10.3f}")
-    r = ratios["peftc 8 / peftc 1"]
+    out = report(times, [("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"),
+                         ("peftc 1x8", "peftc 1"), ("peftc 8", "PEFT 8")],
+                 f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, "
+                 f"fp32, {N_ADAPTERS} adapters r={R} on {'/'.join(p[0] for p in PROJ)}, "
+                 f"{args.rounds} rounds (+{args.warmup} warm-up)")
+    r = out["ratios"]["peftc 8 / peftc 1"]
     verdict = "meets the goal" if r <= GOAL else "meets the requirement" if r <= REQUIRED else "FAILS the requirement"
     print(f"\npeftc mixed / single = {r:.3f}: {verdict} (required <= {REQUIRED}, goal <= {GOAL})")
-    return {"medians_s": med, "ratios": ratios, "min_ratios": mins, "paired_ratios": paired}
-
+    return out
 
 if __name__ == "__main__":
     main()
