@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch._dynamo.decorators import skip as _dynamo_skip
 
 from .errors import InputError
 from .loss import compute_loss
@@ -34,10 +35,9 @@ class GraphModel(nn.Module):
         self.fresh_compile_cache()
 
     def fresh_compile_cache(self) -> None:
-        """Give this module's forward its own code object: torch.compile caches (at most 8 graphs) per code object,
-        and every module and every rebuilt graph would otherwise share one entry list."""
-        fn = self.forward.__func__
-        fn.__code__ = fn.__code__.replace()
+        """Give this module's graph call its own code object: torch.compile caches (at most 8 graphs) per code
+        object, and every module and every rebuilt graph would otherwise share one entry list."""
+        self._run = types.MethodType(_fresh_copy(GraphModel._run_graph), self)
 
     @property
     def input_names(self) -> list[str]:
@@ -45,8 +45,14 @@ class GraphModel(nn.Module):
         return [n for n in self._traced.input_names if n not in self._traced.constants]
 
     # --- calling -----------------------------------------------------------------------------------------------
-    def forward(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
-                num_items_in_batch: Any = None, **kwargs):
+    # torch.compile(module) catches the first Python frame below nn.Module.__call__. forward (and a subclass's) is
+    # skipped, so that frame is _run: the graph call proper, a function of tensors only. forward stays free to turn
+    # Python values (PeftModule's adapter_names) into data before the compiled graph runs, with no recompile.
+    def forward(self, *args, **kwargs):
+        return self._run(*args, **kwargs)
+
+    def _run_graph(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
+                   num_items_in_batch: Any = None, **kwargs):
         t = self._traced
         if t.positional:
             if kwargs:
@@ -103,12 +109,32 @@ class GraphModel(nn.Module):
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
 
 
-def _forward_with_signature(cls: type, input_names: list[str]):
-    """PeftModule.forward with the traced inputs spelled out in its signature: HF Trainer (and other tools) read the
-    signature to decide which batch columns to keep."""
+def _signature_forward(self, *args, **kwargs):
+    return type(self).forward(self, *args, **kwargs)
 
-    def forward(self, *args, **kwargs):
-        return cls.forward(self, *args, **kwargs)
+
+def _fresh_copy(fn: types.FunctionType) -> types.FunctionType:
+    """`fn` with a code object of its own (torch.compile keys its cache on code objects)."""
+    new = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    return new
+
+
+def skip_frame(fn):
+    """Let torch.compile run `fn`'s own frame eagerly and compile the frames it calls (torch._dynamo's skip)."""
+    return _dynamo_skip(fn)
+
+
+skip_frame(_signature_forward)
+skip_frame(GraphModel.forward)
+
+
+def _forward_with_signature(cls: type, input_names: list[str]):
+    """The class's forward with the traced inputs spelled out in its signature: HF Trainer (and other tools) read
+    the signature to decide which batch columns to keep."""
+    f = _signature_forward
+    forward = types.FunctionType(f.__code__, f.__globals__, "forward")
 
     P = inspect.Parameter
     params = [P("self", P.POSITIONAL_OR_KEYWORD)]

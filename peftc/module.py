@@ -14,7 +14,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .errors import InputError, MergeError, SpecError
-from .graph_model import GraphModel
+from .graph_model import GraphModel, skip_frame
 from .passes.lora import insert_lora
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
@@ -181,33 +181,42 @@ class PeftModule(GraphModel):
     # --- calling -----------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_index: torch.Tensor | None = None,
                 **kwargs):
+        """The model's own call; `adapter_names` (one per row, "__base__" for none) or `adapter_index` (their slot
+        tensor, from pm.adapter_index) route each row to its adapter.
+
+        This frame runs eagerly under torch.compile (see GraphModel): the names become the store's routing data
+        here, and the compiled graph reads only that data, so no list of names ever recompiles."""
         if adapter_names is None and adapter_index is None:
-            return GraphModel.forward(self, *args, **kwargs)
+            return self._run(*args, **kwargs)
+        call_slot = self._route(args, kwargs, adapter_names, adapter_index)
+        try:
+            return self._run(*args, **kwargs)
+        finally:
+            self._unroute(call_slot)
+
+    @torch.compiler.disable
+    def _route(self, args, kwargs, adapter_names, adapter_index) -> int:
+        """Write the per-row routing into the store (checked); returns the whole-batch slot it set."""
         rows = self.adapter_index(adapter_names) if adapter_index is None else adapter_index
         batch = self._batch_size(args, kwargs)
         if rows.dim() != 1 or rows.shape[0] != batch:
             raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
                              f"got {tuple(rows.shape)}")
+        call_slot = self.call_slot(self.names_of(rows) if adapter_names is None else adapter_names)
         store = self.store
-        call_slot = None
-        if not torch.compiler.is_compiling():   # compiled: CompiledPeftModule checked the names in eager mode
-            if adapter_names is None:
-                adapter_names = self.names_of(rows)
-            call_slot = self.call_slot(adapter_names)
-        if batch > store.rows.shape[0]:
+        if batch > store.rows.shape[0]:   # past the row capacity: a larger buffer (one recompile)
             store.rows = torch.zeros(2 * batch, dtype=torch.long, device=store.rows.device)
         with torch.no_grad():
             store.rows[:batch].copy_(rows)
             store.mixed.fill_(True)
-            if call_slot is not None:
-                store.active.fill_(call_slot)
-        try:
-            return GraphModel.forward(self, *args, **kwargs)
-        finally:
-            with torch.no_grad():
-                store.mixed.fill_(False)
-            if call_slot is not None:
-                self._sync_active()
+            store.active.fill_(call_slot)
+        return call_slot
+
+    @torch.compiler.disable
+    def _unroute(self, call_slot: int) -> None:
+        with torch.no_grad():
+            self.store.mixed.fill_(False)
+        self._sync_active()
 
     def names_of(self, rows: torch.Tensor) -> list[str]:
         """The adapter name of each slot index in `rows` (checked to be in range)."""
@@ -297,6 +306,9 @@ class PeftModule(GraphModel):
 
     def extra_repr(self) -> str:
         return f"model={self.model_class}, adapters={self.adapters}, active={self.active_adapter!r}"
+
+
+skip_frame(PeftModule.forward)
 
 
 def _device_of(gm: nn.Module) -> torch.device:

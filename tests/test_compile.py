@@ -143,32 +143,52 @@ def test_loading_weights_into_a_slot_no_recompile():
 
 
 def test_adapter_index_per_call_no_recompile():
-    """A different per-row routing each call, as a tensor. The first call with an adapter_index after calls without
-    one compiles a second variant (forward branches on `adapter_index is None`); after that, none."""
+    """A different per-row routing each call, as a tensor: the routing is written to the store before the compiled
+    graph runs, so the graph compiled for a plain call serves every routed call too."""
     _, pm = build()
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
     out(compiled)
     assert graphs() == 1
     routings = [["b", "__base__", "default"], ["default", "b", "b"], ["__base__", "__base__", "b"]]
-    results = [out(compiled, adapter_index=pm.adapter_index(routings[0]))]
-    assert graphs() == 2
     with no_recompiles():
-        results += [out(compiled, adapter_index=pm.adapter_index(r)) for r in routings[1:]]
-        out(compiled)                                   # the no-index variant is still cached
+        results = [out(compiled, adapter_index=pm.adapter_index(r)) for r in routings]
+        out(compiled)
     for r, got in zip(routings, results):
         assert close(got, out(pm, adapter_names=r))
     assert differ(results[0], results[1]) and differ(results[1], results[2])
 
 
-def test_adapter_names_strings_specialize_plain_torch_compile():
-    """Why CompiledPeftModule exists: torch.compile(pm) specializes on Python strings, one graph per distinct list."""
+def test_adapter_names_per_call_plain_torch_compile_no_recompile():
+    """Python strings in adapter_names never reach the compiled frame: a new list per call, no recompile."""
     _, pm = build()
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
-    out(compiled, adapter_names=["b", "__base__", "default"])
-    out(compiled, adapter_names=["default", "b", "b"])
-    assert graphs() == 2
+    routings = [["b", "__base__", "default"], ["default", "b", "b"], ["__base__", "__base__", "b"],
+                ["b", "b", "b"], ["default", "default", "default"]]
+    first = out(compiled, adapter_names=routings[0])
+    assert graphs() == 1
     with no_recompiles():
-        out(compiled, adapter_names=["b", "__base__", "default"])   # a list seen before hits the cache
+        results = [first] + [out(compiled, adapter_names=r) for r in routings[1:]]
+        plain = out(compiled)
+    for r, got in zip(routings, results):
+        assert close(got, out(pm, adapter_names=r))
+    assert close(plain, out(pm)) and close(results[-1], plain)
+    assert differ(results[0], results[1]) and differ(results[3], results[4])
+
+
+def test_adapter_names_training_step_plain_torch_compile():
+    """Routed rows train under torch.compile: gradients equal eager's, and reach only the adapters in the batch."""
+    _, pm = build()
+    pm.train()
+    compiled = torch.compile(pm, backend="aot_eager", fullgraph=True)
+    names = ["b", "__base__", "b"]
+    grads = []
+    for f in (pm, compiled):
+        pm.zero_grad(set_to_none=True)
+        main_output(f(**X, adapter_names=names)).float().pow(2).mean().backward()
+        grads.append({n: p.grad.clone() for n, p in pm.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    assert all((g.abs().sum() > 0) == (".adapters.b." in n) for n, g in grads[0].items())
+    assert all(close(grads[0][n], grads[1][n], 1e-4) for n in grads[0])
 
 
 # --- CompiledPeftModule: adapter names, set_adapter, disable and weights as data --------------------------------
