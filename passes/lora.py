@@ -8,7 +8,10 @@ gathered-bank form of Punica/S-LoRA, arXiv:2310.18547, arXiv:2311.03285).
              B = stack([0, pad(B_1), pad(B_2), ...])[rows]                                # (batch, out, R)
              s = scales[rows]                                                             # (batch,)
              x3 = row_dropout(x.reshape(batch, -1, in), rows)
-             y' = y + (bmm(bmm(x3, A^T), B^T) * s).reshape(y.shape)
+             y' = baddbmm(y.reshape(batch, -1, out), bmm(x3, A^T) * s, B^T).reshape(y.shape)
+
+The scale multiplies the rank-R intermediate, and the second product accumulates into the site's output in the
+same GEMM (no full-size delta tensor is written, scaled and added).
 
 Slot 0 is the base model (zero weights, zero scale); an adapter that does not target a site has zeros there, and
 ranks are zero-padded to the largest rank R. Which adapter applies is data: switching, disabling and per-row
@@ -107,8 +110,9 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
         for node in (by_name[n.name] for n in site.nodes):   # the site's calls in this copy of the graph
             new += _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, any(rates))
             count += 1
-    for n in new:
-        n.meta["peftc"] = meta
+    for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
+        n.meta["peftc"] = dict(meta, role="out" if n.target is aten.reshape.default and n.args[0].target
+                               is aten.baddbmm.default else "part")
     return count
 
 
@@ -146,14 +150,19 @@ def _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, dropout) ->
             made.append(g.call_module(f"{bank}.dropout", (x3, rows)))
             x3 = made[-1]
         h = call(aten.bmm.default, x3, call(aten.transpose.int, A_rows, 1, 2))                  # (batch, T, R)
-        d = call(aten.bmm.default, h, call(aten.transpose.int, B_rows, 1, 2))                   # (batch, T, out)
-        d = call(aten.mul.Tensor, d, call(aten.view.default, s_rows, [-1, 1, 1]))
+        h = call(aten.mul.Tensor, h, call(aten.view.default, s_rows, [-1, 1, 1]))   # scale the small tensor
+        y3 = call(aten.reshape.default, node, [batch, -1, site.out_features])
+        y3 = call(aten.baddbmm.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y + h @ B^T, one GEMM
         shape = [call(aten.sym_size.int, node, i) for i in range(len(node.meta["val"].shape))] \
             if "val" in node.meta else [-1, site.out_features]
-        d = call(aten.reshape.default, d, shape)
-        y = call(aten.add.Tensor, node, d)
+        y = call(aten.reshape.default, y3, shape)
     mine = set(made)
     node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in mine)
     for n in made:
         n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
     return made
+
+
+def base_output(out: Node) -> Node:
+    """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
+    return out.args[0].args[0].args[0]     # reshape(baddbmm(reshape(y), ...)) -> y

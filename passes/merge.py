@@ -1,7 +1,7 @@
 """Merge pass: fold an adapter into the weights it adapts, as a compiler folds constants.
 
     Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
-             y' = add(y, mul(linear(linear(d, A), B), s))
+             y' = y + s * B @ A @ d   (the LoRA pass's routed subgraph)
     After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
              (the adapter's nodes are gone; its modules_to_save copies become plain constants again)
 
@@ -21,6 +21,7 @@ from peftc.errors import MergeError
 from peftc.spec import AdapterSpec, LoRA
 from peftc.store import STORE, Adapter, site_key
 
+from .lora import base_output
 from .match import Site, tensor_at
 
 
@@ -84,11 +85,11 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                 idx = 1 if site.kind == "linear" else 2
                 node.update_arg(idx, new_w)
         count += 1
-    # y' = add(y, delta): users of y' read y again; saved modules read the adapter's copy (or the original)
+    # y' = y + delta: users of y' read y again; saved modules read the adapter's copy (or the original)
     for n in list(g.nodes):
         info = n.meta.get("peftc") or {}
-        if info.get("method") == "lora" and n.target == torch.ops.aten.add.Tensor:
-            n.replace_all_uses_with(n.args[0])
+        if info.get("method") == "lora" and info.get("role") == "out":
+            n.replace_all_uses_with(base_output(n))
         elif info.get("method") == "modules_to_save" and info.get("role") == "out":
             orig = info["saved_from"]
             path = next((p for p in adapter.saved_modules if orig.startswith(p + ".")), None)
