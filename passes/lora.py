@@ -14,8 +14,11 @@ The scale multiplies the rank-R intermediate, and the second product accumulates
 same GEMM (no full-size delta tensor is written, scaled and added).
 
 Slot 0 is the base model (zero weights, zero scale); an adapter that does not target a site has zeros there, and
-ranks are zero-padded to the largest rank R. Which adapter applies is data: switching, disabling and per-row
-choice never change the graph. Every new node carries meta["peftc"] so merge and export can find the subgraph.
+ranks are zero-padded to the largest rank R. With a declared capacity (AdapterStore.capacity) the graph has every
+slot of it and reads slot i's weights from store.lanes[i] (an adapter's, or zeros), allocated at the capacity's rank
+R: adding or deleting an adapter then writes data too. Which adapter applies is data: switching, disabling and
+per-row choice never change the graph. Every new node carries meta["peftc"] so merge and export can find the
+subgraph.
 """
 from __future__ import annotations
 
@@ -33,9 +36,9 @@ aten = torch.ops.aten
 class RowDropout(nn.Module):
     """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode."""
 
-    def __init__(self, rates: list[float]):
+    def __init__(self, rates: list[float], device=None):
         super().__init__()
-        self.register_buffer("rates", torch.tensor(rates), persistent=False)
+        self.register_buffer("rates", torch.tensor(rates, device=device), persistent=False)
 
     def forward(self, x, rows):
         if not self.training:
@@ -45,13 +48,22 @@ class RowDropout(nn.Module):
 
 
 class SiteBank(nn.Module):
-    """Per-site constants of the routed subgraph: the scale of every slot, zero pads for slots without weights."""
+    """Per-site data of the routed subgraph: every slot's scale (and dropout rate), and zero weights for slot 0 and
+    for slots whose adapter does not target the site. AdapterStore.point_slot writes a slot's entries."""
 
-    def __init__(self, scales: list[float], rank: int, in_f: int, out_f: int, dtype, device):
+    def __init__(self, slots: int, rank: int, in_f: int, out_f: int, dtype, device, dropout: bool):
         super().__init__()
-        self.register_buffer("scales", torch.tensor(scales, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("zero_A", torch.zeros(rank, in_f, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("zero_B", torch.zeros(out_f, rank, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("scales", torch.zeros(slots, dtype=dtype, device=device), persistent=False)
+        self.empty = nn.Module()            # buffers, not parameters: no one trains or counts them
+        self.empty.register_buffer("A", torch.zeros(rank, in_f, dtype=dtype, device=device), persistent=False)
+        self.empty.register_buffer("B", torch.zeros(out_f, rank, dtype=dtype, device=device), persistent=False)
+        if dropout:
+            self.dropout = RowDropout([0.0] * slots, device)
+
+
+def _dtype_device(gm: GraphModule, site: Site):
+    w = tensor_at(gm, site.weight)
+    return w.dtype, w.device
 
 
 def _input_of(site: Site, node: Node) -> Node:
@@ -68,10 +80,13 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
     """Wire every adapter in `store` into the graph (the store already holds their weights); returns the number of
     rewritten site calls."""
     slots = store.slots()
-    paths = [p for p in sites if any(p in store[a].targets for a in slots[1:])]
+    names = [a for a in slots[1:] if a is not None]
+    capacity = store.capacity
+    routed = set(store.reserved_sites).union(*(store[a].targets for a in names))
+    paths = [p for p in sites if p in routed]
     if not paths:
         return 0
-    rank = max(store[a].spec.r for a in slots[1:])
+    rank = capacity.rank if capacity else max(store[a].spec.r for a in names)
     g = gm.graph
     meta = {"method": "lora", "adapter": "*"}
     new: list[Node] = []
@@ -101,22 +116,21 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
         site = sites[path]
         key = site_key(path)
         w = tensor_at(gm, site.weight)
-        weights = {a: store[a].sites[key] for a in slots[1:] if path in store[a].targets}
-        scales = [0.0] + [weights[a].scale if a in weights else 0.0 for a in slots[1:]]
-        rates = [0.0] + [weights[a].p if a in weights else 0.0 for a in slots[1:]]
-        store.banks[key] = SiteBank(scales, rank, site.in_features, site.out_features, w.dtype, w.device)
-        if any(rates):
-            store.banks[key].add_module("dropout", RowDropout(rates))
+        dropout = capacity is not None or any(store[a].sites[key].p for a in names if path in store[a].targets)
+        store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
+                                    dropout)
         for node in (by_name[n.name] for n in site.nodes):   # the site's calls in this copy of the graph
-            new += _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, any(rates))
+            new += _rewrite(gm, site, node, key, store, rank, rows, batch, dropout)
             count += 1
+    for i in range(1, len(slots)):
+        store.point_slot(i)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
         n.meta["peftc"] = dict(meta, role="out" if n.target is aten.reshape.default and n.args[0].target
                                is aten.baddbmm.default else "part")
     return count
 
 
-def _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, dropout) -> list[Node]:
+def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Node]:
     g = gm.graph
     bank = f"{STORE}.banks.{key}"
     x = _input_of(site, node)
@@ -131,15 +145,21 @@ def _rewrite(gm, site, node, key, slots, weights, rank, rows, batch, dropout) ->
         return made[-1]
 
     with g.inserting_before(node.next):
-        a_list, b_list = [attr(f"{bank}.zero_A")], [attr(f"{bank}.zero_B")]
-        for a in slots[1:]:
-            if a not in weights:
+        a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
+        for i, a in enumerate(store.slots()[1:], start=1):
+            if store.capacity is not None:        # fixed shapes: the slot's lane, whoever fills it
+                store.lane_weights(i, key, site.in_features, site.out_features, *_dtype_device(gm, site))
+                a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
+                b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
+                continue
+            w = store[a].sites[key] if key in store[a].sites else None
+            if w is None:
                 a_list.append(a_list[0])
                 b_list.append(b_list[0])
                 continue
             prefix = f"{STORE}.adapters.{a}.sites.{key}"
             A, B = attr(f"{prefix}.A"), attr(f"{prefix}.B")
-            pad = rank - weights[a].A.shape[0]
+            pad = rank - w.A.shape[0]
             a_list.append(call(aten.constant_pad_nd.default, A, [0, 0, 0, pad]) if pad else A)   # (R, in)
             b_list.append(call(aten.constant_pad_nd.default, B, [0, pad]) if pad else B)         # (out, R)
         A_rows = call(aten.index.Tensor, call(aten.stack.default, a_list), [rows])             # (batch, R, in)

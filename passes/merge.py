@@ -28,7 +28,7 @@ from .match import Site, tensor_at
 def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
     """s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), computed in float32."""
     w = adapter.sites[site_key(site.fqn)]
-    delta = w.scale * (w.B.detach().float() @ w.A.detach().float())   # (out, in)
+    delta = w.scale * (w.B_r.detach().float() @ w.A_r.detach().float())   # (out, in)
     return delta.T if site.kind == "conv1d" else delta
 
 

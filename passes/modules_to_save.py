@@ -65,8 +65,8 @@ def _inside(node, path: str) -> bool:
 def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:
     """Route every weight read of a saved module through the active adapter's copy; returns the rewrite count."""
     slots = store.slots()
-    saved = {p: [a for a in slots[1:] if p in store[a].saved_modules] for a in slots[1:]
-             for p in store[a].saved_modules}
+    names = [a for a in slots[1:] if a is not None]
+    saved = {p: [a for a in names if p in store[a].saved_modules] for a in names for p in store[a].saved_modules}
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or node.target.startswith(STORE):

@@ -11,10 +11,11 @@ from .compiled import CompiledPeftModule
 from .export import export_merged
 from .module import MergedModule, PeftModule
 from .spec import LoRA
+from .store import Capacity
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
-           "export_merged", "CompiledPeftModule"]
+           "export_merged", "CompiledPeftModule", "Capacity"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

@@ -18,7 +18,7 @@ from .passes.match import Site, find_sites, output_heads, tensor_at
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
 from .pipeline import run_passes
 from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
-from .store import Adapter, LoraWeights, site_key
+from .store import Adapter, Capacity, LoraWeights, site_key
 from .targets import check_rank, output_head_paths, resolve_targets
 from .trace import trace
 
@@ -64,10 +64,17 @@ def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapt
     return adapter
 
 
+def resolve_paths(pm: PeftModule, targets: Any) -> list[str]:
+    """Module paths of the sites `targets` (LoRA's target syntax) selects in `pm`'s graph, in graph order."""
+    heads = output_head_paths(pm.base_model, output_heads(pm.base_graph_module, pm.sites), None)
+    return resolve_targets(targets, pm.sites, heads)
+
+
 def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
-            backend: str | None = None, _loading: bool = False):
+            backend: str | None = None, capacity: Capacity | None = None, _loading: bool = False):
     """Trace `model`, insert the adapter described by `spec` and return a new PeftModule (with `backend`, e.g.
-    "inductor": a CompiledPeftModule, the PeftModule under torch.compile with routing as data).
+    "inductor": a CompiledPeftModule, the PeftModule under torch.compile with routing as data). `capacity`
+    declares room for more adapters (PeftModule.reserve), so that adding them never changes the graph.
 
     The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
     its own parameters, flags and mode stay as they were, and a compile that fails leaves nothing behind.
@@ -82,6 +89,8 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     pm = PeftModule(traced, base_model=model, sites=sites, loss_type=loss_type_of(model),
                     base_name=getattr(cfg, "name_or_path", None) or None, base_passes=list(base_passes))
     pm._add(adapter_name, build_adapter(pm, spec, loading=_loading))
+    if capacity is not None:
+        pm.reserve(capacity.adapters, capacity.rank, capacity.targets)
     pm.train(model.training)
     log.info("compiled %s: %d LoRA sites", type(model).__name__, len(pm.store[adapter_name].targets))
     if backend is not None:

@@ -75,9 +75,14 @@ class PeftModule(GraphModel):
     def _add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise SpecError(f"an adapter named {name!r} exists already; adapters: {self.adapters}")
-        self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
+        self._check_room(name, adapter)
+        graph_changes = self._changes_graph(adapter)
+        slot = self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
         try:
-            self._rebuild()
+            if graph_changes:
+                self._rebuild()
+            else:
+                self.store.point_slot(slot)
         except BaseException:
             self.store.remove(name)
             if self.adapters:
@@ -87,6 +92,63 @@ class PeftModule(GraphModel):
             self.set_adapter(name)
         else:
             self.set_adapter(self.active_adapter)   # slots may have moved
+
+    def _check_room(self, name: str, adapter: Adapter) -> None:
+        cap = self.store.capacity
+        if cap is None:
+            return
+        if not self.store.free_slots():
+            raise InputError(f"no room for adapter {name!r}: the declared capacity of {cap.adapters} adapter(s) is "
+                             f"full ({self.adapters}); delete_adapter() one, or pm.reserve(adapters=...) for more "
+                             "(one recompile)")
+        if adapter.spec.r > cap.rank:
+            raise InputError(f"adapter {name!r} has rank r={adapter.spec.r}, above the declared capacity's rank "
+                             f"{cap.rank}; pm.reserve(rank={adapter.spec.r}) first (one recompile)")
+
+    def _changes_graph(self, adapter: Adapter) -> bool:
+        """Whether `adapter` needs a new graph: always without a capacity; with one, only for modules_to_save or for
+        targets outside the routed sites."""
+        if self.store.capacity is None or adapter.saved_modules:
+            return True
+        routed = set(self.store.reserved_sites).union(*(self.store[a].targets for a in self.adapters))
+        return not set(adapter.targets) <= routed
+
+    def reserve(self, adapters: int, rank: int, targets: Any = None) -> None:
+        """Declare room for up to `adapters` adapters of rank up to `rank` on the routed sites (the present adapters'
+        targets plus `targets`, in LoRA's target syntax). Rebuilds the graph once (one recompile); from then on,
+        adding, loading and deleting adapters within it never changes the graph, and going past it is an error.
+        Adapters are allocated at `rank` (zero-padded), as new Parameter objects: reserve before making an
+        optimizer. Adapters with modules_to_save, or targets outside the routed sites, still rebuild the graph."""
+        from .compiler import resolve_paths
+        from .store import Capacity
+
+        cap = Capacity(adapters, rank, targets)
+        if adapters < len(self.adapters):
+            raise InputError(f"capacity adapters={adapters} is below the {len(self.adapters)} adapters present "
+                             f"({self.adapters}); delete some first")
+        ranks = {a: self.store[a].spec.r for a in self.adapters}
+        too_big = {a: r for a, r in ranks.items() if r > rank}
+        if too_big:
+            raise InputError(f"capacity rank={rank} is below the rank of adapter(s) {too_big}; reserve at least "
+                             f"rank={max(too_big.values())}")
+        reserved = resolve_paths(self, targets) if targets is not None else []
+        old = (self.store.capacity, self.store.reserved_sites, self.store.slots(),
+               {a: dict(self.store[a].sites) for a in self.adapters})
+        self.store.set_capacity(cap, reserved)
+        try:
+            self._rebuild()
+        except BaseException:
+            self.store.capacity, self.store.reserved_sites, self.store._slots = old[0], old[1], old[2]
+            for a, sites in old[3].items():
+                self.store[a].sites.update(sites)
+            self._rebuild()
+            raise
+        self._sync_active()
+
+    @property
+    def capacity(self):
+        """The declared Capacity (pm.reserve), or None: then every added or deleted adapter rebuilds the graph."""
+        return self.store.capacity
 
     def _check_name(self, name: str) -> None:
         if name not in self.adapters:
@@ -112,15 +174,13 @@ class PeftModule(GraphModel):
         spec = load_spec(directory)
         tensors = read_adapter_weights(directory)
         adapter = build_adapter(self, spec, loading=True)
+        adapter.requires_grad_(is_trainable)   # before it takes a slot: a capacity's frozen slots stay alike
         self._add(adapter_name, adapter)
         try:
             load_weights_(self, adapter_name, tensors, source=str(directory))
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
-        if not is_trainable:
-            for p in adapter.parameters():
-                p.requires_grad_(False)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make `adapter_name` the adapter every row uses (writes the store's routing; the graph is unchanged).
@@ -141,8 +201,12 @@ class PeftModule(GraphModel):
             others = [a for a in self.adapters if a != adapter_name]
             raise InputError(f"cannot delete the active adapter {adapter_name!r}; "
                              + (f"set_adapter() to one of {others} first" if others else "it is the only adapter"))
-        self.store.remove(adapter_name)
-        self._rebuild()
+        graph_changes = self.store.capacity is None or bool(self.store[adapter_name].saved_modules)
+        slot = self.store.remove(adapter_name)
+        if graph_changes:
+            self._rebuild()
+        else:
+            self.store.point_slot(slot)
         self.set_adapter(self.active_adapter)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
@@ -172,7 +236,7 @@ class PeftModule(GraphModel):
         """The per-row slot tensor for `adapter_names` ("__base__" = no adapter); pass it as adapter_index=... to
         route a batch without Python strings (no recompiles under torch.compile)."""
         slots = self.store.slots()
-        unknown = sorted({n for n in adapter_names if n not in slots})
+        unknown = sorted({n for n in adapter_names if n is None or n not in slots}, key=str)
         if unknown:
             raise InputError(f"unknown adapter(s) {unknown} in adapter_names; adapters: {self.adapters} "
                              f"(and {BASE!r} for the base model)")
@@ -222,10 +286,11 @@ class PeftModule(GraphModel):
         """The adapter name of each slot index in `rows` (checked to be in range)."""
         slots = self.store.slots()
         values = rows.tolist()
-        bad = sorted({v for v in values if not 0 <= v < len(slots)})
+        bad = sorted({v for v in values if not 0 <= v < len(slots) or slots[v] is None})
         if bad:
-            raise InputError(f"adapter_index has slot(s) {bad}; valid slots are 0..{len(slots) - 1} "
-                             f"({dict(enumerate(slots))}); build it with pm.adapter_index(names)")
+            filled = {i: n for i, n in enumerate(slots) if n is not None}
+            raise InputError(f"adapter_index has slot(s) {bad}; valid slots are {filled}; build it with "
+                             "pm.adapter_index(names)")
         return [slots[v] for v in values]
 
     def call_slot(self, adapter_names: Sequence[str]) -> int:

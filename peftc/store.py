@@ -1,12 +1,14 @@
 """The adapter store: every adapter's weights, per adapter and per site, in one module outside the graph."""
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
+from .errors import SpecError
 from .spec import AdapterSpec
 
 STORE = "peftc_store"  # the store's attribute name on the GraphModule
@@ -18,29 +20,63 @@ def site_key(path: str) -> str:
 
 
 class LoraWeights(nn.Module):
-    """One LoRA site of one adapter: A [r, in], B [out, r], the scale and the dropout rate on the site's input."""
+    """One LoRA site of one adapter: A [r, in], B [out, r], the scale and the dropout rate on the site's input.
+
+    With a declared capacity (AdapterStore.capacity) the Parameters are allocated at the capacity's rank, zero past
+    the adapter's own r: every slot then has the same shapes, so an adapter can take a slot without a recompile.
+    The pads get zero gradients (B's pad columns meet A's zero pad rows), so training leaves them zero. `A_r` and
+    `B_r` are the adapter's own weights (views), what checkpoints, merging and combinations read."""
 
     def __init__(self, r: int, in_features: int, out_features: int, scale: float, dropout: float, init,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, *, rank: int | None = None):
         super().__init__()
-        self.A = nn.Parameter(torch.empty(r, in_features, dtype=dtype, device=device))
-        self.B = nn.Parameter(torch.empty(out_features, r, dtype=dtype, device=device))
+        alloc = r if rank is None else rank
+        self.r = r
+        self.A = nn.Parameter(torch.zeros(alloc, in_features, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, alloc, dtype=dtype, device=device))
         self.scale = float(scale)
         self.p = float(dropout)
-        self.reset(init)
+        if r:
+            self.reset(init)
+
+    @property
+    def A_r(self) -> torch.Tensor:
+        return self.A if self.A.shape[0] == self.r else self.A[: self.r]
+
+    @property
+    def B_r(self) -> torch.Tensor:
+        return self.B if self.B.shape[1] == self.r else self.B[:, : self.r]
 
     @torch.no_grad()
     def reset(self, init=True) -> None:
         """PEFT's initialisations: True (Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B), False (both
         random, as nn.Linear initialises them: the adapter is not the identity)."""
+        A, B = self.A_r, self.B_r
         if init == "gaussian":
-            nn.init.normal_(self.A, std=1 / self.A.shape[0])
+            nn.init.normal_(A, std=1 / self.r)
         else:
-            nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init is False:
-            nn.init.kaiming_uniform_(self.B, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
         else:
-            nn.init.zeros_(self.B)
+            nn.init.zeros_(B)
+
+    def padded(self, rank: int) -> "LoraWeights":
+        """A copy allocated at `rank` (same weights, zero pads, same requires_grad)."""
+        new = LoraWeights(0, self.A.shape[1], self.B.shape[0], self.scale, self.p, True, dtype=self.A.dtype,
+                          device=self.A.device, rank=rank)
+        new.r = self.r
+        with torch.no_grad():
+            new.A_r.copy_(self.A_r)
+            new.B_r.copy_(self.B_r)
+        new.requires_grad_(self.A.requires_grad)
+        return new
+
+
+def zero_weights(rank: int, in_f: int, out_f: int, dtype, device) -> "LoraWeights":
+    """Frozen zero LoraWeights at `rank` (r = 0): a site or slot with no adapter."""
+    w = LoraWeights(0, in_f, out_f, 0.0, 0.0, True, dtype=dtype, device=device, rank=rank)
+    return w.requires_grad_(False)
 
 
 class Adapter(nn.Module):
@@ -59,34 +95,126 @@ BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
 ROWS_CAPACITY = 1024  # rows of a mixed-adapter batch; a larger batch reallocates (one recompile under torch.compile)
 
 
+@dataclasses.dataclass(frozen=True)
+class Capacity:
+    """Room declared for adapters (PeftModule.reserve): up to `adapters` adapters of rank up to `rank`, on the
+    graph's routed sites (those of the adapters present, plus `targets`, in LoRA's target syntax). Within it,
+    adding, loading and deleting adapters writes data and never changes the graph."""
+
+    adapters: int
+    rank: int
+    targets: Any = None
+
+    def __post_init__(self):
+        for field in ("adapters", "rank"):
+            v = getattr(self, field)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise SpecError(f"Capacity {field} must be a positive integer, got {v!r}")
+
+
 class AdapterStore(nn.Module):
     """Every adapter's state, and which adapter applies, as data.
 
     adapters[name].sites[site_key(path)] -> LoraWeights; adapters[name].saved[site_key(path)] -> param copies.
-    Slots: 0 is the base model, then the adapters in insertion order. The graph reads the routing from buffers:
-    `active` (0-dim slot index) for the whole batch, or `rows[:batch]` per row when `mixed` is set; switching
-    adapters therefore writes data and never changes the graph.
+    Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
+    when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's rank: the adapter's own
+    LoraWeights (the same module as in adapters[name].sites), or zeros where the slot is empty or its adapter does
+    not target the site. The graph reads the lanes, so filling and emptying slots never changes it. The graph reads the routing from buffers: `active` (0-dim slot index) for the whole batch, or
+    `rows[:batch]` per row when `mixed` is set; switching adapters therefore writes data and never changes the graph.
     """
 
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.banks = nn.ModuleDict()          # site_key -> per-site constants of the routed subgraph (passes.lora)
+        self.lanes = nn.ModuleDict()          # with a capacity: str(slot) -> site_key -> LoraWeights
         self.register_buffer("active", torch.tensor(0), persistent=False)
         self.register_buffer("mixed", torch.tensor(False), persistent=False)
         self.register_buffer("rows", torch.zeros(ROWS_CAPACITY, dtype=torch.long), persistent=False)
+        self.capacity: Capacity | None = None
+        self.reserved_sites: list[str] = []   # module paths routed besides the adapters' own targets
+        self._slots: list[str | None] = [BASE]
 
-    def add(self, name: str, adapter: Adapter) -> None:
+    def add(self, name: str, adapter: Adapter) -> int:
+        """Put `adapter` in the first free slot (appended without a capacity); returns the slot."""
+        if self.capacity is None:
+            self._slots.append(name)
+        else:
+            if None not in self._slots:
+                raise AssertionError("no free slot; check free_slots() first")
+            self._slots[self._slots.index(None)] = name
+            self._fill_lane(self._slots.index(name), adapter)
         self.adapters[name] = adapter
+        return self._slots.index(name)
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str) -> int:
+        """Take `name` out; returns the slot it had (emptied with a capacity, closed up without)."""
+        slot = self._slots.index(name)
+        adapter = self.adapters[name]
         del self.adapters[name]
+        if self.capacity is None:
+            del self._slots[slot]
+        else:
+            self._slots[slot] = None
+            lane = self.lanes[str(slot)]
+            for key, w in adapter.sites.items():   # fresh zeros: the old weights stay the old adapter's alone
+                lane[key] = zero_weights(self.capacity.rank, w.A.shape[1], w.B.shape[0], w.A.dtype, w.A.device)
+        return slot
 
-    def slots(self) -> list[str]:
-        return [BASE, *self.adapters]
+    def _fill_lane(self, slot: int, adapter: Adapter) -> None:
+        """Allocate `adapter`'s weights at the capacity's rank and make them slot `slot`'s lane entries."""
+        lane = self.lanes[str(slot)] if str(slot) in self.lanes else nn.ModuleDict()
+        self.lanes[str(slot)] = lane
+        for key, w in adapter.sites.items():
+            padded = w.padded(self.capacity.rank)
+            adapter.sites[key] = padded
+            lane[key] = padded
+
+    def free_slots(self) -> int | None:
+        """Free slots left under the capacity, or None without one."""
+        return None if self.capacity is None else self._slots.count(None)
+
+    def set_capacity(self, capacity: Capacity, reserved_sites: list[str]) -> None:
+        """Fix the slot table at `capacity` and allocate every adapter at its rank in its lane (new Parameters)."""
+        names = self.names()
+        self.capacity = capacity
+        self.reserved_sites = list(reserved_sites)
+        self._slots = [BASE, *names] + [None] * (capacity.adapters - len(names))
+        self.lanes = nn.ModuleDict()
+        for slot, name in enumerate(names, start=1):
+            self._fill_lane(slot, self.adapters[name])
+
+    def lane_weights(self, slot: int, key: str, in_f: int, out_f: int, dtype, device) -> LoraWeights:
+        """Slot `slot`'s weights at site `key`, zeros made on first use (a capacity's empty slots and untargeted
+        sites)."""
+        lane = self.lanes[str(slot)] if str(slot) in self.lanes else nn.ModuleDict()
+        self.lanes[str(slot)] = lane
+        if key not in lane:
+            lane[key] = zero_weights(self.capacity.rank, in_f, out_f, dtype, device)
+        return lane[key]
+
+    def slots(self) -> list[str | None]:
+        return list(self._slots)
 
     def slot(self, name: str) -> int:
-        return self.slots().index(name)
+        return self._slots.index(name)
+
+    @torch.no_grad()
+    def point_slot(self, slot: int) -> None:
+        """Write slot `slot`'s routed data at every site: its adapter's scale and dropout rate;
+        zeros where the slot is empty or its adapter does not target the site."""
+        name = self._slots[slot]
+        for key, bank in self.banks.items():
+            w = self.adapters[name].sites[key] if name is not None and key in self.adapters[name].sites else None
+            bank.scales[slot] = w.scale if w is not None else 0.0
+            if hasattr(bank, "dropout"):
+                bank.dropout.rates[slot] = w.p if w is not None else 0.0
+
+    def slots(self) -> list[str | None]:
+        return list(self._slots)
+
+    def slot(self, name: str) -> int:
+        return self._slots.index(name)
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]
@@ -102,8 +230,8 @@ class AdapterStore(nn.Module):
         ad = self.adapters[name]
         for path in ad.targets:
             w = ad.sites[site_key(path)]
-            yield f"base_model.model.{path}.lora_A.weight", w.A
-            yield f"base_model.model.{path}.lora_B.weight", w.B
+            yield f"base_model.model.{path}.lora_A.weight", w.A_r
+            yield f"base_model.model.{path}.lora_B.weight", w.B_r
         for path in ad.saved_modules:
             for pname, p in ad.saved[site_key(path)].named_parameters():
                 yield f"base_model.model.{path}.{pname.replace('-', '.')}", p

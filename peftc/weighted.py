@@ -72,30 +72,30 @@ def _work_dtype(t: torch.Tensor) -> torch.dtype:
 @_combination("linear", _equal_ranks)
 def _linear(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
     # A += sign(c) sqrt|c| A_i, B += sqrt|c| B_i  (the sign goes on one side only, so it is not squared away)
-    dt = _work_dtype(parts[0].lora.A)
-    A = torch.zeros(parts[0].lora.A.shape, dtype=dt, device=parts[0].lora.A.device)    # (r, in)
-    B = torch.zeros(parts[0].lora.B.shape, dtype=dt, device=parts[0].lora.B.device)    # (out, r)
+    dt = _work_dtype(parts[0].lora.A_r)
+    A = torch.zeros(parts[0].lora.A_r.shape, dtype=dt, device=parts[0].lora.A_r.device)    # (r, in)
+    B = torch.zeros(parts[0].lora.B_r.shape, dtype=dt, device=parts[0].lora.B_r.device)    # (out, r)
     for p in parts:
         c = p.weight * p.lora.scale
         root = math.sqrt(abs(c))
-        A += (root if c >= 0 else -root) * p.lora.A.to(dt)
-        B += root * p.lora.B.to(dt)
+        A += (root if c >= 0 else -root) * p.lora.A_r.to(dt)
+        B += root * p.lora.B_r.to(dt)
     return A, B
 
 
 @_combination("cat", lambda ranks, svd_rank: sum(ranks))
 def _cat(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
     # the present adapters' ranks side by side, from rank 0 on; rows/columns of absent adapters stay zero at the end
-    dt = _work_dtype(parts[0].lora.A)
-    A = torch.cat([p.weight * p.lora.scale * p.lora.A.to(dt) for p in parts], dim=0)  # (sum r_i, in)
-    B = torch.cat([p.lora.B.to(dt) for p in parts], dim=1)                             # (out, sum r_i)
+    dt = _work_dtype(parts[0].lora.A_r)
+    A = torch.cat([p.weight * p.lora.scale * p.lora.A_r.to(dt) for p in parts], dim=0)  # (sum r_i, in)
+    B = torch.cat([p.lora.B_r.to(dt) for p in parts], dim=1)                             # (out, sum r_i)
     return _pad(A, B, r)
 
 
 @_combination("svd", lambda ranks, svd_rank: svd_rank or max(ranks))
 def _svd(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
-    dt = _work_dtype(parts[0].lora.A)
-    delta = sum(p.weight * p.lora.scale * (p.lora.B.to(dt) @ p.lora.A.to(dt)) for p in parts)   # (out, in)
+    dt = _work_dtype(parts[0].lora.A_r)
+    delta = sum(p.weight * p.lora.scale * (p.lora.B_r.to(dt) @ p.lora.A_r.to(dt)) for p in parts)   # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=opt.svd_full_matrices, driver=opt.svd_driver)
     k = min(r, S.shape[0])                 # a rank above min(in, out) keeps every direction; the rest is zero
     B = U[:, :k] * S[:k]                   # (out, k)
@@ -177,11 +177,11 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
             key = site_key(path)
             parts = [Part(ad.sites[key], w) for ad, w in zip(ads, weights) if path in ad.targets]
             A, B = combine(parts, r, opt)                                            # (r, in), (out, r)
-            like = parts[0].lora.A
+            like = parts[0].lora.A_r
             w = LoraWeights(r, A.shape[1], B.shape[0], spec.scale, spec.dropout, True, dtype=like.dtype,
                             device=like.device)
-            w.A.copy_(A)
-            w.B.copy_(B)
+            w.A_r.copy_(A)
+            w.B_r.copy_(B)
             new.sites[key] = w
     for p in new.parameters():   # PEFT freezes the new adapter too
         p.requires_grad_(False)

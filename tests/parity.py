@@ -91,7 +91,7 @@ def randomize_ours_(pm, seed: int, std: float = STD, name: str = "default") -> N
     g = torch.Generator().manual_seed(seed)
     ad = pm.store[name]
     for w in ad.sites.values():
-        w.B.copy_(torch.randn(w.B.shape, generator=g) * std)
+        w.B_r.copy_(torch.randn(w.B_r.shape, generator=g) * std)
     for holder in ad.saved.values():
         for p in holder.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)

@@ -199,7 +199,7 @@ def test_routing_is_data_two_adapters_of_other_ranks_and_targets():
     gm.recompile()
     randomize_b_(a)
     randomize_b_(b)
-    assert gm.get_submodule(STORE).banks["q"].zero_A.shape == (3, D)
+    assert gm.get_submodule(STORE).banks["q"].empty.A.shape == (3, D)
     assert gm.get_submodule(STORE).banks["o"].scales.tolist() == [0.0, 0.0, 2.0]
 
     def expected(x, who):
