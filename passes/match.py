@@ -10,7 +10,7 @@ Roles come from the scaled-dot-product-attention pattern, not from names:
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
@@ -37,6 +37,11 @@ class Site:
     @property
     def name(self) -> str:
         return self.fqn.rsplit(".", 1)[-1]
+
+    def __deepcopy__(self, memo) -> "Site":
+        """Nodes are handles into the graph the site was matched on, read by name afterwards; a copy (e.g. of a
+        PeftModule) shares them rather than copying their traced metadata (fake tensors cannot be copied)."""
+        return replace(self, nodes=list(self.nodes), roles=set(self.roles))
 
 
 def module_path(node: Node) -> tuple[str, str]:

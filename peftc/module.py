@@ -132,15 +132,16 @@ class PeftModule(GraphModel):
             raise InputError(f"capacity rank={rank} is below the rank of adapter(s) {too_big}; reserve at least "
                              f"rank={max(too_big.values())}")
         reserved = resolve_paths(self, targets) if targets is not None else []
-        old = (self.store.capacity, self.store.reserved_sites, self.store.slots(),
-               {a: dict(self.store[a].sites) for a in self.adapters})
-        self.store.set_capacity(cap, reserved)
+        store = self.store
+        old = (store.capacity, store.reserved_sites, store.slots(), store.lanes,
+               {a: dict(store[a].sites) for a in self.adapters})
+        store.set_capacity(cap, reserved)
         try:
             self._rebuild()
         except BaseException:
-            self.store.capacity, self.store.reserved_sites, self.store._slots = old[0], old[1], old[2]
-            for a, sites in old[3].items():
-                self.store[a].sites.update(sites)
+            store.capacity, store.reserved_sites, store._slots, store.lanes = old[:4]
+            for a, sites in old[4].items():
+                store[a].sites.update(sites)
             self._rebuild()
             raise
         self._sync_active()

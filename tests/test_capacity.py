@@ -2,6 +2,7 @@
 and deleting adapters within it writes data and never changes the graph; going past it is a clear error."""
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 
 import pytest
@@ -154,6 +155,15 @@ def test_merge_under_a_capacity_equals_the_adapter():
         assert close(out(merged), out(pm), 1e-4)
 
 
+def test_deepcopy_is_an_independent_equal_model():
+    _, pm = capped()
+    twin = copy.deepcopy(pm)
+    assert torch.equal(out(twin), out(pm))
+    twin.add_adapter("b", peftc.LoRA(r=2, targets=["q_proj"], init=False))
+    twin.set_adapter("b")
+    assert differ(out(twin), out(pm)) and pm.adapters == ["default"] and pm.store.slots()[2] is None
+
+
 # --- no recompiles within the capacity -----------------------------------------------------------------------------
 def test_load_and_delete_within_capacity_never_recompile(tmp_path):
     model, pm = capped(adapters=3, rank=8)
@@ -232,6 +242,38 @@ def test_bad_reserve_is_refused_and_nothing_changes(kw, match):
     with pytest.raises(peftc.InputError, match=r"below the 2 adapters present"):
         pm.reserve(adapters=1, rank=8)
     assert pm.capacity == peftc.Capacity(2, 8) and torch.equal(out(pm), before)
+
+
+def test_reserve_with_unknown_targets_is_refused_and_nothing_changes():
+    _, pm = capped(adapters=2)
+    before = out(pm)
+    with pytest.raises(peftc.TargetNotFound, match="nope"):
+        pm.reserve(adapters=4, rank=8, targets=["nope"])
+    assert pm.capacity == peftc.Capacity(2, 8) and torch.equal(out(pm), before)
+
+
+def test_reserve_that_fails_while_rewriting_leaves_the_model_as_it_was(monkeypatch):
+    import peftc.module
+
+    _, pm = capped(adapters=2)
+    pm.add_adapter("b", peftc.LoRA(r=4, targets=["q_proj"]))
+    randomize_ours_(pm, seed=5, name="b")
+    before = out(pm, adapter_names=["b", "default", BASE])
+    sites_before = {k: w for k, w in pm.store["b"].sites.items()}
+    real, calls = peftc.module.insert_lora, []
+
+    def fail_once(*a, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(peftc.module, "insert_lora", fail_once)
+    with pytest.raises(peftc.PassError, match="boom"):
+        pm.reserve(adapters=4, rank=16)
+    assert pm.capacity == peftc.Capacity(2, 8) and pm.store.slots() == [BASE, "default", "b"]
+    assert all(pm.store["b"].sites[k] is w for k, w in sites_before.items())
+    assert torch.equal(out(pm, adapter_names=["b", "default", BASE]), before)
 
 
 def test_reserve_grows_with_one_rebuild_and_keeps_weights():
