@@ -8,10 +8,11 @@ gathered-bank form of Punica/S-LoRA, arXiv:2310.18547, arXiv:2311.03285).
              B = stack([0, pad(B_1), pad(B_2), ...])[rows]                                # (batch, out, R)
              s = scales[rows]                                                             # (batch,)
              x3 = row_dropout(x.reshape(batch, -1, in), rows)
-             y' = baddbmm(y.reshape(batch, -1, out), bmm(x3, A^T) * s, B^T).reshape(y.shape)
+             y' = y.reshape(batch, -1, out).baddbmm_(bmm(x3, A^T) * s, B^T).reshape(y.shape)
 
-The scale multiplies the rank-R intermediate, and the second product accumulates into the site's output in the
-same GEMM (no full-size delta tensor is written, scaled and added).
+The scale multiplies the rank-R intermediate, and the second product accumulates in place into the site's output, in
+the same GEMM: no full-size delta is written, scaled and added, and the output is not copied (the site's output has
+no other reader, and no backward needs it: linear and addmm save their inputs, not their output).
 
 Slot 0 is the base model (zero weights, zero scale); an adapter that does not target a site has zeros there, and
 ranks are zero-padded to the largest rank R. With a declared capacity (AdapterStore.capacity) the graph has every
@@ -126,7 +127,7 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
         store.point_slot(i)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
         n.meta["peftc"] = dict(meta, role="out" if n.target is aten.reshape.default and n.args[0].target
-                               is aten.baddbmm.default else "part")
+                               is aten.baddbmm_.default else "part")
     return count
 
 
@@ -172,7 +173,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Nod
         h = call(aten.bmm.default, x3, call(aten.transpose.int, A_rows, 1, 2))                  # (batch, T, R)
         h = call(aten.mul.Tensor, h, call(aten.view.default, s_rows, [-1, 1, 1]))   # scale the small tensor
         y3 = call(aten.reshape.default, node, [batch, -1, site.out_features])
-        y3 = call(aten.baddbmm.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y + h @ B^T, one GEMM
+        y3 = call(aten.baddbmm_.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y += h @ B^T, one GEMM
         shape = [call(aten.sym_size.int, node, i) for i in range(len(node.meta["val"].shape))] \
             if "val" in node.meta else [-1, site.out_features]
         y = call(aten.reshape.default, y3, shape)
@@ -185,4 +186,4 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Nod
 
 def base_output(out: Node) -> Node:
     """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
-    return out.args[0].args[0].args[0]     # reshape(baddbmm(reshape(y), ...)) -> y
+    return out.args[0].args[0].args[0]     # reshape(baddbmm_(reshape(y), ...)) -> y

@@ -95,7 +95,7 @@ def test_insert_lora_structure():
     new = lora_nodes(gm)
     assert all(n.meta["peftc"]["method"] == "lora" for n in new)
     assert sum(n.target == aten.bmm.default for n in new) == 2                # x A^T, per site
-    assert sum(n.target == aten.baddbmm.default for n in new) == 2            # y + h B^T, per site, one GEMM
+    assert sum(n.target == aten.baddbmm_.default for n in new) == 2            # y + h B^T, per site, one GEMM
     attrs = {n.target for n in new if n.op == "get_attr"}
     assert {f"{STORE}.adapters.default.sites.{s}.{p}" for s in ("q", "v") for p in ("A", "B")} <= attrs
     assert {f"{STORE}.active", f"{STORE}.mixed", f"{STORE}.rows"} <= attrs  # the routing is read, not built in
@@ -176,7 +176,7 @@ def test_shared_module_is_adapted_at_every_call():
     model = Twice().eval()
     gm, adapter, n = lora_graph(model, LoRA(r=2, alpha=2), ["lin"], x=torch.randn(2, D))
     assert n == 2 and list(adapter.sites) == ["lin"]
-    assert sum(n.target == aten.baddbmm.default for n in lora_nodes(gm)) == 2
+    assert sum(n.target == aten.baddbmm_.default for n in lora_nodes(gm)) == 2
     randomize_b_(adapter)
     lw = adapter.sites["lin"]
     W = model.lin.weight + lw.B @ lw.A
@@ -240,7 +240,7 @@ def test_gpt2_conv1d_site_numerics():
     # Conv1D: y = addmm(b, x, W), x: [N, in]; the adapter reads addmm's second argument and adds to its output
     conv = sites[paths[0]].nodes[0]
     acc = next(next(iter(u.users)) for u in conv.users if u.target == aten.reshape.default)
-    assert acc.target == aten.baddbmm.default and acc.meta["peftc"]["method"] == "lora"
+    assert acc.target == aten.baddbmm_.default and acc.meta["peftc"]["method"] == "lora"
     x3 = next(u for u in conv.args[1].users if u.target == aten.reshape.default and "peftc" in u.meta)
     assert x3.args[1][1:] == [-1, 64]                           # (N, in) -> (batch, N / batch, in)
     weights = [store["default"].sites[site_key(p)] for p in paths]
