@@ -3,38 +3,20 @@ and deleting adapters within it writes data and never changes the graph; going p
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch._dynamo as dynamo
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch._dynamo.utils import counters
 
 import peftc
 from tests.models import inputs, main_output, make
 from tests.parity import randomize_ours_
+from tests.recompiles import fresh_dynamo, graphs, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)
 
 X = inputs("llama")     # 3 rows x 11 tokens, row 1 left-padded
 TOL = 1e-5
 BASE = "__base__"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    dynamo.reset()
-    counters.clear()
-    yield
-    dynamo.reset()
-
-
-@contextmanager
-def no_recompiles():
-    before = counters["stats"]["unique_graphs"]
-    with dynamo.config.patch(error_on_recompile=True):
-        yield
-    assert counters["stats"]["unique_graphs"] == before, "a new graph was compiled"
 
 
 def out(f, x=X, **kw) -> torch.Tensor:
@@ -195,10 +177,10 @@ def test_adding_a_trainable_adapter_compiles_once_then_trains():
     _, pm = capped(adapters=3)
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
     out(compiled)
-    before = counters["stats"]["unique_graphs"]
+    before = graphs()
     pm.add_adapter("b", peftc.LoRA(r=4, targets=["q_proj"]))      # its weights require grad: one recompile
     out(compiled)
-    assert counters["stats"]["unique_graphs"] == before + 1
+    assert graphs() == before + 1
     with no_recompiles():
         pm.set_adapter("b")
         out(compiled)

@@ -2,45 +2,22 @@
 
 Most tests use backend="eager" or "aot_eager" (dynamo's tracing and guards, no codegen) to stay fast on CPU; one test
 runs inductor. Recompiles are caught twice over: torch._dynamo.config.error_on_recompile raises RecompileError, and
-counters["stats"]["unique_graphs"] counts the graphs dynamo made.
+graphs() counts the graphs dynamo made.
 """
 from __future__ import annotations
-
-from contextlib import contextmanager
 
 import pytest
 import torch
 import torch._dynamo as dynamo
-from torch._dynamo.utils import counters
 
 import peftc
 from peftc.checkpoint import load_weights_
 from tests.models import inputs, main_output, make
+from tests.recompiles import fresh_dynamo, graphs, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)
 
 TOL = 1e-5          # eager / aot_eager backends run the same kernels as eager mode
 TOL_INDUCTOR = 1e-4
 X = inputs("llama")  # 3 rows x 11 tokens, row 1 left-padded
-
-
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    dynamo.reset()
-    counters.clear()
-    yield
-    dynamo.reset()
-
-
-def graphs() -> int:
-    return counters["stats"]["unique_graphs"]
-
-
-@contextmanager
-def no_recompiles():
-    """Anything in the block that recompiles raises RecompileError; no new graph may appear either."""
-    before = graphs()
-    with dynamo.config.patch(error_on_recompile=True):
-        yield
-    assert graphs() == before, f"{graphs() - before} new graph(s) compiled"
 
 
 def build(backend: str | None = None):
