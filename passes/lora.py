@@ -35,14 +35,21 @@ aten = torch.ops.aten
 
 
 class RowDropout(nn.Module):
-    """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode."""
+    """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode, and while no slot has a rate
+    (`live`, a Python flag: under torch.compile a change of it recompiles once, a change of the rates does not)."""
 
     def __init__(self, rates: list[float], device=None):
         super().__init__()
         self.register_buffer("rates", torch.tensor(rates, device=device), persistent=False)
+        self.live = any(rates)
+
+    def set_rate(self, slot: int, rate: float) -> None:
+        with torch.no_grad():
+            self.rates[slot] = rate
+        self.live = bool((self.rates > 0).any())
 
     def forward(self, x, rows):
-        if not self.training:
+        if not self.training or not self.live:
             return x
         keep = 1.0 - self.rates.to(x.dtype)[rows].view(-1, *([1] * (x.dim() - 1)))     # (batch, 1, 1)
         return x * torch.bernoulli(keep.expand_as(x)) / keep

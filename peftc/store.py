@@ -208,7 +208,7 @@ class AdapterStore(nn.Module):
             w = self.adapters[name].sites[key] if name is not None and key in self.adapters[name].sites else None
             bank.scales[slot] = w.scale if w is not None else 0.0
             if hasattr(bank, "dropout"):
-                bank.dropout.rates[slot] = w.p if w is not None else 0.0
+                bank.dropout.set_rate(slot, w.p if w is not None else 0.0)
 
     def slots(self) -> list[str | None]:
         return list(self._slots)

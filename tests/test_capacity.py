@@ -116,6 +116,26 @@ def test_training_keeps_pads_zero_and_matches_uncapped_gradients():
         assert torch.count_nonzero(w.A[4:]) == 0 and torch.count_nonzero(w.B[:, 4:]) == 0
 
 
+def test_dropout_only_while_some_slot_has_a_rate():
+    """A capacity's graph has a dropout module at every site; with no rate in any slot it is the identity in training
+    (no masks drawn), and an adapter with lora_dropout turns it on for its rows."""
+    _, pm = capped()
+    pm.train()
+    with torch.no_grad():
+        assert torch.equal(main_output(pm(**X)), main_output(pm(**X)))
+    pm.add_adapter("drop", peftc.LoRA(r=4, targets=["q_proj"], dropout=0.5, init=False))
+    pm.set_adapter("drop")
+    with torch.no_grad():
+        assert differ(main_output(pm(**X)), main_output(pm(**X)))
+        pm.eval()
+        assert torch.equal(main_output(pm(**X)), main_output(pm(**X)))
+    pm.train()
+    pm.set_adapter("default")
+    pm.delete_adapter("drop")
+    with torch.no_grad():
+        assert torch.equal(main_output(pm(**X)), main_output(pm(**X)))
+
+
 def test_save_load_round_trip_between_capped_and_uncapped(tmp_path):
     model, pm = capped()
     pm.save_adapter(tmp_path)
