@@ -90,7 +90,7 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
     slots = store.slots()
     names = [a for a in slots[1:] if a is not None]
     capacity = store.capacity
-    routed = set(store.reserved_sites).union(*(store[a].targets for a in names))
+    routed = store.routed_sites()
     paths = [p for p in sites if p in routed]
     if not paths:
         return 0

@@ -110,8 +110,7 @@ class PeftModule(GraphModel):
         targets outside the routed sites."""
         if self.store.capacity is None or adapter.saved_modules:
             return True
-        routed = set(self.store.reserved_sites).union(*(self.store[a].targets for a in self.adapters))
-        return not set(adapter.targets) <= routed
+        return not set(adapter.targets) <= self.store.routed_sites()
 
     def reserve(self, adapters: int, rank: int, targets: Any = None) -> None:
         """Declare room for up to `adapters` adapters of rank up to `rank` on the routed sites (the present adapters'

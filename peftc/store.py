@@ -119,8 +119,10 @@ class AdapterStore(nn.Module):
     Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
     when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's rank: the adapter's own
     LoraWeights (the same module as in adapters[name].sites), or zeros where the slot is empty or its adapter does
-    not target the site. The graph reads the lanes, so filling and emptying slots never changes it. The graph reads the routing from buffers: `active` (0-dim slot index) for the whole batch, or
-    `rows[:batch]` per row when `mixed` is set; switching adapters therefore writes data and never changes the graph.
+    not target the site. The graph reads the lanes, so filling and emptying slots never changes it.
+
+    The graph reads the routing from buffers: `active` (0-dim slot index) for the whole batch, or `rows[:batch]` per
+    row when `mixed` is set; switching adapters therefore writes data and never changes the graph.
     """
 
     def __init__(self):
@@ -156,15 +158,19 @@ class AdapterStore(nn.Module):
             del self._slots[slot]
         else:
             self._slots[slot] = None
-            lane = self.lanes[str(slot)]
+            lane = self._lane(slot)
             for key, w in adapter.sites.items():   # fresh zeros: the old weights stay the old adapter's alone
                 lane[key] = zero_weights(self.capacity.rank, w.A.shape[1], w.B.shape[0], w.A.dtype, w.A.device)
         return slot
 
+    def _lane(self, slot: int) -> nn.ModuleDict:
+        if str(slot) not in self.lanes:
+            self.lanes[str(slot)] = nn.ModuleDict()
+        return self.lanes[str(slot)]
+
     def _fill_lane(self, slot: int, adapter: Adapter) -> None:
         """Allocate `adapter`'s weights at the capacity's rank and make them slot `slot`'s lane entries."""
-        lane = self.lanes[str(slot)] if str(slot) in self.lanes else nn.ModuleDict()
-        self.lanes[str(slot)] = lane
+        lane = self._lane(slot)
         for key, w in adapter.sites.items():
             padded = w.padded(self.capacity.rank)
             adapter.sites[key] = padded
@@ -187,11 +193,14 @@ class AdapterStore(nn.Module):
     def lane_weights(self, slot: int, key: str, in_f: int, out_f: int, dtype, device) -> LoraWeights:
         """Slot `slot`'s weights at site `key`, zeros made on first use (a capacity's empty slots and untargeted
         sites)."""
-        lane = self.lanes[str(slot)] if str(slot) in self.lanes else nn.ModuleDict()
-        self.lanes[str(slot)] = lane
+        lane = self._lane(slot)
         if key not in lane:
             lane[key] = zero_weights(self.capacity.rank, in_f, out_f, dtype, device)
         return lane[key]
+
+    def routed_sites(self) -> set[str]:
+        """Module paths the graph routes: every adapter's targets and the capacity's reserved sites."""
+        return set(self.reserved_sites).union(*(ad.targets for ad in self.adapters.values()))
 
     def slots(self) -> list[str | None]:
         return list(self._slots)
@@ -210,11 +219,6 @@ class AdapterStore(nn.Module):
             if hasattr(bank, "dropout"):
                 bank.dropout.set_rate(slot, w.p if w is not None else 0.0)
 
-    def slots(self) -> list[str | None]:
-        return list(self._slots)
-
-    def slot(self, name: str) -> int:
-        return self._slots.index(name)
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]
