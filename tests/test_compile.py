@@ -152,6 +152,18 @@ def test_adapter_names_per_call_plain_torch_compile_no_recompile():
     assert differ(results[0], results[1]) and differ(results[3], results[4])
 
 
+def test_module_compile_method_routes_without_recompile():
+    """pm.compile() (nn.Module's own, as HF Trainer may use) goes through the same eager routing frame."""
+    _, pm = build()
+    routings = [["b", "__base__", "default"], ["default", "b", "b"]]
+    want = [out(pm, adapter_names=r) for r in routings]
+    pm.compile(backend="eager", fullgraph=True)
+    got = [out(pm, adapter_names=routings[0])]
+    with no_recompiles():
+        got.append(out(pm, adapter_names=routings[1]))
+    assert graphs() == 1 and all(close(g, w) for g, w in zip(got, want))
+
+
 def test_adapter_names_training_step_plain_torch_compile():
     """Routed rows train under torch.compile: gradients equal eager's, and reach only the adapters in the batch."""
     _, pm = build()
