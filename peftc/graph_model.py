@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch._dynamo.decorators import skip as _dynamo_skip
 
 from .errors import InputError
 from .loss import compute_loss
@@ -20,6 +19,7 @@ class GraphModel(nn.Module):
     the model's own output type. Base of PeftModule (adapted) and MergedModule (adapters folded in)."""
 
     extra_call_kwargs: tuple[str, ...] = ()   # keyword arguments a subclass's forward adds
+    eager_calls: tuple[str, ...] = ()         # methods forward calls that torch.compile must never trace
 
     def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
                  base_name: str | None = None):
@@ -33,6 +33,7 @@ class GraphModel(nn.Module):
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
         self.forward = types.MethodType(_forward_with_signature(type(self), self.input_names), self)
         self.fresh_compile_cache()
+        _mark_eager_frames(type(self))
 
     def fresh_compile_cache(self) -> None:
         """Give this module's graph call its own code object: torch.compile caches (at most 8 graphs) per code
@@ -121,13 +122,26 @@ def _fresh_copy(fn: types.FunctionType) -> types.FunctionType:
     return new
 
 
-def skip_frame(fn):
-    """Let torch.compile run `fn`'s own frame eagerly and compile the frames it calls (torch._dynamo's skip)."""
-    return _dynamo_skip(fn)
+_marked: set[type] = set()
 
 
-skip_frame(_signature_forward)
-skip_frame(GraphModel.forward)
+def _mark_eager_frames(cls: type) -> None:
+    """Tell torch.compile where a GraphModel class's eager code ends: the frames of `forward` (every class's in the
+    MRO) run eagerly while the frames they call are compiled (torch._dynamo's skip), and `eager_calls` are never
+    traced (torch.compiler.disable). Done once per class, on first use: it imports torch._dynamo, which
+    `import peftc` alone should not pay for."""
+    if cls in _marked:
+        return
+    from torch._dynamo.decorators import skip
+
+    skip(_signature_forward)
+    for c in cls.__mro__:
+        if issubclass(c, GraphModel) and c not in _marked:
+            if "forward" in vars(c):
+                skip(vars(c)["forward"])
+            for name in vars(c).get("eager_calls", ()):
+                setattr(c, name, torch.compiler.disable(vars(c)[name]))
+            _marked.add(c)
 
 
 def _forward_with_signature(cls: type, input_names: list[str]):

@@ -14,7 +14,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .errors import InputError, MergeError, SpecError
-from .graph_model import GraphModel, skip_frame
+from .graph_model import GraphModel
 from .passes.lora import insert_lora
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
@@ -34,6 +34,7 @@ class PeftModule(GraphModel):
     """
 
     extra_call_kwargs = ("adapter_names", "adapter_index")
+    eager_calls = ("_route", "_unroute")
 
     def __init__(self, traced: Traced, *, base_model: nn.Module, sites: dict, loss_type: str | None = None,
                  base_name: str | None = None, base_passes: list[str] | None = None):
@@ -258,7 +259,6 @@ class PeftModule(GraphModel):
         finally:
             self._unroute(call_slot)
 
-    @torch.compiler.disable
     def _route(self, args, kwargs, adapter_names, adapter_index) -> int:
         """Write the per-row routing into the store (checked); returns the whole-batch slot it set."""
         rows = self.adapter_index(adapter_names) if adapter_index is None else adapter_index
@@ -276,7 +276,6 @@ class PeftModule(GraphModel):
             store.active.fill_(call_slot)
         return call_slot
 
-    @torch.compiler.disable
     def _unroute(self, call_slot: int) -> None:
         with torch.no_grad():
             self.store.mixed.fill_(False)
@@ -371,9 +370,6 @@ class PeftModule(GraphModel):
 
     def extra_repr(self) -> str:
         return f"model={self.model_class}, adapters={self.adapters}, active={self.active_adapter!r}"
-
-
-skip_frame(PeftModule.forward)
 
 
 def _device_of(gm: nn.Module) -> torch.device:
