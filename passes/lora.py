@@ -69,11 +69,6 @@ class SiteBank(nn.Module):
             self.dropout = RowDropout([0.0] * slots, device)
 
 
-def _dtype_device(gm: GraphModule, site: Site):
-    w = tensor_at(gm, site.weight)
-    return w.dtype, w.device
-
-
 def _input_of(site: Site, node: Node) -> Node:
     return node.args[0] if site.kind == "linear" else node.args[1]
 
@@ -119,6 +114,7 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
     new += [batch, rows_all, first_rows, rows_b, active, active_b, mixed, rows]
 
     count = 0
+    outs: set[Node] = set()
     by_name = {n.name: n for n in g.nodes}
     for path in paths:
         site = sites[path]
@@ -127,18 +123,23 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) ->
         dropout = capacity is not None or any(store[a].sites[key].p for a in names if path in store[a].targets)
         store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
                                     dropout)
+        if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
+            for i in range(1, len(slots)):
+                store.lane_weights(i, key, site.in_features, site.out_features, w.dtype, w.device)
         for node in (by_name[n.name] for n in site.nodes):   # the site's calls in this copy of the graph
-            new += _rewrite(gm, site, node, key, store, rank, rows, batch, dropout)
+            made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, dropout)
+            new += made
+            outs.add(out)
             count += 1
     for i in range(1, len(slots)):
         store.point_slot(i)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
-        n.meta["peftc"] = dict(meta, role="out" if n.target is aten.reshape.default and n.args[0].target
-                               is aten.baddbmm_.default else "part")
+        n.meta["peftc"] = dict(meta, role="out" if n in outs else "part")
     return count
 
 
-def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Node]:
+def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[list[Node], Node]:
+    """Insert the routed subgraph after the site call `node`; returns (the new nodes, the site's new output)."""
     g = gm.graph
     bank = f"{STORE}.banks.{key}"
     x = _input_of(site, node)
@@ -155,8 +156,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Nod
     with g.inserting_before(node.next):
         a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
         for i, a in enumerate(store.slots()[1:], start=1):
-            if store.capacity is not None:        # fixed shapes: the slot's lane, whoever fills it
-                store.lane_weights(i, key, site.in_features, site.out_features, *_dtype_device(gm, site))
+            if store.capacity is not None:        # the slot's lane, whoever fills it
                 a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
                 b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
                 continue
@@ -188,7 +188,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> list[Nod
     node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in mine)
     for n in made:
         n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-    return made
+    return made, y
 
 
 def base_output(out: Node) -> Node:

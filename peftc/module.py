@@ -18,7 +18,7 @@ from .graph_model import GraphModel
 from .passes.lora import insert_lora
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
-from .store import BASE, STORE, Adapter, AdapterStore
+from .store import BASE, STORE, Adapter, AdapterStore, Capacity
 from .trace import Traced
 
 log = logging.getLogger(__name__)
@@ -107,8 +107,8 @@ class PeftModule(GraphModel):
                              f"{cap.rank}; pm.reserve(rank={adapter.spec.r}) first (one recompile)")
 
     def _changes_graph(self, adapter: Adapter) -> bool:
-        """Whether `adapter` needs a new graph: always without a capacity; with one, only for modules_to_save or for
-        targets outside the routed sites."""
+        """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
+        modules_to_save or for targets outside the routed sites."""
         if self.store.capacity is None or adapter.saved_modules:
             return True
         return not set(adapter.targets) <= self.store.routed_sites()
@@ -120,7 +120,6 @@ class PeftModule(GraphModel):
         Adapters are allocated at `rank` (zero-padded), as new Parameter objects: reserve before making an
         optimizer. Adapters with modules_to_save, or targets outside the routed sites, still rebuild the graph."""
         from .compiler import resolve_paths
-        from .store import Capacity
 
         cap = Capacity(adapters, rank, targets)
         if adapters < len(self.adapters):
@@ -202,7 +201,7 @@ class PeftModule(GraphModel):
             others = [a for a in self.adapters if a != adapter_name]
             raise InputError(f"cannot delete the active adapter {adapter_name!r}; "
                              + (f"set_adapter() to one of {others} first" if others else "it is the only adapter"))
-        graph_changes = self.store.capacity is None or bool(self.store[adapter_name].saved_modules)
+        graph_changes = self._changes_graph(self.store[adapter_name])
         slot = self.store.remove(adapter_name)
         if graph_changes:
             self._rebuild()
@@ -253,14 +252,14 @@ class PeftModule(GraphModel):
         here, and the compiled graph reads only that data, so no list of names ever recompiles."""
         if adapter_names is None and adapter_index is None:
             return self._run(*args, **kwargs)
-        call_slot = self._route(args, kwargs, adapter_names, adapter_index)
+        self._route(args, kwargs, adapter_names, adapter_index)
         try:
             return self._run(*args, **kwargs)
         finally:
-            self._unroute(call_slot)
+            self._unroute()
 
-    def _route(self, args, kwargs, adapter_names, adapter_index) -> int:
-        """Write the per-row routing into the store (checked); returns the whole-batch slot it set."""
+    def _route(self, args, kwargs, adapter_names, adapter_index) -> None:
+        """Write the per-row routing into the store (checked), and the batch's whole-batch slot (call_slot)."""
         rows = self.adapter_index(adapter_names) if adapter_index is None else adapter_index
         batch = self._batch_size(args, kwargs)
         if rows.dim() != 1 or rows.shape[0] != batch:
@@ -274,9 +273,8 @@ class PeftModule(GraphModel):
             store.rows[:batch].copy_(rows)
             store.mixed.fill_(True)
             store.active.fill_(call_slot)
-        return call_slot
 
-    def _unroute(self, call_slot: int) -> None:
+    def _unroute(self) -> None:
         with torch.no_grad():
             self.store.mixed.fill_(False)
         self._sync_active()
