@@ -1,27 +1,36 @@
-"""LoRA pass: add every adapter's low-rank update at each site, routed per row by data (arXiv:2106.09685; the
-gathered-bank form of Punica/S-LoRA, arXiv:2310.18547, arXiv:2311.03285).
+"""LoRA pass: add every adapter's low-rank update at each site (arXiv:2106.09685), in one of two forms. Which
+adapter applies is the call's own data (passes.route): switching adapters and per-row choice never change the graph.
+
+Plain form ("single": every row of the call uses one adapter, whose weights the call passes in). Sites that read the
+same input (q, k, v; gate, up) share one down-projection GEMM over their stacked A's (passes.lora_ops):
+
+    Before:  q = linear(x, Wq);  k = linear(x, Wk);  v = linear(x, Wv)
+    After:   q = linear(x, Wq);  k = linear(x, Wk);  v = linear(x, Wv)
+             q', k', v' = LoraGroup(x, [q, k, v], [A_q, A_k, A_v], [B_q, B_k, B_v], [s_q, s_k, s_v], [p_q, ...])
+             (A_*, B_*, s_*, p_*: route inputs, the call's adapter's own Parameters, scales and dropout rates)
+
+Gathered form ("mixed": each row has its own adapter; Punica/S-LoRA's gathered banks, arXiv:2310.18547,
+arXiv:2311.03285):
 
     Before:  y = linear(x, W, b)                       (GPT-2 Conv1D: y = addmm(b, x, W), x: [N, in])
     After:   y = linear(x, W, b)
-             rows = where(store.mixed, store.rows[arange(batch)], store.active.expand(batch))  # (batch,) slot per row
+             rows = route input                                                           # (batch,) slot per row
              A = stack([0, pad(A_1), pad(A_2), ...])[rows]                                # (batch, R, in)
              B = stack([0, pad(B_1), pad(B_2), ...])[rows]                                # (batch, out, R)
              s = scales[rows]                                                             # (batch,)
              x3 = row_dropout(x.reshape(batch, -1, in), rows)
              y' = y.reshape(batch, -1, out).baddbmm_(bmm(x3, A^T) * s, B^T).reshape(y.shape)
 
-The scale multiplies the rank-R intermediate, and the second product accumulates in place into the site's output, in
-the same GEMM: no full-size delta is written, scaled and added, and the output is not copied (the site's output has
-no other reader, and no backward needs it: linear and addmm save their inputs, not their output).
-
-Slot 0 is the base model (zero weights, zero scale); an adapter that does not target a site has zeros there, and
-ranks are zero-padded to the largest rank R. With a declared capacity (AdapterStore.capacity) the graph has every
-slot of it and reads slot i's weights from store.lanes[i] (an adapter's, or zeros), allocated at the capacity's rank
-R: adding or deleting an adapter then writes data too. Which adapter applies is data: switching, disabling and
-per-row choice never change the graph. Every new node carries meta["peftc"] so merge and export can find the
-subgraph.
+In both forms the second product accumulates into the site's output in one GEMM (in place where no autograd
+needs the output): no full-size delta is written, scaled and added. In the gathered form slot 0 is the base model
+(zero weights, zero scale), an adapter that does not target a site has zeros there, and ranks are zero-padded to
+the largest rank R; with a declared capacity (AdapterStore.capacity) the graph has every slot of it and reads slot
+i's weights from store.lanes[i], allocated at the capacity's rank. Every new node carries meta["peftc"] so merge
+and export can find the subgraph.
 """
 from __future__ import annotations
+
+import operator
 
 import torch
 from torch import nn
@@ -29,11 +38,116 @@ from torch.fx import GraphModule, Node
 
 from peftc.store import STORE, AdapterStore, site_key
 
+from .lora_ops import LoraGroup
 from .match import Site, tensor_at
+from .route import route_input
 
 aten = torch.ops.aten
+FORMS = ("single", "mixed")
+def _input_of(site: Site, node: Node) -> Node:
+    return node.args[0] if site.kind == "linear" else node.args[1]
 
 
+def _batch_source(gm: GraphModule) -> Node:
+    """The first tensor input, whose dim 0 is the batch."""
+    return next(n for n in gm.graph.nodes if n.op == "placeholder" and hasattr(n.meta.get("val"), "shape"))
+
+
+def routed_paths(sites: dict[str, Site], store: AdapterStore) -> list[str]:
+    """The sites the graph adapts (every adapter's targets and a capacity's reserved sites), in graph order."""
+    routed = store.routed_sites()
+    return [p for p in sites if p in routed]
+
+
+def site_rank(store: AdapterStore, path: str) -> int:
+    """The rank every slot has at site `path` in the graph: the capacity's, else the largest routed there (the
+    zeros that stand for an adapter not targeting the site have it too, so every adapter's inputs are alike)."""
+    if store.capacity is not None:
+        return store.capacity.rank
+    return max((store[a].sites[site_key(path)].A.shape[0] for a in store.names() if path in store[a].targets),
+               default=1)
+
+
+def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str = "single") -> int:
+    """Wire the store's adapters into the graph in `form` ("single" or "mixed"); the store already holds their
+    weights. Returns the number of rewritten site calls."""
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+    paths = routed_paths(sites, store)
+    if not paths:
+        return 0
+    by_name = {n.name: n for n in gm.graph.nodes}
+    calls = [(sites[p], by_name[n.name]) for p in paths for n in sites[p].nodes]   # this copy's site calls
+    if form == "single":
+        return _insert_plain(gm, calls, store)
+    return _insert_gathered(gm, calls, store)
+
+
+# --- plain form -------------------------------------------------------------------------------------------------
+def _insert_plain(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> int:
+    g = gm.graph
+    order = {n: i for i, n in enumerate(g.nodes)}
+    groups: dict[Node, list[tuple[Site, Node]]] = {}
+    for site, node in sorted(calls, key=lambda c: order[c[1]]):
+        groups.setdefault(_input_of(site, node), []).append((site, node))
+    store.groups = nn.ModuleDict()
+    count = 0
+    for x, members in groups.items():
+        for part in _placeable(members, order):
+            _rewrite_group(gm, x, part, store)
+            count += len(part)
+    return count
+
+
+def _placeable(members: list[tuple[Site, Node]], order: dict[Node, int]) -> list[list[tuple[Site, Node]]]:
+    """Split the sites reading one input into groups whose calls can sit side by side: a later call joins the first
+    one's group when everything it reads is defined before the first call (then it moves up beside it)."""
+    head, rest = members[0], members[1:]
+    group, alone = [head], []
+    for m in rest:
+        (alone if any(order[a] > order[head[1]] for a in m[1].all_input_nodes) else group).append(m)
+    return [group] + [[m] for m in alone]
+
+
+def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], store: AdapterStore) -> None:
+    g = gm.graph
+    last = members[0][1]
+    for _, node in members[1:]:      # the group's calls side by side, so the update can follow them all
+        last.append(node)
+        last = node
+    parts: dict[str, list[Node]] = {"A": [], "B": [], "s": [], "p": []}
+    paths = [site.fqn for site, _ in members]
+    for site in (s for s, _ in members):
+        w = tensor_at(gm, site.weight)
+        r = site_rank(store, site.fqn)
+        like = {"A": w.new_empty(r, site.in_features), "B": w.new_empty(site.out_features, r), "s": w.new_empty(()),
+                "p": w.new_empty(())}
+        for part, example in like.items():
+            parts[part].append(route_input(gm, ("lora", site.fqn, part), example))
+    key = f"g{len(store.groups)}"
+    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths))
+    ys = [node for _, node in members]
+    meta = {"method": "lora", "adapter": "*"}
+    made = []
+    with g.inserting_after(last):
+        call = g.call_module(f"{STORE}.groups.{key}", (x, ys, parts["A"], parts["B"], parts["s"], parts["p"]))
+    made.append(call)
+    prev = call
+    outs = []
+    for i in range(len(ys)):
+        with g.inserting_after(prev):
+            out = g.call_function(operator.getitem, (call, i))
+        out.meta["val"] = ys[i].meta.get("val")
+        outs.append(out)
+        prev = out
+    for y, out in zip(ys, outs):
+        y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not call)
+    for n in [call, *outs]:
+        n.meta["nn_module_stack"] = last.meta.get("nn_module_stack", {})
+        n.meta["peftc"] = dict(meta, role="out" if n in outs else "part")
+
+
+# --- gathered form ----------------------------------------------------------------------------------------------
 class RowDropout(nn.Module):
     """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode, and while no slot has a rate
     (`live`, a Python flag: under torch.compile a change of it recompiles once, a change of the rates does not)."""
@@ -69,73 +183,37 @@ class SiteBank(nn.Module):
             self.dropout = RowDropout([0.0] * slots, device)
 
 
-def _input_of(site: Site, node: Node) -> Node:
-    return node.args[0] if site.kind == "linear" else node.args[1]
-
-
-def _batch_source(gm: GraphModule) -> tuple[Node, Node]:
-    """(the first tensor input, whose dim 0 is the batch; the last placeholder, after which new nodes may go)."""
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return next(n for n in phs if hasattr(n.meta.get("val"), "shape")), phs[-1]
-
-
-def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore) -> int:
-    """Wire every adapter in `store` into the graph (the store already holds their weights); returns the number of
-    rewritten site calls."""
+def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> int:
     slots = store.slots()
     names = [a for a in slots[1:] if a is not None]
     capacity = store.capacity
-    routed = store.routed_sites()
-    paths = [p for p in sites if p in routed]
-    if not paths:
-        return 0
     rank = capacity.rank if capacity else max(store[a].spec.r for a in names)
     g = gm.graph
-    meta = {"method": "lora", "adapter": "*"}
-    new: list[Node] = []
-
-    first, last = _batch_source(gm)
-    with g.inserting_after(last):
+    first = _batch_source(gm)
+    rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
+    with g.inserting_after(rows):
         batch = g.call_function(aten.sym_size.int, (first, 0))
-    with g.inserting_after(batch):
-        rows_all = g.get_attr(f"{STORE}.rows")
-    with g.inserting_after(rows_all):
-        first_rows = g.call_function(aten.arange.default, (batch,), {"device": store.rows.device})
-    with g.inserting_after(first_rows):   # index_select, not a slice: no guard on the batch against the capacity
-        rows_b = g.call_function(aten.index_select.default, (rows_all, 0, first_rows))
-    with g.inserting_after(rows_b):
-        active = g.get_attr(f"{STORE}.active")
-    with g.inserting_after(active):
-        active_b = g.call_function(aten.expand.default, (active, [batch]))
-    with g.inserting_after(active_b):
-        mixed = g.get_attr(f"{STORE}.mixed")
-    with g.inserting_after(mixed):
-        rows = g.call_function(aten.where.self, (mixed, rows_b, active_b))          # (batch,)
-    new += [batch, rows_all, first_rows, rows_b, active, active_b, mixed, rows]
-
-    count = 0
+    new: list[Node] = [batch]
     outs: set[Node] = set()
-    by_name = {n.name: n for n in g.nodes}
-    for path in paths:
-        site = sites[path]
-        key = site_key(path)
-        w = tensor_at(gm, site.weight)
-        dropout = capacity is not None or any(store[a].sites[key].p for a in names if path in store[a].targets)
-        store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
-                                    dropout)
-        if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
-            for i in range(1, len(slots)):
-                store.lane_weights(i, key, site.in_features, site.out_features, w.dtype, w.device)
-        for node in (by_name[n.name] for n in site.nodes):   # the site's calls in this copy of the graph
-            made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, dropout)
-            new += made
-            outs.add(out)
-            count += 1
+    store.banks = nn.ModuleDict()
+    for site, node in calls:
+        key = site_key(site.fqn)
+        if key not in store.banks:
+            w = tensor_at(gm, site.weight)
+            dropout = capacity is not None or any(store[a].sites[key].p for a in names if site.fqn in store[a].targets)
+            store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
+                                        dropout)
+            if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
+                for i in range(1, len(slots)):
+                    store.lane_weights(i, key, site.in_features, site.out_features, w.dtype, w.device)
+        made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, hasattr(store.banks[key], "dropout"))
+        new += made
+        outs.add(out)
     for i in range(1, len(slots)):
         store.point_slot(i)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
-        n.meta["peftc"] = dict(meta, role="out" if n in outs else "part")
-    return count
+        n.meta["peftc"] = {"method": "lora", "adapter": "*", "role": "out" if n in outs else "part"}
+    return len(calls)
 
 
 def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[list[Node], Node]:
@@ -193,4 +271,6 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
 
 def base_output(out: Node) -> Node:
     """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
-    return out.args[0].args[0].args[0]     # reshape(baddbmm_(reshape(y), ...)) -> y
+    if out.target is operator.getitem:     # plain form: getitem(LoraGroup(x, ys, ...), i) -> ys[i]
+        return out.args[0].args[1][out.args[1]]
+    return out.args[0].args[0].args[0]     # gathered form: reshape(baddbmm_(reshape(y), ...)) -> y

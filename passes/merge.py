@@ -1,7 +1,7 @@
 """Merge pass: fold an adapter into the weights it adapts, as a compiler folds constants.
 
     Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
-             y' = y + s * B @ A @ d   (the LoRA pass's routed subgraph)
+             y' = y + s * B @ A @ d   (the LoRA pass's subgraph, either form; its route inputs)
     After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
              (the adapter's nodes are gone; its modules_to_save copies become plain constants again)
 
@@ -23,6 +23,7 @@ from peftc.store import STORE, Adapter, site_key
 
 from .lora import base_output
 from .match import Site, tensor_at
+from .route import drop_route_inputs
 
 
 def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
@@ -96,7 +97,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
             if path is not None:
                 leaf = orig[len(path) + 1:].replace(".", "-")
                 _set_attr(gm, orig, adapter.saved[site_key(path)].get_parameter(leaf).detach())
-            with g.inserting_before(n):
+            with g.inserting_before(next(m for m in g.nodes if m.op != "placeholder")):
                 plain = g.get_attr(orig)
             n.replace_all_uses_with(plain)
     for n in reversed(list(g.nodes)):
@@ -104,6 +105,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
             g.erase_node(n)
         elif n.op == "get_attr" and not n.users:
             g.erase_node(n)
+    drop_route_inputs(gm)     # nothing per call is left: the merged graph takes the model's own inputs
     leftover = [n.name for n in g.nodes if "peftc" in n.meta]
     if leftover:
         raise MergeError(f"adapter {name!r}: nodes {leftover[:3]} are still used after folding")

@@ -1,8 +1,11 @@
-"""modules_to_save pass: named non-adapter modules (a classifier head, say) read the active adapter's trainable copy.
+"""modules_to_save pass: named non-adapter modules (a classifier head, say) read the call's adapter's trainable copy.
 
     Before:  w = get_attr classifier.weight                          (frozen, shared with the user's model)
-    After:   w = stack([classifier.weight, copy_1, copy_2, ...])[store.active]
-             (slot 0, the base model, and adapters that do not save the module read the original)
+    After:   w = route input ("saved", "classifier", "weight", "classifier.weight")
+             (the call passes its adapter's copy, or the original where the adapter does not save the module)
+
+Only the plain form (one adapter for the whole call) has this pass: the gathered form serves mixed batches, which
+may not hold an adapter with modules_to_save (PeftModule.check_mixed), so it reads the originals.
 """
 from __future__ import annotations
 
@@ -11,7 +14,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
-from peftc.store import STORE, AdapterStore, site_key
+from peftc.store import STORE, AdapterStore
+
+from .match import tensor_at
+from .route import route_input
 
 aten = torch.ops.aten
 
@@ -63,10 +69,8 @@ def _inside(node, path: str) -> bool:
 
 
 def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:
-    """Route every weight read of a saved module through the active adapter's copy; returns the rewrite count."""
-    slots = store.slots()
-    names = [a for a in slots[1:] if a is not None]
-    saved = {p: [a for a in names if p in store[a].saved_modules] for a in names for p in store[a].saved_modules}
+    """Make every weight read of a saved module a route input; returns the rewrite count."""
+    saved = {p for a in store.names() for p in store[a].saved_modules}
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "get_attr" or node.target.startswith(STORE):
@@ -75,31 +79,10 @@ def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:
         if path is None:
             continue
         leaf = node.target[len(path) + 1:].replace(".", "-")
-        meta = {"method": "modules_to_save", "adapter": "*", "saved_from": node.target}
-        g = gm.graph
-        with g.inserting_after(node):
-            active = g.get_attr(f"{STORE}.active")
-        choices = [node] + [node for _ in slots[1:]]
-        made = [active]
-        last = active
-        for i, a in enumerate(slots[1:], start=1):
-            if a in saved[path]:
-                with g.inserting_after(last):
-                    choices[i] = g.get_attr(f"{STORE}.adapters.{a}.saved.{site_key(path)}.{leaf}")
-                last = choices[i]
-                made.append(last)
-        with g.inserting_after(last):
-            stacked = g.call_function(aten.stack.default, (choices,))
-        with g.inserting_after(stacked):
-            idx = g.call_function(aten.view.default, (active, [1]))
-        with g.inserting_after(idx):
-            picked = g.call_function(aten.index.Tensor, (stacked, [idx]))                # (1, *weight.shape)
-        with g.inserting_after(picked):
-            out = g.call_function(aten.squeeze.dim, (picked, 0))
-        made += [stacked, idx, picked, out]
+        value = tensor_at(gm, node.target)
+        inp = route_input(gm, ("saved", path, leaf, node.target), value)
         # only the saved module's own reads: a tied weight read elsewhere (GPT-2's embedding) keeps the original
-        node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not stacked and _inside(u, path))
-        for n in made:
-            n.meta["peftc"] = dict(meta, role="out" if n is out else "part")
+        node.replace_all_uses_with(inp, delete_user_cb=lambda u: _inside(u, path))
+        inp.meta["peftc"] = {"method": "modules_to_save", "adapter": "*", "role": "out", "saved_from": node.target}
         count += 1
     return count

@@ -20,6 +20,7 @@ class GraphModel(nn.Module):
 
     extra_call_kwargs: tuple[str, ...] = ()   # keyword arguments a subclass's forward adds
     eager_calls: tuple[str, ...] = ()         # methods forward calls that torch.compile must never trace
+    forms: tuple[str, ...] = ("graph",)       # the graphs a subclass may call, each compiled on its own
 
     def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
                  base_name: str | None = None):
@@ -36,9 +37,10 @@ class GraphModel(nn.Module):
         _mark_eager_frames(type(self))
 
     def fresh_compile_cache(self) -> None:
-        """Give this module's graph call its own code object: torch.compile caches (at most 8 graphs) per code
-        object, and every module and every rebuilt graph would otherwise share one entry list."""
-        self._run = types.MethodType(_fresh_copy(GraphModel._run_graph), self)
+        """Give each of this module's graph calls (one per form) its own code object: torch.compile caches (at most
+        8 graphs) per code object, and every module, every form and every rebuilt graph would otherwise share one
+        entry list."""
+        self._runs = {f: types.MethodType(_fresh_copy(GraphModel._run_graph), self) for f in self.forms}
 
     @property
     def input_names(self) -> list[str]:
@@ -47,25 +49,27 @@ class GraphModel(nn.Module):
 
     # --- calling -----------------------------------------------------------------------------------------------
     # torch.compile(module) catches the first Python frame below nn.Module.__call__. forward (and a subclass's) is
-    # skipped, so that frame is _run: the graph call proper, a function of tensors only. forward stays free to turn
-    # Python values (PeftModule's adapter_names) into data before the compiled graph runs, with no recompile.
+    # skipped, so that frame is one of _runs: the graph call proper, a function of tensors only. forward stays free
+    # to turn Python values (PeftModule's adapter_names) into the call's data before the compiled graph runs.
     def forward(self, *args, **kwargs):
-        return self._run(*args, **kwargs)
+        return self._runs["graph"](self.graph_module, None, *args, **kwargs)
 
-    def _run_graph(self, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
+    def _run_graph(self, gm, route, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
                    num_items_in_batch: Any = None, **kwargs):
+        """Call graph `gm` with the model's inputs and, when given, the call's route (passes.route)."""
         t = self._traced
+        extra = {} if route is None else {"peftc_route": route}
         if t.positional:
             if kwargs:
                 raise InputError(f"this module was traced with positional inputs; got keyword inputs {sorted(kwargs)}")
-            out = self.graph_module(*args)
+            out = gm(*args, **extra)
         else:
             if args:
                 if len(args) > len(t.input_names):
                     raise InputError(f"expected at most {len(t.input_names)} positional inputs "
                                      f"({', '.join(t.input_names)}), got {len(args)}")
                 kwargs.update(zip(t.input_names, args))
-            out = self.graph_module(**self._complete(kwargs))
+            out = gm(**self._complete(kwargs), **extra)
         if labels is not None:
             loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             out = self._with_loss(out, labels, loss_kwargs)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -15,26 +16,34 @@ from torch.fx import GraphModule
 
 from .errors import InputError, MergeError, SpecError
 from .graph_model import GraphModel
-from .passes.lora import insert_lora
+from .passes.lora import insert_lora, routed_paths, site_rank
+from .passes.match import tensor_at
+from .passes.route import route_entries
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
-from .store import BASE, STORE, Adapter, AdapterStore, Capacity
+from .store import BASE, STORE, Adapter, AdapterStore, Capacity, site_key
 from .trace import Traced
 
 log = logging.getLogger(__name__)
+_BUILD_LOCK = threading.Lock()   # graphs built on first use (the gathered form) are built once, by one thread
 
 
 class PeftModule(GraphModel):
     """An adapted model. Takes the model's own arguments (plus `labels`, and `adapter_names`: one adapter name per
     row, "__base__" for none) and returns the model's own output type.
 
-    Base weights are shared with the user's model, frozen; every adapter lives in `self.store`. Which adapter
-    applies is data in the store: set_adapter, disable_adapters and per-row choice never change the graph; adding
-    or deleting an adapter rebuilds it (one recompile under torch.compile).
+    Base weights are shared with the user's model, frozen; every adapter lives in `self.store`. Each call picks
+    one of three graphs (forms) and passes what it needs as its own inputs, so concurrent calls never see each
+    other: "base" (adapters disabled, or every row "__base__": the model's own graph), "single" (every row uses
+    one adapter: the plain low-rank form on that adapter's weights, `graph_module`) and "mixed" (rows use different
+    adapters: the gathered form, built on first use). set_adapter, disable_adapters and per-row choice never change
+    a graph; adding or deleting an adapter rebuilds them (one recompile each under torch.compile) unless a
+    declared capacity has room.
     """
 
     extra_call_kwargs = ("adapter_names", "adapter_index")
-    eager_calls = ("_route", "_unroute")
+    eager_calls = ("_plan",)
+    forms = ("base", "single", "mixed")
 
     def __init__(self, traced: Traced, *, base_model: nn.Module, sites: dict, loss_type: str | None = None,
                  base_name: str | None = None, base_passes: list[str] | None = None):
@@ -46,6 +55,8 @@ class PeftModule(GraphModel):
         # The graph before any adapter (mode passes applied): every rebuild starts from a copy of it.
         self.base_graph_module = traced.gm
         object.__setattr__(self, "_store", AdapterStore().to(_device_of(traced.gm)))
+        object.__setattr__(self, "_mixed_gm", None)    # built on the first mixed call; not a submodule (shared weights)
+        self._routes_changed()
         # The user's model, not registered as a submodule: export_merged reads its state dict (key names, tied
         # weights, tensors the graph never reads). Its weights are the ones the graph shares anyway.
         object.__setattr__(self, "base_model", base_model)
@@ -60,18 +71,55 @@ class PeftModule(GraphModel):
 
     # --- adapters ----------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        """Rewrite a fresh copy of the base graph with every adapter in the store."""
+        """Rewrite a fresh copy of the base graph with every adapter in the store (plain form); the gathered form
+        is rebuilt on its next use."""
+        gm = self._build("single")
+        self.graph_module = gm
+        self._traced = dataclasses.replace(self._traced, gm=gm)
+        object.__setattr__(self, "_mixed_gm", None)
+        self.store.banks = torch.nn.ModuleDict()
+        self._routes_changed()
+        self.fresh_compile_cache()   # the old graph's compiled entries are not reused
+
+    def _build(self, form: str) -> GraphModule:
         src = self.base_graph_module
         gm = GraphModule(src, copy.deepcopy(src.graph))
         gm.add_submodule(STORE, self.store)
-        run_passes(gm, [
-            ("lora", functools.partial(insert_lora, sites=self.sites, store=self.store)),
-            ("modules_to_save", functools.partial(insert_saved_copies, store=self.store)),
-        ], before=self.base_passes)
+        passes = [("lora", functools.partial(insert_lora, sites=self.sites, store=self.store, form=form))]
+        if form == "single":      # a mixed batch holds no adapter with modules_to_save (check_mixed)
+            passes.append(("modules_to_save", functools.partial(insert_saved_copies, store=self.store)))
+        run_passes(gm, passes, before=self.base_passes)
         gm.train(self.training)
-        self.graph_module = gm
-        self._traced = dataclasses.replace(self._traced, gm=gm)
-        self.fresh_compile_cache()   # the old graph's compiled entries are not reused
+        return gm
+
+    @property
+    def mixed_graph_module(self) -> GraphModule:
+        """The gathered-form graph (one adapter per row), built on first use."""
+        gm = self._mixed_gm
+        if gm is None:
+            with _BUILD_LOCK:
+                gm = self._mixed_gm
+                if gm is None:
+                    gm = self._build("mixed")
+                    object.__setattr__(self, "_mixed_gm", gm)
+        return gm
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "_mixed_gm", None) is not None:
+            self._mixed_gm.train(mode)
+        return self
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_mixed_gm", None) is not None:
+            self._mixed_gm._apply(fn, *args, **kwargs)
+        self._routes_changed()      # buffers (scales, zeros) may be new tensors now
+        return out
+
+    def _routes_changed(self) -> None:
+        """Forget the per-adapter route values (new ones are made on the next call)."""
+        object.__setattr__(self, "_route_cache", {})
 
     def _add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
@@ -79,6 +127,7 @@ class PeftModule(GraphModel):
         self._check_room(name, adapter)
         graph_changes = self._changes_graph(adapter)
         slot = self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
+        self._routes_changed()
         try:
             if graph_changes:
                 self._rebuild()
@@ -86,6 +135,7 @@ class PeftModule(GraphModel):
                 self.store.point_slot(slot)
         except BaseException:
             self.store.remove(name)
+            self._routes_changed()
             if self.adapters:
                 self._rebuild()
             raise
@@ -143,7 +193,6 @@ class PeftModule(GraphModel):
                 store[a].sites.update(sites)
             self._rebuild()
             raise
-        self._sync_active()
 
     @property
     def capacity(self):
@@ -183,17 +232,16 @@ class PeftModule(GraphModel):
             raise
 
     def set_adapter(self, adapter_name: str) -> None:
-        """Make `adapter_name` the adapter every row uses (writes the store's routing; the graph is unchanged).
-        Inside `disable_adapters()` the choice takes effect when the block ends."""
+        """Make `adapter_name` the adapter every row of a plain call uses (model state, as in PEFT; the graph is
+        unchanged). Inside `disable_adapters()` the choice takes effect when the block ends."""
         self._check_name(adapter_name)
         self.active_adapter = adapter_name
-        self._sync_active()
 
-    def _sync_active(self) -> None:
-        """Write the routing for the whole batch: slot 0 while disabled, else the active adapter's slot."""
-        slot = 0 if getattr(self, "_disabled", 0) or self.active_adapter is None else self.store.slot(self.active_adapter)
-        with torch.no_grad():
-            self.store.active.fill_(slot)
+    def _whole_batch_slot(self) -> int:
+        """The slot a call without adapter_names uses: 0 while disabled, else the active adapter's."""
+        if getattr(self, "_disabled", 0) or self.active_adapter is None:
+            return 0
+        return self.store.slot(self.active_adapter)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_name(adapter_name)
@@ -223,24 +271,22 @@ class PeftModule(GraphModel):
 
     @contextlib.contextmanager
     def disable_adapters(self):
-        """Within the block every row runs the base model exactly (the routing points at slot 0)."""
+        """Within the block every call without adapter_names runs the base model exactly."""
         self._disabled = getattr(self, "_disabled", 0) + 1
-        self._sync_active()
         try:
             yield self
         finally:
             self._disabled -= 1
-            self._sync_active()
 
     def adapter_index(self, adapter_names: Sequence[str]) -> torch.Tensor:
         """The per-row slot tensor for `adapter_names` ("__base__" = no adapter); pass it as adapter_index=... to
-        route a batch without Python strings (no recompiles under torch.compile)."""
+        route a batch without Python strings."""
         slots = self.store.slots()
         unknown = sorted({n for n in adapter_names if n is None or n not in slots}, key=str)
         if unknown:
             raise InputError(f"unknown adapter(s) {unknown} in adapter_names; adapters: {self.adapters} "
                              f"(and {BASE!r} for the base model)")
-        return torch.tensor([slots.index(n) for n in adapter_names], device=self.store.rows.device)
+        return torch.tensor([slots.index(n) for n in adapter_names], device=_device_of(self.base_graph_module))
 
     # --- calling -----------------------------------------------------------------------------------------------
     def forward(self, *args, adapter_names: Sequence[str] | None = None, adapter_index: torch.Tensor | None = None,
@@ -248,36 +294,97 @@ class PeftModule(GraphModel):
         """The model's own call; `adapter_names` (one per row, "__base__" for none) or `adapter_index` (their slot
         tensor, from pm.adapter_index) route each row to its adapter.
 
-        This frame runs eagerly under torch.compile (see GraphModel): the names become the store's routing data
-        here, and the compiled graph reads only that data, so no list of names ever recompiles."""
-        if adapter_names is None and adapter_index is None:
-            return self._run(*args, **kwargs)
-        self._route(args, kwargs, adapter_names, adapter_index)
-        try:
-            return self._run(*args, **kwargs)
-        finally:
-            self._unroute()
+        This frame runs eagerly under torch.compile (see GraphModel): the names become this call's own route (the
+        graph to run and its inputs) here, and the compiled graphs read only that data, so no list of names and no
+        adapter switch ever recompiles. Nothing of the call is written anywhere another call could read it."""
+        form, gm, route = self._plan(args, kwargs, adapter_names, adapter_index)
+        return self._runs[form](gm, route, *args, **kwargs)
 
-    def _route(self, args, kwargs, adapter_names, adapter_index) -> None:
-        """Write the per-row routing into the store (checked), and the batch's whole-batch slot (call_slot)."""
-        rows = self.adapter_index(adapter_names) if adapter_index is None else adapter_index
+    def _plan(self, args, kwargs, adapter_names, adapter_index) -> tuple[str, GraphModule, list | None]:
+        """(form, graph, route) for one call, checked: a bad adapter_names/adapter_index raises here, before any
+        graph runs, and leaves nothing behind."""
+        if adapter_names is None and adapter_index is None:
+            return self._whole_batch(self._whole_batch_slot())
+        if adapter_index is None:
+            if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+                raise InputError(f"adapter_names must be a list with one adapter name per row, got "
+                                 f"{type(adapter_names).__name__}")
+            rows = self.adapter_index(adapter_names)
+            names = list(adapter_names)
+        else:
+            if not isinstance(adapter_index, torch.Tensor) or adapter_index.dtype.is_floating_point:
+                raise InputError("adapter_index must be an integer tensor of slots, one per row (from "
+                                 "pm.adapter_index(names))")
+            rows, names = adapter_index, None
         batch = self._batch_size(args, kwargs)
         if rows.dim() != 1 or rows.shape[0] != batch:
             raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
                              f"got {tuple(rows.shape)}")
-        call_slot = self.call_slot(self.names_of(rows) if adapter_names is None else adapter_names)
-        store = self.store
-        if batch > store.rows.shape[0]:   # past the row capacity: a larger buffer (one recompile)
-            store.rows = torch.zeros(2 * batch, dtype=torch.long, device=store.rows.device)
-        with torch.no_grad():
-            store.rows[:batch].copy_(rows)
-            store.mixed.fill_(True)
-            store.active.fill_(call_slot)
+        names = self.names_of(rows) if names is None else names
+        self.check_mixed(names)
+        distinct = set(names)
+        if len(distinct) == 1:
+            return self._whole_batch(self.store.slot(names[0]))
+        rows = rows.to(device=_device_of(self.base_graph_module), dtype=torch.long)
+        return "mixed", self.mixed_graph_module, [rows]
 
-    def _unroute(self) -> None:
-        with torch.no_grad():
-            self.store.mixed.fill_(False)
-        self._sync_active()
+    def _whole_batch(self, slot: int) -> tuple[str, GraphModule, list | None]:
+        if slot == 0:
+            return "base", self.base_graph_module, None
+        gm = self.graph_module
+        return "single", gm, self._route_of(gm, self.store.slots()[slot])
+
+    def _route_of(self, gm: GraphModule, name: str) -> list[torch.Tensor]:
+        """The plain-form route of adapter `name`: its own tensors, in the order gm takes them (made once, kept until
+        the adapters or their tensors change). Without autograd they go in detached (views of the same storage), so
+        frozen and trainable adapters look alike to torch.compile and switching between them never recompiles."""
+        cache = self._route_cache
+        grad = torch.is_grad_enabled()
+        route = cache.get((name, grad))
+        if route is None:
+            route = [self._route_value(name, key, like) for key, like in route_entries(gm)]
+            if not grad:
+                route = [t.detach() for t in route]
+            varying = self._varying_ranks()
+            for t, (key, _) in zip(route, route_entries(gm)):
+                if key[0] == "lora" and key[2] in "AB" and key[1] in varying:   # one graph serves every rank
+                    torch._dynamo.maybe_mark_dynamic(t, 0 if key[2] == "A" else 1)
+            cache[(name, grad)] = route
+        return route
+
+    def _varying_ranks(self) -> set[str]:
+        """Routed sites where the adapters' ranks differ (an adapter not targeting a site counts as the zeros of the
+        site's rank); their rank dimensions are marked dynamic for torch.compile."""
+        out = set()
+        for path in routed_paths(self.sites, self.store):
+            r = site_rank(self.store, path)
+            ranks = {self.store[a].sites[site_key(path)].A.shape[0] if path in self.store[a].targets else r
+                     for a in self.adapters}
+            if len(ranks) > 1:
+                out.add(path)
+        return out
+
+    def _route_value(self, name: str, key: tuple, like: torch.Tensor) -> torch.Tensor:
+        adapter = self.store[name]
+        if key[0] == "lora":
+            _, path, part = key
+            w = adapter.sites[site_key(path)] if path in adapter.targets else None
+            if w is None:     # the adapter does not target this routed site: zeros of the graph's shape
+                return self._zeros(path, part, like)
+            return {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t}[part]
+        if key[0] == "saved":
+            _, path, leaf, target = key
+            if path in adapter.saved_modules:
+                return adapter.saved[site_key(path)].get_parameter(leaf)
+            return tensor_at(self.base_graph_module, target)
+        raise AssertionError(f"unknown route entry {key}")
+
+    def _zeros(self, path: str, part: str, like: torch.Tensor) -> torch.Tensor:
+        cache = self._route_cache
+        key = ("zeros", path, part)
+        if key not in cache:
+            cache[key] = torch.zeros(like.shape, dtype=like.dtype, device=_device_of(self.base_graph_module))
+        return cache[key]
 
     def names_of(self, rows: torch.Tensor) -> list[str]:
         """The adapter name of each slot index in `rows` (checked to be in range)."""
@@ -289,14 +396,6 @@ class PeftModule(GraphModel):
             raise InputError(f"adapter_index has slot(s) {bad}; valid slots are {filled}; build it with "
                              "pm.adapter_index(names)")
         return [slots[v] for v in values]
-
-    def call_slot(self, adapter_names: Sequence[str]) -> int:
-        """The whole-batch slot to use during a routed call: the batch's one adapter, or the base model for a mixed
-        batch (so no adapter's modules_to_save copies leak into other rows). Refuses a mixed batch that needs
-        modules_to_save copies per row."""
-        self.check_mixed(adapter_names)
-        distinct = set(adapter_names)
-        return self.store.slot(next(iter(distinct))) if len(distinct) == 1 else 0
 
     def check_mixed(self, adapter_names: Sequence[str]) -> None:
         saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}

@@ -36,6 +36,9 @@ class LoraWeights(nn.Module):
         self.B = nn.Parameter(torch.zeros(out_features, alloc, dtype=dtype, device=device))
         self.scale = float(scale)
         self.p = float(dropout)
+        # the same as 0-dim tensors: what a call of the plain-form graph passes in (data, so adapters switch freely)
+        self.register_buffer("scale_t", torch.tensor(self.scale, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("p_t", torch.tensor(self.p, dtype=dtype, device=device), persistent=False)
         if r:
             self.reset(init)
 
@@ -92,7 +95,6 @@ class Adapter(nn.Module):
 
 
 BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
-ROWS_CAPACITY = 1024  # rows of a mixed-adapter batch; a larger batch reallocates (one recompile under torch.compile)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,18 +123,16 @@ class AdapterStore(nn.Module):
     LoraWeights (the same module as in adapters[name].sites), or zeros where the slot is empty or its adapter does
     not target the site. The graph reads the lanes, so filling and emptying slots never changes it.
 
-    The graph reads the routing from buffers: `active` (0-dim slot index) for the whole batch, or `rows[:batch]` per
-    row when `mixed` is set; switching adapters therefore writes data and never changes the graph.
+    The store holds no per-call state: a call passes its adapter's weights (plain form) or its rows' slots
+    (gathered form) to the graph as its own inputs (passes.route), so concurrent calls never see each other.
     """
 
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
-        self.banks = nn.ModuleDict()          # site_key -> per-site constants of the routed subgraph (passes.lora)
+        self.banks = nn.ModuleDict()          # site_key -> per-site constants of the gathered form (passes.lora)
+        self.groups = nn.ModuleDict()         # call modules of the plain form's site groups (passes.lora_ops)
         self.lanes = nn.ModuleDict()          # with a capacity: str(slot) -> site_key -> LoraWeights
-        self.register_buffer("active", torch.tensor(0), persistent=False)
-        self.register_buffer("mixed", torch.tensor(False), persistent=False)
-        self.register_buffer("rows", torch.zeros(ROWS_CAPACITY, dtype=torch.long), persistent=False)
         self.capacity: Capacity | None = None
         self.reserved_sites: list[str] = []   # module paths routed besides the adapters' own targets
         self._slots: list[str | None] = [BASE]
@@ -210,15 +210,22 @@ class AdapterStore(nn.Module):
 
     @torch.no_grad()
     def point_slot(self, slot: int) -> None:
-        """Write slot `slot`'s routed data at every site: its adapter's scale and dropout rate;
-        zeros where the slot is empty or its adapter does not target the site."""
+        """Write slot `slot`'s routed data at every site of the gathered form: its adapter's scale and dropout
+        rate; zeros where the slot is empty or its adapter does not target the site. The plain form's groups learn
+        whether any adapter now has dropout there."""
         name = self._slots[slot]
         for key, bank in self.banks.items():
             w = self.adapters[name].sites[key] if name is not None and key in self.adapters[name].sites else None
             bank.scales[slot] = w.scale if w is not None else 0.0
             if hasattr(bank, "dropout"):
                 bank.dropout.set_rate(slot, w.p if w is not None else 0.0)
+        for group in self.groups.values():
+            group.live = self.dropout_live(group.paths)
 
+    def dropout_live(self, paths: list[str]) -> bool:
+        """Whether any adapter has a dropout rate at one of the module paths `paths`."""
+        keys = [site_key(p) for p in paths]
+        return any(ad.sites[k].p > 0 for ad in self.adapters.values() for k in keys if k in ad.sites)
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]

@@ -171,6 +171,7 @@ def test_load_and_delete_within_capacity_never_recompile(tmp_path):
     model, pm = capped(adapters=3, rank=8)
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
     first = out(compiled)
+    out(compiled, adapter_names=["default", BASE, "default"])    # the gathered form's first compile
     with no_recompiles():
         frozen_adapter(pm, tmp_path, "b", seed=5, r=8, targets=["q_proj", "v_proj"])
         frozen_adapter(pm, tmp_path, "c", seed=6, r=2, targets=["q_proj"])
@@ -194,16 +195,21 @@ def test_load_and_delete_within_capacity_never_recompile(tmp_path):
 
 
 def test_adding_a_trainable_adapter_compiles_once_then_trains():
+    """Without autograd a trainable adapter looks like any other (its tensors go in detached): no recompile. Its
+    first training call compiles the grad-mode graph once; then it trains."""
     _, pm = capped(adapters=3)
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
     out(compiled)
     before = graphs()
-    pm.add_adapter("b", peftc.LoRA(r=4, targets=["q_proj"]))      # its weights require grad: one recompile
-    out(compiled)
-    assert graphs() == before + 1
     with no_recompiles():
+        pm.add_adapter("b", peftc.LoRA(r=4, targets=["q_proj"], init=False))
         pm.set_adapter("b")
         out(compiled)
+    assert graphs() == before
+    pm.train()
+    w = pm.store["b"].sites["model-layers-0-self_attn-q_proj"]
+    main_output(compiled(**X)).square().mean().backward()
+    assert graphs() == before + 1 and w.B.grad.abs().sum() > 0
 
 
 # --- past the capacity -------------------------------------------------------------------------------------------

@@ -1,0 +1,109 @@
+"""The LoRA update of sites that read one input, as the plain-form subgraph calls it: one down-projection GEMM over
+the sites' stacked A's, one accumulating GEMM per site, and in training a backward that saves only x and the rank-R
+intermediate (what PEFT's modules save), not the scaled copies or gathered weights autograd would keep.
+
+    y_i' = y_i + s_i * (x A_i^T) B_i^T      for each site i reading x   (y_i = the site's own output)
+
+    h = x @ cat(A_1, ..., A_k)^T            (N, R_1 + ... + R_k): one GEMM for q, k and v, say
+    y_i.addmm_(h[:, R_i] * s_i, B_i^T)      in place without autograd; out of place, same GEMM, with it
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LoraGroup(nn.Module):
+    """Call-site module of one group of sites that read the same input. Stateless but for `live`: whether any
+    adapter routed here has a dropout rate (a Python flag, so a model without dropout draws no masks; under
+    torch.compile a change of it recompiles once, a change of the rates does not). Dropout, where live in training,
+    draws each site's own mask as PEFT does, so the sites then run one by one."""
+
+    def __init__(self, paths: list[str], live: bool = False):
+        super().__init__()
+        self.paths = list(paths)
+        self.live = live
+
+    def forward(self, x, ys, As, Bs, scales, rates):
+        if self.training and self.live:
+            return tuple(lora_update(_dropout(x, p), [y], [A], [B], [s])[0]
+                         for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
+        return lora_update(x, ys, As, Bs, scales)
+
+    def extra_repr(self) -> str:
+        return f"sites={self.paths}, dropout={self.live}"
+
+
+def _dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout at rate p (a 0-dim tensor: the adapter's rate is data); p = 0 returns x exactly."""
+    keep = (1.0 - p).to(x.dtype)
+    return x * torch.bernoulli(keep.expand_as(x)) / keep
+
+
+def lora_update(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
+    """(y_i + s_i B_i A_i x for each site i). Without autograd (eval, no_grad, inference_mode, frozen adapters) the
+    y_i are updated in place; with it, a custom backward saves x and h only."""
+    if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*ys, *As, *Bs))):
+        return _LoraFn.apply(x, len(ys), *ys, *As, *Bs, *scales)
+    return _update_(x, ys, As, Bs, scales)
+
+
+def _down(x2: torch.Tensor, As) -> torch.Tensor:
+    return torch.mm(x2, (As[0] if len(As) == 1 else torch.cat(As)).t())     # (N, R_1 + ... + R_k)
+
+
+def _update_(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
+    h = _down(x.reshape(-1, x.shape[-1]), As)
+    off = 0
+    for y, A, B, s in zip(ys, As, Bs, scales):
+        r = A.shape[0]
+        y.view(-1, y.shape[-1]).addmm_(h[:, off:off + r] * s, B.t())     # y += (h_i s) B^T, no full-size temporary
+        off += r
+    return tuple(ys)
+
+
+class _LoraFn(torch.autograd.Function):
+    """Forward as _update_ (out of place); backward from x and h alone:
+        g_h_i = s_i g_i B_i     g_B_i = s_i g_i^T h_i     g_A = g_h^T x     g_x = g_h A     (g_y_i = g_i)"""
+
+    @staticmethod
+    def forward(ctx, x, n, *t):
+        ys, As, Bs, scales = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
+        h = _down(x.reshape(-1, x.shape[-1]), As)                             # (N, R)
+        outs, off = [], 0
+        for y, A, B, s in zip(ys, As, Bs, scales):
+            r = A.shape[0]
+            outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h[:, off:off + r] * s, B.t()).view(y.shape))
+            off += r
+        ctx.n = n
+        ctx.save_for_backward(x, h, *As, *Bs, *scales)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n
+        x, h, *rest = ctx.saved_tensors
+        As, Bs, scales = rest[:n], rest[n:2 * n], rest[2 * n:]
+        need = ctx.needs_input_grad                      # (x, n, ys..., As..., Bs..., scales...)
+        need_x, need_A = need[0], any(need[2 + n:2 + 2 * n])
+        g_ys = [g if need[2 + i] else None for i, g in enumerate(grads)]
+        g_hs, g_Bs, off = [], [], 0
+        for i, (g, A, B, s) in enumerate(zip(grads, As, Bs, scales)):
+            r = A.shape[0]
+            g2 = g.reshape(-1, g.shape[-1])                                   # (N, out_i)
+            g_Bs.append(torch.mm(g2.t(), h[:, off:off + r]) * s if need[2 + 2 * n + i] else None)   # (out_i, r)
+            if need_x or need_A:
+                g_hs.append(torch.mm(g2, B) * s)                              # (N, r)
+            off += r
+        g_As: list = [None] * n
+        g_x = None
+        if g_hs:
+            g_h = g_hs[0] if n == 1 else torch.cat(g_hs, 1)                  # (N, R)
+            x2 = x.reshape(-1, x.shape[-1])
+            if need_A:
+                g_A = torch.mm(g_h.t(), x2)                                  # (R, in)
+                g_As = [ga if need[2 + n + i] else None
+                        for i, ga in enumerate(g_A.split([A.shape[0] for A in As], 0))]
+            if need_x:
+                g_x = torch.mm(g_h, As[0] if n == 1 else torch.cat(As)).view(x.shape)
+        return (g_x, None, *g_ys, *g_As, *g_Bs, *([None] * n))

@@ -1,0 +1,80 @@
+"""Per-call inputs of a rewritten graph: what one call needs (its adapter's weights, its rows' slots) enters the graph
+as that call's own arguments, never as state another call could see.
+
+    Before:  def forward(self, input_ids, attention_mask): ...
+    After:   def forward(self, input_ids, attention_mask, peftc_route):
+                 input_ids, attention_mask, route_0, route_1, ... = tree_flatten_spec(...)
+             (peftc_route is a list of tensors; each placeholder's meta["peftc_route"] names what it is)
+
+Passes call `route_input(gm, key, example)` for each thing they need per call; the same key gives the same
+placeholder. The caller (PeftModule) reads route_keys(gm) and passes the values in that order.
+"""
+from __future__ import annotations
+
+from typing import Hashable
+
+import torch
+from torch.fx import GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
+
+ROUTE = "peftc_route"   # the keyword argument of the rewritten graph
+
+
+def _route_nodes(gm: GraphModule) -> list[Node]:
+    return [n for n in gm.graph.nodes if n.op == "placeholder" and "peftc_route" in n.meta]
+
+
+def route_keys(gm: GraphModule) -> list[Hashable]:
+    """What each entry of the graph's `peftc_route` argument is, in order ([] for a graph without one). Read off
+    the placeholders, so a copy of the graph keeps it."""
+    return [n.meta["peftc_route"] for n in _route_nodes(gm)]
+
+
+def route_entries(gm: GraphModule) -> list[tuple[Hashable, torch.Tensor]]:
+    """(key, a meta tensor of its shape and dtype) for each entry of the route, in order."""
+    return [(n.meta["peftc_route"], n.meta["val"]) for n in _route_nodes(gm)]
+
+
+def route_input(gm: GraphModule, key: Hashable, example: torch.Tensor) -> Node:
+    """The placeholder of route entry `key`, appended to the graph's inputs on first use; `example` gives its
+    meta["val"] (shape, dtype) for later passes."""
+    nodes = _route_nodes(gm)
+    for n in nodes:
+        if n.meta["peftc_route"] == key:
+            return n
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(f"route_{len(nodes)}")
+    node.meta["val"] = torch.empty_like(example, device="meta")   # shape and dtype only: copies of the graph stay small
+    node.meta["peftc_route"] = key
+    _set_spec(gm, len(nodes) + 1)
+    return node
+
+
+def drop_route_inputs(gm: GraphModule) -> None:
+    """Remove the route's placeholders (none may have users left) and the `peftc_route` argument."""
+    nodes = _route_nodes(gm)
+    if not nodes:
+        return
+    for n in nodes:
+        if n.users:
+            raise AssertionError(f"route input {n.meta['peftc_route']} is still used by {list(n.users)}")
+        gm.graph.erase_node(n)
+    _set_spec(gm, 0)
+
+
+def _set_spec(gm: GraphModule, n: int) -> None:
+    """Make the graph's pytree signature take `peftc_route` (a list of n tensors) after its own inputs."""
+    codegen = gm.graph._codegen
+    if not isinstance(codegen, _PyTreeCodeGen):
+        raise TypeError("route inputs need a graph traced by torch.export (a pytree signature)")
+    info = codegen.pytree_info
+    args, kwargs = pytree.tree_unflatten([0] * info.in_spec.num_leaves, info.in_spec)
+    kwargs = dict(kwargs)
+    orig = [a for a in info.orig_args if a != ROUTE]
+    kwargs.pop(ROUTE, None)
+    if n:
+        kwargs[ROUTE] = [0] * n
+        orig.append(ROUTE)
+    codegen.pytree_info = _PyTreeInfo(orig, pytree.tree_structure((args, kwargs)), info.out_spec)
