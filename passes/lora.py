@@ -40,7 +40,7 @@ from peftc.store import STORE, AdapterStore, site_key
 
 from .lora_ops import LoraGroup
 from .match import Site, tensor_at
-from .route import route_input
+from .route import route_input, route_value
 
 aten = torch.ops.aten
 FORMS = ("single", "mixed")
@@ -66,6 +66,24 @@ def site_rank(store: AdapterStore, path: str) -> int:
         return store.capacity.rank
     return max((store[a].sites[site_key(path)].A.shape[0] for a in store.names() if path in store[a].targets),
                default=1)
+
+
+@route_value("lora")
+def _lora_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
+    """Adapter `name`'s A, B, scale or dropout rate at a site; zeros of the graph's rank where it does not target
+    the site. The rank dim is dynamic where the adapters' ranks differ at that site."""
+    _, path, part = key
+    adapter = store[name]
+    if path in adapter.targets:
+        w = adapter.sites[site_key(path)]
+        t = {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t}[part]
+    else:
+        t = torch.zeros(like.shape, dtype=like.dtype, device=store.device)
+    if part not in "AB":
+        return t, ()
+    r = site_rank(store, path)
+    ranks = {store[a].sites[site_key(path)].A.shape[0] if path in store[a].targets else r for a in store.names()}
+    return t, ((0 if part == "A" else 1),) if len(ranks) > 1 else ()
 
 
 def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str = "single") -> int:

@@ -14,10 +14,10 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import SpecError
-from peftc.store import STORE, AdapterStore
+from peftc.store import STORE, AdapterStore, site_key
 
 from .match import tensor_at
-from .route import route_input
+from .route import route_input, route_value
 
 aten = torch.ops.aten
 
@@ -66,6 +66,16 @@ def _inside(node, path: str) -> bool:
 
     fqn = module_path(node)[0]
     return fqn == path or fqn.startswith(path + ".")
+
+
+@route_value("saved")
+def _saved_value(store: AdapterStore, name: str, key: tuple, like, gm: GraphModule):
+    """Adapter `name`'s trainable copy of a saved module's weight, or the original where it does not save it."""
+    _, path, leaf, target = key
+    adapter = store[name]
+    if path in adapter.saved_modules:
+        return adapter.saved[site_key(path)].get_parameter(leaf), ()
+    return tensor_at(gm, target), ()
 
 
 def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:

@@ -7,11 +7,12 @@ as that call's own arguments, never as state another call could see.
              (peftc_route is a list of tensors; each placeholder's meta["peftc_route"] names what it is)
 
 Passes call `route_input(gm, key, example)` for each thing they need per call; the same key gives the same
-placeholder. The caller (PeftModule) reads route_keys(gm) and passes the values in that order.
+placeholder. Each kind of key (its first item: "lora", "saved", ...) registers how to find its value for one
+adapter (`@route_value("lora")`), and `plain_route(gm, store, name)` gives a whole-batch call's route in order.
 """
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Callable, Hashable
 
 import torch
 from torch.fx import GraphModule, Node
@@ -50,6 +51,37 @@ def route_input(gm: GraphModule, key: Hashable, example: torch.Tensor) -> Node:
     node.meta["peftc_route"] = key
     _set_spec(gm, len(nodes) + 1)
     return node
+
+
+# kind -> fn(store, adapter name, key, like, gm) -> (tensor, dims that differ between adapters)
+_VALUES: dict[str, Callable] = {}
+
+
+def route_value(kind: str):
+    """Register how route entries of `kind` are looked up for one adapter."""
+    def register(fn):
+        if kind in _VALUES:
+            raise ValueError(f"route entries of kind {kind!r} are registered already ({_VALUES[kind].__module__})")
+        _VALUES[kind] = fn
+        return fn
+    return register
+
+
+def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> list[torch.Tensor]:
+    """The route of a call whose every row uses adapter `name`: its own tensors (no copies), in gm's order.
+    `detach`: views without autograd history (for calls without autograd: frozen and trainable adapters then look
+    alike to torch.compile). Dims that differ between adapters are marked dynamic, so one compiled graph serves all."""
+    out = []
+    for key, like in route_entries(gm):
+        fn = _VALUES.get(key[0])
+        if fn is None:
+            raise KeyError(f"no route value registered for {key}; registered kinds: {sorted(_VALUES)}")
+        t, dynamic = fn(store, name, key, like, gm)
+        t = t.detach() if detach else t
+        for d in dynamic:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+        out.append(t)
+    return out
 
 
 def drop_route_inputs(gm: GraphModule) -> None:

@@ -16,12 +16,11 @@ from torch.fx import GraphModule
 
 from .errors import InputError, MergeError, SpecError
 from .graph_model import GraphModel
-from .passes.lora import insert_lora, routed_paths, site_rank
-from .passes.match import tensor_at
-from .passes.route import route_entries
+from .passes.lora import insert_lora
+from .passes.route import plain_route
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
-from .store import BASE, STORE, Adapter, AdapterStore, Capacity, site_key
+from .store import BASE, STORE, Adapter, AdapterStore, Capacity
 from .trace import Traced
 
 log = logging.getLogger(__name__)
@@ -335,56 +334,15 @@ class PeftModule(GraphModel):
         return "single", gm, self._route_of(gm, self.store.slots()[slot])
 
     def _route_of(self, gm: GraphModule, name: str) -> list[torch.Tensor]:
-        """The plain-form route of adapter `name`: its own tensors, in the order gm takes them (made once, kept until
-        the adapters or their tensors change). Without autograd they go in detached (views of the same storage), so
-        frozen and trainable adapters look alike to torch.compile and switching between them never recompiles."""
-        cache = self._route_cache
+        """The plain-form route of adapter `name` (passes.route.plain_route), made once and kept until the adapters
+        or their tensors change. Without autograd its tensors go in detached, so frozen and trainable adapters look
+        alike to torch.compile and switching between them never recompiles."""
         grad = torch.is_grad_enabled()
-        route = cache.get((name, grad))
+        route = self._route_cache.get((name, grad))
         if route is None:
-            route = [self._route_value(name, key, like) for key, like in route_entries(gm)]
-            if not grad:
-                route = [t.detach() for t in route]
-            varying = self._varying_ranks()
-            for t, (key, _) in zip(route, route_entries(gm)):
-                if key[0] == "lora" and key[2] in "AB" and key[1] in varying:   # one graph serves every rank
-                    torch._dynamo.maybe_mark_dynamic(t, 0 if key[2] == "A" else 1)
-            cache[(name, grad)] = route
+            route = plain_route(gm, self.store, name, detach=not grad)
+            self._route_cache[(name, grad)] = route
         return route
-
-    def _varying_ranks(self) -> set[str]:
-        """Routed sites where the adapters' ranks differ (an adapter not targeting a site counts as the zeros of the
-        site's rank); their rank dimensions are marked dynamic for torch.compile."""
-        out = set()
-        for path in routed_paths(self.sites, self.store):
-            r = site_rank(self.store, path)
-            ranks = {self.store[a].sites[site_key(path)].A.shape[0] if path in self.store[a].targets else r
-                     for a in self.adapters}
-            if len(ranks) > 1:
-                out.add(path)
-        return out
-
-    def _route_value(self, name: str, key: tuple, like: torch.Tensor) -> torch.Tensor:
-        adapter = self.store[name]
-        if key[0] == "lora":
-            _, path, part = key
-            w = adapter.sites[site_key(path)] if path in adapter.targets else None
-            if w is None:     # the adapter does not target this routed site: zeros of the graph's shape
-                return self._zeros(path, part, like)
-            return {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t}[part]
-        if key[0] == "saved":
-            _, path, leaf, target = key
-            if path in adapter.saved_modules:
-                return adapter.saved[site_key(path)].get_parameter(leaf)
-            return tensor_at(self.base_graph_module, target)
-        raise AssertionError(f"unknown route entry {key}")
-
-    def _zeros(self, path: str, part: str, like: torch.Tensor) -> torch.Tensor:
-        cache = self._route_cache
-        key = ("zeros", path, part)
-        if key not in cache:
-            cache[key] = torch.zeros(like.shape, dtype=like.dtype, device=_device_of(self.base_graph_module))
-        return cache[key]
 
     def names_of(self, rows: torch.Tensor) -> list[str]:
         """The adapter name of each slot index in `rows` (checked to be in range)."""

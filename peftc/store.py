@@ -176,6 +176,11 @@ class AdapterStore(nn.Module):
             adapter.sites[key] = padded
             lane[key] = padded
 
+    @property
+    def device(self) -> torch.device:
+        p = next(self.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
     def free_slots(self) -> int | None:
         """Free slots left under the capacity, or None without one."""
         return None if self.capacity is None else self._slots.count(None)

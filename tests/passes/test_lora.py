@@ -11,6 +11,8 @@ from torch import nn
 
 from peftc.passes.dropout import make_dropout_mode_aware
 from peftc.passes.lora import RowDropout, base_output, insert_lora
+from peftc.passes.lora_ops import LoraGroup, lora_update
+from peftc.passes.route import plain_route, route_keys
 from peftc.passes.match import find_sites
 from peftc.spec import LoRA
 from peftc.store import STORE, Adapter, AdapterStore, LoraWeights, site_key
@@ -60,18 +62,26 @@ def add_adapter_(store: AdapterStore, sites, name: str, spec: LoRA, targets) -> 
     return adapter
 
 
-def lora_graph(model, spec: LoRA, targets, x=X, name="default"):
-    """Trace `model`, add one adapter on `targets`, run insert_lora; returns (gm, adapter, rewrite count)."""
+def lora_graph(model, spec: LoRA, targets, x=X, name="default", form="single"):
+    """Trace `model`, add one adapter on `targets`, run insert_lora in `form`; returns (gm, adapter, rewrite count).
+    Call the result with run(gm, ...)."""
     gm = trace(model, (x,) if isinstance(x, torch.Tensor) else x).gm
     sites = find_sites(gm)
     store = AdapterStore()
     gm.add_submodule(STORE, store)
     adapter = add_adapter_(store, sites, name, spec, targets)
-    store.active.fill_(store.slot(name))
-    n = insert_lora(gm, sites, store)
+    n = insert_lora(gm, sites, store, form=form)
     gm.graph.lint()
     gm.recompile()
     return gm, adapter, n
+
+
+def run(gm, *args, who="default", rows=None, **kw):
+    """Call a rewritten graph with its route: adapter `who` for every row (plain form), or per-row slots `rows`
+    (gathered form)."""
+    store = gm.get_submodule(STORE)
+    route = [rows] if rows is not None else plain_route(gm, store, who)
+    return gm(*args, **kw, peftc_route=route)
 
 
 def randomize_b_(adapter: Adapter) -> None:
@@ -84,44 +94,68 @@ def lora_nodes(gm):
     return [n for n in gm.graph.nodes if "peftc" in n.meta]
 
 
-def test_insert_lora_structure():
+FORMS = ["single", "mixed"]
+
+
+def rows_of(store, who, batch):
+    return torch.full((batch,), store.slot(who), dtype=torch.long)
+
+
+def call(gm, x, form, who="default"):
+    return run(gm, x, who=who) if form == "single" else run(gm, x, rows=rows_of(gm.get_submodule(STORE), who, len(x)))
+
+
+def test_plain_form_structure():
+    """q, k and v read one input: one LoraGroup call for the three (one down-projection GEMM); o and head alone.
+    Each site's A, B, scale and dropout rate are route inputs, not attributes."""
     model = Attn().eval()
     base = trace(model, (X,)).gm.graph.nodes
-    gm, adapter, n = lora_graph(model, LoRA(r=4, alpha=8), ["q", "v"])
-    assert n == 2
-    assert list(adapter.sites) == ["q", "v"]
+    gm, adapter, n = lora_graph(model, LoRA(r=4, alpha=8), ["q", "k", "v", "o"])
+    assert n == 4 and list(adapter.sites) == ["q", "k", "v", "o"]
     nodes = list(gm.graph.nodes)
     assert sum(n.target == aten.linear.default for n in nodes) == sum(n.target == aten.linear.default for n in base)
+    groups = [n for n in nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), LoraGroup)]
+    assert [gm.get_submodule(g.target).paths for g in groups] == [["q", "k", "v"], ["o"]]
+    assert all(n.meta["peftc"]["method"] == "lora" for n in lora_nodes(gm))
+    assert route_keys(gm) == [("lora", s, p) for s in ("q", "k", "v", "o") for p in ("A", "B", "s", "p")]
+    assert not [n for n in lora_nodes(gm) if n.op == "get_attr"]               # no weights read from the store
+    outs = [n for n in lora_nodes(gm) if n.meta["peftc"]["role"] == "out"]
+    assert len(outs) == 4 and all(base_output(o).target == aten.linear.default for o in outs)
+    assert all(set(base_output(o).users) <= set(lora_nodes(gm)) for o in outs)   # only the subgraph reads y
+    w = adapter.sites["q"]
+    assert w.A.shape == (4, D) and w.B.shape == (D, 4) and w.A.requires_grad and torch.count_nonzero(w.B) == 0
+
+
+def test_gathered_form_structure():
+    model = Attn().eval()
+    gm, adapter, n = lora_graph(model, LoRA(r=4, alpha=8), ["q", "v"], form="mixed")
+    assert n == 2
     new = lora_nodes(gm)
-    assert all(n.meta["peftc"]["method"] == "lora" for n in new)
     assert sum(n.target == aten.bmm.default for n in new) == 2                # x A^T, per site
     assert sum(n.target == aten.baddbmm_.default for n in new) == 2            # y + h B^T, per site, one GEMM
     attrs = {n.target for n in new if n.op == "get_attr"}
     assert {f"{STORE}.adapters.default.sites.{s}.{p}" for s in ("q", "v") for p in ("A", "B")} <= attrs
-    assert {f"{STORE}.active", f"{STORE}.mixed", f"{STORE}.rows"} <= attrs  # the routing is read, not built in
-    gm_store = gm.get_submodule(STORE)
-    assert gm_store.banks["q"].scales.tolist() == [0.0, 2.0]                # slot 0 is the base model; alpha / r
-    # the site's old users now read the adapted output ("out"), whose base output is the old linear
+    assert route_keys(gm) == [("rows",)]                                     # the rows' slots: the call's input
+    assert not any(n.target == aten.where.self for n in gm.graph.nodes)
+    assert gm.get_submodule(STORE).banks["q"].scales.tolist() == [0.0, 2.0]  # slot 0 is the base model; alpha / r
     outs = [n for n in new if n.meta["peftc"]["role"] == "out"]
     assert len(outs) == 2 and all(base_output(o).target == aten.linear.default for o in outs)
-    assert all(set(base_output(o).users) <= set(new) for o in outs)   # only the subgraph reads the old output
-    w = adapter.sites["q"]
-    assert w.A.shape == (4, D) and w.B.shape == (D, 4) and w.A.requires_grad and w.B.requires_grad
-    assert torch.count_nonzero(w.B) == 0
 
 
-def test_fresh_adapter_is_exactly_the_base_model():
+@pytest.mark.parametrize("form", FORMS)
+def test_fresh_adapter_is_exactly_the_base_model(form):
     model = Attn().eval()
-    gm, _, _ = lora_graph(model, LoRA(r=4, targets=None), ["q", "k", "v", "o", "head"])
-    assert torch.equal(gm(X), model(X))
+    gm, _, _ = lora_graph(model, LoRA(r=4, targets=None), ["q", "k", "v", "o", "head"], form=form)
+    assert torch.equal(call(gm, X, form), model(X))
     torch.testing.assert_close(model(X), reference(X, weights(model)))
 
 
+@pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("rslora", [False, True])
-def test_insert_lora_numerics(rslora):
+def test_insert_lora_numerics(rslora, form):
     model = Attn().eval()
     spec = LoRA(r=3, alpha=5.0, use_rslora=rslora)
-    gm, adapter, _ = lora_graph(model, spec, ["q", "o", "head"])
+    gm, adapter, _ = lora_graph(model, spec, ["q", "k", "o", "head"], form=form)
     randomize_b_(adapter)
     s = 5.0 / (math.sqrt(3) if rslora else 3)
     assert spec.scale == pytest.approx(s)
@@ -129,22 +163,94 @@ def test_insert_lora_numerics(rslora):
     for site, lw in adapter.sites.items():
         w[site] = (w[site][0] + s * lw.B @ lw.A, w[site][1])    # W' = W + s B A
     x = torch.randn(3, 5, D)                                    # another batch size than traced
-    torch.testing.assert_close(gm(x), reference(x, w), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(call(gm, x, form), reference(x, w), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():                                       # the in-place path gives the same
+        torch.testing.assert_close(call(gm, x, form), reference(x, w), rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_reach_adapter_weights_only():
+@pytest.mark.parametrize("form", FORMS)
+def test_gradients_reach_adapter_weights_only(form):
     model = Attn().eval()
-    gm, adapter, _ = lora_graph(model, LoRA(r=2), ["v"])
+    gm, adapter, _ = lora_graph(model, LoRA(r=2), ["q", "v"], form=form)
     randomize_b_(adapter)
-    gm(X).sum().backward()
-    lw = adapter.sites["v"]
-    assert lw.A.grad is not None and lw.B.grad is not None
+    call(gm, X, form).sum().backward()
+    for lw in adapter.sites.values():
+        assert lw.A.grad is not None and lw.B.grad is not None
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_dropout_in_spec_is_a_per_row_module_on_the_site_input():
+def test_plain_form_gradients_equal_autograd_on_the_plain_formula():
+    """The custom backward (x and h saved, nothing else) against autograd on W x + s B A x, float64, input
+    gradient included; q, k and v share the down projection."""
+    model = Attn().double().eval()
+    x = X.double()
+    gm, adapter, _ = lora_graph(model, LoRA(r=3, alpha=6), ["q", "k", "v", "o"], x=x)
+    adapter.double()
+    randomize_b_(adapter)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    call(gm, xs[0], "single").pow(2).sum().backward()
+    got = [lw.A.grad.clone() for lw in adapter.sites.values()] + [lw.B.grad.clone() for lw in adapter.sites.values()]
+    adapter.zero_grad()
+    w = weights(model)
+    for site, lw in adapter.sites.items():
+        w[site] = (w[site][0] + 2.0 * lw.B @ lw.A, w[site][1])
+    reference(xs[1], w).pow(2).sum().backward()
+    want = [lw.A.grad for lw in adapter.sites.values()] + [lw.B.grad for lw in adapter.sites.values()]
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-10, atol=1e-10)
+
+
+def test_lora_update_gradcheck():
+    """torch.autograd.gradcheck on the group op: two sites of other ranks and widths reading one x."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.double, generator=g, requires_grad=True)
+    As = [torch.randn(r, 5, dtype=torch.double, generator=g, requires_grad=True) for r in (2, 3)]
+    Bs = [torch.randn(o, r, dtype=torch.double, generator=g, requires_grad=True) for o, r in ((4, 2), (6, 3))]
+    Ws = [torch.randn(o, 5, dtype=torch.double, generator=g) for o in (4, 6)]
+    ss = [torch.tensor(0.5, dtype=torch.double), torch.tensor(2.0, dtype=torch.double)]
+
+    def f(x, A0, A1, B0, B1):
+        return lora_update(x, [F.linear(x, W) for W in Ws], [A0, A1], [B0, B1], ss)
+    assert torch.autograd.gradcheck(f, (x, *As, *Bs))
+
+
+def test_saved_for_backward_is_x_and_h_only():
+    """What a training forward of the group keeps for backward: x (shared by q, k, v) and the rank-R h."""
+    model = Attn().eval()
+    gm, adapter, _ = lora_graph(model, LoRA(r=4), ["q", "k", "v"])
+    saved = []
+    x = X.clone().requires_grad_(True)
+    params = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *adapter.parameters()]}
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ys = lora_update(x, [F.linear(x, model.q.weight)] * 3, *[[adapter.sites[s].A for s in "qkv"],
+                                                                 [adapter.sites[s].B for s in "qkv"],
+                                                                 [adapter.sites[s].scale_t for s in "qkv"]])
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved
+                if t.untyped_storage().data_ptr() not in params and t.dim() > 0}
+    h_bytes = X.shape[0] * X.shape[1] * 12 * 4                                  # (N, 3 r) float32
+    assert storages == {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes(),
+                        next(k for k, v in storages.items() if v == h_bytes): h_bytes}
+    assert len(ys) == 3
+
+
+def test_dropout_in_spec_draws_in_train_mode_only():
     model = Attn().eval()
     gm, adapter, _ = lora_graph(model, LoRA(r=2, dropout=0.5), ["q"])
+    calls = [n for n in lora_nodes(gm) if n.op == "call_module"]
+    group = gm.get_submodule(calls[0].target)
+    assert isinstance(group, LoraGroup) and group.live
+    randomize_b_(adapter)
+    gm.train()
+    torch.manual_seed(0)
+    assert not torch.equal(run(gm, X), run(gm, X))                # dropout is live in train mode
+    gm.eval()
+    assert torch.equal(run(gm, X), run(gm, X))
+
+
+def test_gathered_dropout_is_a_per_row_module_on_the_site_input():
+    model = Attn().eval()
+    gm, adapter, _ = lora_graph(model, LoRA(r=2, dropout=0.5), ["q"], form="mixed")
     calls = [n for n in lora_nodes(gm) if n.op == "call_module"]
     assert [n.target for n in calls] == [f"{STORE}.banks.q.dropout"]
     assert isinstance(gm.get_submodule(calls[0].target), RowDropout)
@@ -152,19 +258,20 @@ def test_dropout_in_spec_is_a_per_row_module_on_the_site_input():
     randomize_b_(adapter)
     gm.train()
     torch.manual_seed(0)
-    a = gm(X)
-    b = gm(X)
-    assert not torch.equal(a, b)                                # dropout is live in train mode
+    assert not torch.equal(call(gm, X, "mixed"), call(gm, X, "mixed"))
     gm.eval()
-    assert torch.equal(gm(X), gm(X))
+    assert torch.equal(call(gm, X, "mixed"), call(gm, X, "mixed"))
 
 
-def test_no_dropout_module_without_dropout():
+def test_no_dropout_without_dropout():
     gm, _, _ = lora_graph(Attn().eval(), LoRA(r=2, dropout=0.0), ["q"])
+    assert not any(gm.get_submodule(n.target).live for n in lora_nodes(gm) if n.op == "call_module")
+    gm, _, _ = lora_graph(Attn().eval(), LoRA(r=2, dropout=0.0), ["q"], form="mixed")
     assert not [n for n in lora_nodes(gm) if n.op == "call_module"]
 
 
-def test_shared_module_is_adapted_at_every_call():
+@pytest.mark.parametrize("form", FORMS)
+def test_shared_module_is_adapted_at_every_call(form):
     class Twice(nn.Module):
         def __init__(self):
             super().__init__()
@@ -174,19 +281,21 @@ def test_shared_module_is_adapted_at_every_call():
             return self.lin(torch.relu(self.lin(x)))
 
     model = Twice().eval()
-    gm, adapter, n = lora_graph(model, LoRA(r=2, alpha=2), ["lin"], x=torch.randn(2, D))
+    gm, adapter, n = lora_graph(model, LoRA(r=2, alpha=2), ["lin"], x=torch.randn(2, D), form=form)
     assert n == 2 and list(adapter.sites) == ["lin"]
-    assert sum(n.target == aten.baddbmm_.default for n in lora_nodes(gm)) == 2
+    assert len(route_keys(gm)) == (4 if form == "single" else 1)          # one set of inputs for both calls
     randomize_b_(adapter)
     lw = adapter.sites["lin"]
     W = model.lin.weight + lw.B @ lw.A
     x = torch.randn(4, D)
-    torch.testing.assert_close(gm(x), F.linear(torch.relu(F.linear(x, W, model.lin.bias)), W, model.lin.bias))
+    torch.testing.assert_close(call(gm, x, form), F.linear(torch.relu(F.linear(x, W, model.lin.bias)), W,
+                                                           model.lin.bias))
 
 
-def test_routing_is_data_two_adapters_of_other_ranks_and_targets():
-    """Adapters a (r=2, on q) and b (r=3, on q and o) in one graph: the active slot or the per-row slots pick the
-    update; slot 0 is the base model; b's rank pads a's to R=3; a adds nothing at o."""
+@pytest.mark.parametrize("form", FORMS)
+def test_routing_is_data_two_adapters_of_other_ranks_and_targets(form):
+    """Adapters a (r=2, on q) and b (r=3, on q and o) in one graph: the call's adapter (plain form) or its rows'
+    slots (gathered form) pick the update; slot 0 is the base model; a adds nothing at o."""
     model = Attn().eval()
     gm = trace(model, (X,)).gm
     sites = find_sites(gm)
@@ -194,13 +303,11 @@ def test_routing_is_data_two_adapters_of_other_ranks_and_targets():
     gm.add_submodule(STORE, store)
     a = add_adapter_(store, sites, "a", LoRA(r=2, alpha=2), ["q"])
     b = add_adapter_(store, sites, "b", LoRA(r=3, alpha=6), ["q", "o"])
-    assert insert_lora(gm, sites, store) == 2
+    assert insert_lora(gm, sites, store, form=form) == 2
     gm.graph.lint()
     gm.recompile()
     randomize_b_(a)
     randomize_b_(b)
-    assert gm.get_submodule(STORE).banks["q"].empty.A.shape == (3, D)
-    assert gm.get_submodule(STORE).banks["o"].scales.tolist() == [0.0, 0.0, 2.0]
 
     def expected(x, who):
         w = weights(model)
@@ -212,17 +319,21 @@ def test_routing_is_data_two_adapters_of_other_ranks_and_targets():
         return reference(x, w)
 
     x = torch.randn(3, 5, D)
+    if form == "single":
+        for who in ("a", "b"):
+            torch.testing.assert_close(run(gm, x, who=who), expected(x, who), rtol=1e-5, atol=1e-5)
+        return
+    assert store.banks["q"].empty.A.shape == (3, D)                          # b's rank pads a's to R=3
+    assert store.banks["o"].scales.tolist() == [0.0, 0.0, 2.0]
     for who in ("__base__", "a", "b"):
-        store.active.fill_(store.slot(who))
-        torch.testing.assert_close(gm(x), expected(x, who), rtol=1e-5, atol=1e-5)
-    store.rows[:3] = torch.tensor([store.slot("b"), 0, store.slot("a")])   # one adapter per row
-    store.mixed.fill_(True)
-    got = gm(x)
+        torch.testing.assert_close(run(gm, x, rows=rows_of(store, who, 3)), expected(x, who), rtol=1e-5, atol=1e-5)
+    got = run(gm, x, rows=torch.tensor([store.slot("b"), 0, store.slot("a")]))   # one adapter per row
     for i, who in enumerate(("b", "__base__", "a")):
         torch.testing.assert_close(got[i], expected(x[i:i + 1], who)[0], rtol=1e-5, atol=1e-5)
 
 
-def test_gpt2_conv1d_site_numerics():
+@pytest.mark.parametrize("form", FORMS)
+def test_gpt2_conv1d_site_numerics(form):
     model = make("gpt2")
     paths = ["transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_fc"]
     traced = trace(model)
@@ -233,16 +344,18 @@ def test_gpt2_conv1d_site_numerics():
     store = AdapterStore()
     gm.add_submodule(STORE, store)
     add_adapter_(store, sites, "default", spec, paths)
-    store.active.fill_(1)
-    assert insert_lora(gm, sites, store) == 2
+    assert insert_lora(gm, sites, store, form=form) == 2
     gm.graph.lint()
     gm.recompile()
     # Conv1D: y = addmm(b, x, W), x: [N, in]; the adapter reads addmm's second argument and adds to its output
     conv = sites[paths[0]].nodes[0]
-    acc = next(next(iter(u.users)) for u in conv.users if u.target == aten.reshape.default)
-    assert acc.target == aten.baddbmm_.default and acc.meta["peftc"]["method"] == "lora"
-    x3 = next(u for u in conv.args[1].users if u.target == aten.reshape.default and "peftc" in u.meta)
-    assert x3.args[1][1:] == [-1, 64]                           # (N, in) -> (batch, N / batch, in)
+    conv = next(n for n in gm.graph.nodes if n.name == conv.name)
+    if form == "mixed":
+        acc = next(next(iter(u.users)) for u in conv.users if u.target == aten.reshape.default)
+        assert acc.target == aten.baddbmm_.default and acc.meta["peftc"]["method"] == "lora"
+    else:
+        (group,) = conv.users
+        assert group.op == "call_module" and group.args[0] is conv.args[1] and group.args[1] == [conv]
     weights = [store["default"].sites[site_key(p)] for p in paths]
     assert weights[0].A.shape == (4, 64) and weights[0].B.shape == (192, 4)
     assert weights[1].A.shape == (4, 64) and weights[1].B.shape == (256, 4)
@@ -254,8 +367,9 @@ def test_gpt2_conv1d_site_numerics():
             ref.get_submodule(p).weight += (spec.scale * lw.B @ lw.A).T
     kw = inputs("gpt2", batch=3, seq=6)
     gm.eval()
+    route = plain_route(gm, store, "default") if form == "single" else [torch.ones(3, dtype=torch.long)]
     with torch.no_grad():
-        got = gm(**kw, **traced.constants).logits
+        got = gm(**kw, **traced.constants, peftc_route=route).logits
         want = ref(**kw).logits
         base = model(**kw).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

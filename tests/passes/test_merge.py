@@ -17,6 +17,7 @@ from peftc.errors import MergeError
 from peftc.passes.batchnorm import make_batchnorm_mode_aware
 from peftc.passes.dropout import make_dropout_mode_aware
 from peftc.passes.merge import fold_adapter, merge_graph_module
+from peftc.passes.route import plain_route
 from peftc.spec import LoRA
 from peftc.store import STORE, site_key
 from peftc.trace import trace
@@ -54,9 +55,9 @@ def close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
-def call(gm, x):
-    """A raw traced graph returns the model's outputs flattened: (y,)."""
-    out = gm(x)
+def call(gm, x, route=None):
+    """A raw traced graph returns the model's outputs flattened: (y,). An adapted one takes its route too."""
+    out = gm(x) if route is None else gm(x, peftc_route=route)
     return out[0] if isinstance(out, tuple) else out
 
 
@@ -115,7 +116,8 @@ def test_merged_equals_adapted_and_the_folded_reference(rslora):
             ref.get_submodule(t).weight += spec.scale * lw.B @ lw.A
     x = torch.randn(4, 5, D)                                        # another batch size than traced
     with torch.no_grad():
-        got, want, ref_out, base_out = call(merged, x), call(gm, x), ref(x), model(x)
+        route = plain_route(gm, gm.get_submodule(STORE), "default")
+        got, want, ref_out, base_out = call(merged, x), call(gm, x, route), ref(x), model(x)
     close(got, want)
     close(got, ref_out)
     assert not torch.allclose(got, base_out, atol=1e-2), "the adapter does not move the output; the test is vacuous"

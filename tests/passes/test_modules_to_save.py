@@ -8,6 +8,7 @@ from torch import nn
 import peftc
 from peftc.errors import SpecError
 from peftc.passes.modules_to_save import insert_saved_copies, module_paths, resolve_modules_to_save, saved_copies
+from peftc.passes.route import plain_route, route_keys
 from peftc.spec import LoRA
 from peftc.store import STORE, Adapter, AdapterStore, site_key
 from peftc.trace import trace
@@ -39,11 +40,15 @@ def saved_graph(model, names):
     for path in paths:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     store.add("default", adapter)
-    store.active.fill_(1)
     n = insert_saved_copies(gm, store)
     gm.graph.lint()
     gm.recompile()
     return gm, store["default"], n
+
+
+def run(gm, x):
+    """The rewritten graph called as a PeftModule calls it: the adapter's copies (or originals) as its route."""
+    return gm(x, peftc_route=plain_route(gm, gm.get_submodule(STORE), "default"))
 
 
 def test_resolve_names():
@@ -68,12 +73,12 @@ def test_insert_saved_copies_structure():
     model = Net().eval()
     gm, adapter, n = saved_graph(model, ["head", "norm"])
     assert n == 4                                                           # weight + bias of each
-    attrs = [x.target for x in gm.graph.nodes if x.op == "get_attr"]
-    assert {a for a in attrs if a.startswith(f"{STORE}.adapters")} == {
-        f"{STORE}.adapters.default.saved.{m}.{p}" for m in ("head", "norm") for p in ("weight", "bias")}
-    for x in gm.graph.nodes:                      # the originals feed only the routing: stack([original, copy])
+    assert route_keys(gm) == [("saved", m, p, f"{m}.{p}") for m in ("norm", "head") for p in ("weight", "bias")]
+    for x in gm.graph.nodes:                      # the originals are read no more: the call passes its tensors
         if x.op == "get_attr" and x.target.startswith(("head.", "norm.")):
-            assert [u.target for u in x.users] == [torch.ops.aten.stack.default]
+            assert not x.users
+    route = plain_route(gm, gm.get_submodule(STORE), "default")
+    assert all(r is adapter.saved[k[1]].get_parameter(k[2]) for r, k in zip(route, route_keys(gm)))
     for m in ("head", "norm"):
         for p in ("weight", "bias"):
             copy = gm.get_parameter(f"{STORE}.adapters.default.saved.{m}.{p}")
@@ -87,13 +92,13 @@ def test_copies_train_without_touching_the_model():
     model = Net().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gm, adapter, _ = saved_graph(model, ["head"])
-    assert torch.equal(gm(X), model(X))
-    gm(X).sum().backward()
+    assert torch.equal(run(gm, X), model(X))
+    run(gm, X).sum().backward()
     head = adapter.saved["head"]
     assert head.weight.grad is not None and head.bias.grad is not None
     with torch.no_grad():
         head.bias.add_(1.0)
-    torch.testing.assert_close(gm(X), model(X) + 1.0)                       # y = head'(h) = head(h) + 1
+    torch.testing.assert_close(run(gm, X), model(X) + 1.0)                       # y = head'(h) = head(h) + 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
