@@ -15,6 +15,7 @@ from .module import PeftModule
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
 from .passes.match import Site, find_sites, output_heads, tensor_at
+from .passes.sdpa_mask import float_attention_masks
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
 from .pipeline import run_passes
 from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
@@ -84,7 +85,8 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     traced = trace(model, example_inputs)
     gm = traced.gm
     sites = find_sites(gm)
-    base_passes = run_passes(gm, [("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware)])
+    base_passes = run_passes(gm, [("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware),
+                                  ("sdpa_mask", float_attention_masks)])
     cfg = getattr(model, "config", None)
     pm = PeftModule(traced, base_model=model, sites=sites, loss_type=loss_type_of(model),
                     base_name=getattr(cfg, "name_or_path", None) or None, base_passes=list(base_passes))

@@ -191,10 +191,11 @@ def test_mixed_batch_rows_equal_rows_alone(arch):
     assert pm.active_adapter == "default"
 
 
-def test_mixed_batch_larger_than_the_routing_buffer():
-    """A batch beyond the store's row capacity (1024) still routes every row."""
+def test_large_mixed_batch_routes_every_row():
+    """The rows' slots are the call's own input, with no buffer of fixed size behind them: a batch of 1030 rows
+    (past any small fixed row capacity) routes every row."""
     _, pm = build("llama")
-    n = pm.store.rows.shape[0] + 6
+    n = 1030
     x = inputs("llama", batch=n, seq=3, pad_row=False)
     names = [(BASE, "default", "b", "c")[i % 4] for i in range(n)]
     mixed = out(pm, x, adapter_names=names)
