@@ -29,10 +29,17 @@ MODES = ("no_grad", "inference", "train", "saved", "compiled")
 
 
 def callers(contestants: dict, ids: torch.Tensor, labels: bool = False) -> dict:
-    """name -> zero-argument call; the HF models without a KV cache, as peftc's graph."""
+    """name -> zero-argument call; the HF models without a KV cache, as peftc's graph. "peftc off" is peftc with
+    its adapters disabled: its own base graph, the floor its adapted call is measured against."""
     kw = {"labels": ids} if labels else {}
     out = {}
     for name, model in contestants.items():
+        if name == "peftc off":
+            def off(m=model):
+                with m.disable_adapters():
+                    return m(input_ids=ids, **kw)
+            out[name] = off
+            continue
         extra = {} if name.startswith("peftc") else {"use_cache": False}
         out[name] = (lambda m=model, e=extra: m(input_ids=ids, **e, **kw))
     return out
@@ -110,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     head = (f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
             f"{args.rounds} rounds (+{args.warmup} warm-up); ideal eval ratio {ideal:.3f}")
     results: dict = {"ideal": ideal}
-    pairs = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT")]
+    pairs = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"), ("peftc", "peftc off"), ("peftc off", "base")]
+    evals = dict(contestants, **{"peftc off": ours})
     if "no_grad" in modes:
-        t = time_calls(callers(contestants, ids), args.rounds, args.warmup, ids.device, torch.no_grad)
+        t = time_calls(callers(evals, ids), args.rounds, args.warmup, ids.device, torch.no_grad)
         results["no_grad"] = report(t, pairs, f"eval forward, torch.no_grad(): {head}")
     if "inference" in modes:
-        t = time_calls(callers(contestants, ids), args.rounds, args.warmup, ids.device, torch.inference_mode)
+        t = time_calls(callers(evals, ids), args.rounds, args.warmup, ids.device, torch.inference_mode)
         results["inference"] = report(t, pairs, f"eval forward, torch.inference_mode(): {head}")
     trainees = {"base": base, "PEFT": theirs, "peftc": ours}
     if "train" in modes or "saved" in modes:
@@ -139,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     ours.eval()
     if "compiled" in modes:
         compiled = {k: torch.compile(m) for k, m in contestants.items()}
+        compiled["peftc off"] = compiled["peftc"]      # the same compiled module; its base form compiles once
         calls = callers(compiled, ids)
         with torch.no_grad():
             for k, f in calls.items():
@@ -147,6 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
                 print(f"compiled {k} in {time.perf_counter() - t0:.1f} s")
         t = time_calls(calls, args.rounds, args.warmup, ids.device, torch.no_grad)
         results["compiled"] = report(t, pairs, f"torch.compile (inductor), eval forward, torch.no_grad(): {head}")
+    print("\n'peftc off': peftc with disable_adapters(), its own base graph (what the adapter's cost is measured on)")
     return results
 
 

@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
     ids = example_ids(base, BATCH, SEQ, args.device)                          # (B, T)
     check_outputs(ours, theirs, base, ids, mixed)
 
-    contestants = {
-        "base": base,
+    contestants = {      # no KV cache built by anyone (peftc's graph is traced without one)
+        "base": lambda input_ids: base(input_ids=input_ids, use_cache=False),
         "peftc 1": ours,
         "peftc 8": lambda input_ids: ours(input_ids=input_ids, adapter_names=mixed),
         "peftc 1x8": lambda input_ids: ours(input_ids=input_ids, adapter_names=same),
-        "PEFT 1": theirs,
-        "PEFT 8": lambda input_ids: theirs(input_ids=input_ids, adapter_names=mixed),
+        "PEFT 1": lambda input_ids: theirs(input_ids=input_ids, use_cache=False),
+        "PEFT 8": lambda input_ids: theirs(input_ids=input_ids, adapter_names=mixed, use_cache=False),
     }
     pairs = [("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"), ("peftc 1x8", "peftc 1"),
              ("peftc 8", "PEFT 8")]

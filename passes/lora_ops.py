@@ -1,6 +1,7 @@
 """The LoRA update of sites that read one input, as the plain-form subgraph calls it: one down-projection GEMM over
-the sites' stacked A's, one accumulating GEMM per site, and in training a backward that saves only x and the rank-R
-intermediate (what PEFT's modules save), not the scaled copies or gathered weights autograd would keep.
+the sites' stacked A's, one accumulating GEMM per site, and in training a backward that saves only x (which the
+base layers' inputs share): the rank-R intermediate h is recomputed from it (one skinny GEMM per group) instead of
+kept, so autograd holds less than PEFT's modules do (they keep x and h), and no scaled copies or gathered weights.
 
     y_i' = y_i + s_i * (x A_i^T) B_i^T      for each site i reading x   (y_i = the site's own output)
 
@@ -63,7 +64,7 @@ def _update_(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
 
 
 class _LoraFn(torch.autograd.Function):
-    """Forward as _update_ (out of place); backward from x and h alone:
+    """Forward as _update_ (out of place); backward from x alone (h = x A^T again):
         g_h_i = s_i g_i B_i     g_B_i = s_i g_i^T h_i     g_A = g_h^T x     g_x = g_h A     (g_y_i = g_i)"""
 
     @staticmethod
@@ -76,15 +77,17 @@ class _LoraFn(torch.autograd.Function):
             outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h[:, off:off + r] * s, B.t()).view(y.shape))
             off += r
         ctx.n = n
-        ctx.save_for_backward(x, h, *As, *Bs, *scales)
+        ctx.save_for_backward(x, *As, *Bs, *scales)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         n = ctx.n
-        x, h, *rest = ctx.saved_tensors
+        x, *rest = ctx.saved_tensors
         As, Bs, scales = rest[:n], rest[n:2 * n], rest[2 * n:]
         need = ctx.needs_input_grad                      # (x, n, ys..., As..., Bs..., scales...)
+        x2 = x.reshape(-1, x.shape[-1])
+        h = _down(x2, As) if any(need[2 + 2 * n:2 + 3 * n]) else None        # (N, R), only for B's gradient
         need_x, need_A = need[0], any(need[2 + n:2 + 2 * n])
         g_ys = [g if need[2 + i] else None for i, g in enumerate(grads)]
         g_hs, g_Bs, off = [], [], 0
@@ -99,7 +102,6 @@ class _LoraFn(torch.autograd.Function):
         g_x = None
         if g_hs:
             g_h = g_hs[0] if n == 1 else torch.cat(g_hs, 1)                  # (N, R)
-            x2 = x.reshape(-1, x.shape[-1])
             if need_A:
                 g_A = torch.mm(g_h.t(), x2)                                  # (R, in)
                 g_As = [ga if need[2 + n + i] else None
