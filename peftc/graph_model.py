@@ -58,7 +58,7 @@ class GraphModel(nn.Module):
                    num_items_in_batch: Any = None, **kwargs):
         """Call graph `gm` with the model's inputs and, when given, the call's route (passes.route)."""
         t = self._traced
-        extra = {} if route is None else {"peftc_route": route}
+        extra = {"peftc_route": route} if route else {}     # a graph with nothing routed takes no route
         if t.positional:
             if kwargs:
                 raise InputError(f"this module was traced with positional inputs; got keyword inputs {sorted(kwargs)}")

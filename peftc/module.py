@@ -116,6 +116,11 @@ class PeftModule(GraphModel):
         self._routes_changed()      # buffers (scales, zeros) may be new tensors now
         return out
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_route_cache"] = {}     # views of this module's tensors: a copy makes its own
+        return state
+
     def _routes_changed(self) -> None:
         """Forget the per-adapter route values (new ones are made on the next call)."""
         object.__setattr__(self, "_route_cache", {})
