@@ -127,6 +127,16 @@ def _placeable(members: list[tuple[Site, Node]], order: dict[Node, int]) -> list
     return [group] + [[m] for m in alone]
 
 
+def _recipe(gm: GraphModule, x: Node):
+    """(function, its input nodes) that make `x` again, where x is the output of a module that offers one
+    (recipe(): e.g. passes.gated's act(gate) * up, whose operands autograd keeps anyway); else (None, ())."""
+    if x.op == "call_module" and not x.kwargs:
+        recipe = getattr(gm.get_submodule(x.target), "recipe", None)
+        if recipe is not None and all(isinstance(a, Node) for a in x.args):
+            return recipe(), list(x.args)
+    return None, ()
+
+
 def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], store: AdapterStore) -> None:
     g = gm.graph
     last = members[0][1]
@@ -143,12 +153,14 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
         for part, example in like.items():
             parts[part].append(route_input(gm, ("lora", site.fqn, part), example))
     key = f"g{len(store.groups)}"
-    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths))
+    remake, srcs = _recipe(gm, x)
+    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths), remake=remake)
     ys = [node for _, node in members]
     meta = {"method": "lora", "adapter": "*"}
     made = []
     with g.inserting_after(last):
-        call = g.call_module(f"{STORE}.groups.{key}", (x, ys, parts["A"], parts["B"], parts["s"], parts["p"]))
+        call = g.call_module(f"{STORE}.groups.{key}",
+                             (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *([srcs] if srcs else [])))
     made.append(call)
     prev = call
     outs = []

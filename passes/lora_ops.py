@@ -18,21 +18,28 @@ class LoraGroup(nn.Module):
     """Call-site module of one group of sites that read the same input. Stateless but for `live`: whether any
     adapter routed here has a dropout rate (a Python flag, so a model without dropout draws no masks; under
     torch.compile a change of it recompiles once, a change of the rates does not). Dropout, where live in training,
-    draws each site's own mask as PEFT does, so the sites then run one by one."""
+    draws each site's own mask as PEFT does, so the sites then run one by one.
 
-    def __init__(self, paths: list[str], live: bool = False):
+    `remake`, where given, is a function of the tensors `srcs` that returns x again (an earlier pass's recipe, e.g.
+    act(gate) * up, whose operands autograd keeps for that op when they need gradients): where they do, the
+    backward keeps srcs instead of a copy of x."""
+
+    def __init__(self, paths: list[str], live: bool = False, remake=None):
         super().__init__()
         self.paths = list(paths)
         self.live = live
+        self.remake = remake
 
-    def forward(self, x, ys, As, Bs, scales, rates):
+    def forward(self, x, ys, As, Bs, scales, rates, srcs=()):
         if self.training and self.live:
             return tuple(lora_update(_dropout(x, p), [y], [A], [B], [s])[0]
                          for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
-        return lora_update(x, ys, As, Bs, scales)
+        if not any(t.requires_grad for t in srcs):        # only where autograd keeps them anyway
+            return lora_update(x, ys, As, Bs, scales)
+        return lora_update(x, ys, As, Bs, scales, self.remake, srcs)
 
     def extra_repr(self) -> str:
-        return f"sites={self.paths}, dropout={self.live}"
+        return f"sites={self.paths}, dropout={self.live}" + (", x recomputed" if self.remake else "")
 
 
 def _dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -41,11 +48,11 @@ def _dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return x * torch.bernoulli(keep.expand_as(x)) / keep
 
 
-def lora_update(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
+def lora_update(x, ys, As, Bs, scales, remake=None, srcs=()) -> tuple[torch.Tensor, ...]:
     """(y_i + s_i B_i A_i x for each site i). Without autograd (eval, no_grad, inference_mode, frozen adapters) the
-    y_i are updated in place; with it, a custom backward saves x and h only."""
+    y_i are updated in place; with it, a custom backward saves x (or, with `remake`, the `srcs` it is made from)."""
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in (*ys, *As, *Bs))):
-        return _LoraFn.apply(x, len(ys), *ys, *As, *Bs, *scales)
+        return _LoraFn.apply(x, remake, len(srcs), *srcs, len(ys), *ys, *As, *Bs, *scales)
     return _update_(x, ys, As, Bs, scales)
 
 
@@ -64,11 +71,13 @@ def _update_(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
 
 
 class _LoraFn(torch.autograd.Function):
-    """Forward as _update_ (out of place); backward from x alone (h = x A^T again):
-        g_h_i = s_i g_i B_i     g_B_i = s_i g_i^T h_i     g_A = g_h^T x     g_x = g_h A     (g_y_i = g_i)"""
+    """Forward as _update_ (out of place); backward from x alone (h = x A^T again; x = remake(*srcs) again where
+    given):  g_h_i = s_i g_i B_i     g_B_i = s_i g_i^T h_i     g_A = g_h^T x     g_x = g_h A     (g_y_i = g_i)
+    Arguments: x, remake, k, srcs (k), n, ys (n), As (n), Bs (n), scales (n)."""
 
     @staticmethod
-    def forward(ctx, x, n, *t):
+    def forward(ctx, x, remake, k, *t):
+        srcs, n, t = t[:k], t[k], t[k + 1:]
         ys, As, Bs, scales = t[:n], t[n:2 * n], t[2 * n:3 * n], t[3 * n:]
         h = _down(x.reshape(-1, x.shape[-1]), As)                             # (N, R)
         outs, off = [], 0
@@ -76,25 +85,29 @@ class _LoraFn(torch.autograd.Function):
             r = A.shape[0]
             outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h[:, off:off + r] * s, B.t()).view(y.shape))
             off += r
-        ctx.n = n
-        ctx.save_for_backward(x, *As, *Bs, *scales)
+        ctx.n, ctx.k, ctx.remake, ctx.x_shape = n, k, remake, x.shape
+        ctx.save_for_backward(*(srcs if remake is not None else (x,)), *As, *Bs, *scales)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        n = ctx.n
-        x, *rest = ctx.saved_tensors
+        n, k = ctx.n, ctx.k
+        saved = ctx.saved_tensors
+        if ctx.remake is not None:
+            x, rest = ctx.remake(*saved[:k]), saved[k:]
+        else:
+            x, rest = saved[0], saved[1:]
         As, Bs, scales = rest[:n], rest[n:2 * n], rest[2 * n:]
-        need = ctx.needs_input_grad                      # (x, n, ys..., As..., Bs..., scales...)
+        need = ctx.needs_input_grad[4 + k:]               # (ys..., As..., Bs..., scales...)
+        need_x, need_A = ctx.needs_input_grad[0], any(need[n:2 * n])
         x2 = x.reshape(-1, x.shape[-1])
-        h = _down(x2, As) if any(need[2 + 2 * n:2 + 3 * n]) else None        # (N, R), only for B's gradient
-        need_x, need_A = need[0], any(need[2 + n:2 + 2 * n])
-        g_ys = [g if need[2 + i] else None for i, g in enumerate(grads)]
+        h = _down(x2, As) if any(need[2 * n:3 * n]) else None                # (N, R), only for B's gradient
+        g_ys = [g if need[i] else None for i, g in enumerate(grads)]
         g_hs, g_Bs, off = [], [], 0
         for i, (g, A, B, s) in enumerate(zip(grads, As, Bs, scales)):
             r = A.shape[0]
             g2 = g.reshape(-1, g.shape[-1])                                   # (N, out_i)
-            g_Bs.append(torch.mm(g2.t(), h[:, off:off + r]) * s if need[2 + 2 * n + i] else None)   # (out_i, r)
+            g_Bs.append(torch.mm(g2.t(), h[:, off:off + r]) * s if need[2 * n + i] else None)   # (out_i, r)
             if need_x or need_A:
                 g_hs.append(torch.mm(g2, B) * s)                              # (N, r)
             off += r
@@ -104,8 +117,8 @@ class _LoraFn(torch.autograd.Function):
             g_h = g_hs[0] if n == 1 else torch.cat(g_hs, 1)                  # (N, R)
             if need_A:
                 g_A = torch.mm(g_h.t(), x2)                                  # (R, in)
-                g_As = [ga if need[2 + n + i] else None
+                g_As = [ga if need[n + i] else None
                         for i, ga in enumerate(g_A.split([A.shape[0] for A in As], 0))]
             if need_x:
-                g_x = torch.mm(g_h, As[0] if n == 1 else torch.cat(As)).view(x.shape)
-        return (g_x, None, *g_ys, *g_As, *g_Bs, *([None] * n))
+                g_x = torch.mm(g_h, As[0] if n == 1 else torch.cat(As)).view(ctx.x_shape)
+        return (g_x, None, None, *([None] * k), None, *g_ys, *g_As, *g_Bs, *([None] * n))

@@ -14,6 +14,7 @@ from .loss import loss_type_of
 from .module import PeftModule
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
+from .passes.gated import fuse_gated_activations
 from .passes.match import Site, find_sites, output_heads, tensor_at
 from .passes.sdpa_mask import float_attention_masks
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
@@ -86,7 +87,8 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     gm = traced.gm
     sites = find_sites(gm)
     base_passes = run_passes(gm, [("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware),
-                                  ("sdpa_mask", float_attention_masks)])
+                                  ("sdpa_mask", float_attention_masks),
+                                  ("gated", fuse_gated_activations)])
     cfg = getattr(model, "config", None)
     pm = PeftModule(traced, base_model=model, sites=sites, loss_type=loss_type_of(model),
                     base_name=getattr(cfg, "name_or_path", None) or None, base_passes=list(base_passes))
