@@ -130,14 +130,16 @@ def example_ids(base, batch: int, seq: int, device) -> torch.Tensor:
 
 
 def report(times: dict[str, list[float]], pairs, header: str) -> dict:
-    """Print each contestant's times and, per (a, b) pair, a/b as ratios of medians, of minimums and the median
-    per-round ratio (on a busy machine the medians drift; the other two are steadier). Returns those ratios."""
+    """Print each contestant's times (and medians over the base model's, or over the first contestant's where
+    there is no base) and, per (a, b) pair, a/b as ratios of medians, of minimums and the median per-round ratio
+    (on a busy machine the medians drift; the other two are steadier). Returns those ratios."""
     med = {n: statistics.median(t) for n, t in times.items()}
+    ref = "base" if "base" in times else next(iter(times))
     width = max(map(len, times)) + 1
     print(f"\n{header}")
-    print(f"{'':{width}s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ base':>8s}")
+    print(f"{'':{width}s} {'median ms':>10s} {'min ms':>8s} {'max ms':>8s} {'/ ' + ref:>8s}")
     for n, t in times.items():
-        print(f"{n:{width}s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med['base']:8.3f}")
+        print(f"{n:{width}s} {1e3 * med[n]:10.2f} {1e3 * min(t):8.2f} {1e3 * max(t):8.2f} {med[n] / med[ref]:8.3f}")
     keys = [f"{a} / {b}" for a, b in pairs]
     ratios = {k: med[a] / med[b] for k, (a, b) in zip(keys, pairs)}
     mins = {k: min(times[a]) / min(times[b]) for k, (a, b) in zip(keys, pairs)}

@@ -23,10 +23,13 @@ aten = torch.ops.aten
 ACTS = {aten.silu.default: "silu", aten.gelu.default: "gelu"}
 
 
+def _act(a: torch.Tensor, act: str, approximate: str) -> torch.Tensor:
+    return aten.silu(a) if act == "silu" else aten.gelu(a, approximate=approximate)
+
+
 def gated_product(a: torch.Tensor, b: torch.Tensor, act: str, approximate: str = "none") -> torch.Tensor:
     """act(a) * b with the ops the traced graph had."""
-    s = aten.silu(a) if act == "silu" else aten.gelu(a, approximate=approximate)
-    return s * b
+    return _act(a, act, approximate) * b
 
 
 class _GatedFn(torch.autograd.Function):
@@ -46,8 +49,7 @@ class _GatedFn(torch.autograd.Function):
             g_a = (aten.silu_backward(g_s, a) if ctx.act == "silu"
                    else aten.gelu_backward(g_s, a, approximate=ctx.approximate))
         if need_b:
-            s = aten.silu(a) if ctx.act == "silu" else aten.gelu(a, approximate=ctx.approximate)
-            g_b = g * s
+            g_b = g * _act(a, ctx.act, ctx.approximate)
         return g_a, g_b, None, None
 
 
@@ -87,7 +89,7 @@ def fuse_gated_activations(gm: GraphModule) -> int:
             if not (isinstance(s, Node) and s.op == "call_function" and s.target in ACTS and len(s.users) == 1):
                 continue
             a, out, vb, va = s.args[0], _val(node), _val(b), _val(s.args[0])
-            if any(not isinstance(t, torch.Tensor) for t in (out, vb, va)) or not isinstance(b, Node):
+            if any(not isinstance(t, torch.Tensor) for t in (out, vb, va)):
                 continue
             if not (va.shape == vb.shape == out.shape and va.dtype == vb.dtype == out.dtype):
                 continue      # broadcasting or type promotion: leave it to the two ops
