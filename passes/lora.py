@@ -36,7 +36,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.store import STORE, AdapterStore, site_key
+from peftc.methods import Method, register_method
+from peftc.spec import LoRA, lora_from_config, lora_to_config
+from peftc.store import STORE, Adapter, AdapterStore, site_key
 
 from .lora_ops import LoraGroup
 from .match import Site, tensor_at
@@ -217,7 +219,7 @@ def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
     slots = store.slots()
     names = [a for a in slots[1:] if a is not None]
     capacity = store.capacity
-    rank = capacity.rank if capacity else max(store[a].spec.r for a in names)
+    rank = capacity.rank if capacity else max(store[a].max_rank for a in names)
     g = gm.graph
     first = _batch_source(gm)
     rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
@@ -304,3 +306,15 @@ def base_output(out: Node) -> Node:
     if out.target is operator.getitem:     # plain form: getitem(LoraGroup(x, ys, ...), i) -> ys[i]
         return out.args[0].args[1][out.args[1]]
     return out.args[0].args[0].args[0]     # gathered form: reshape(baddbmm_(reshape(y), ...)) -> y
+
+
+def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
+    """s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), computed in float32: LoRA's fold
+    rule for merge()."""
+    w = adapter.sites[site_key(site.fqn)]
+    delta = w.scale * (w.B_r.detach().float() @ w.A_r.detach().float())   # (out, in)
+    return delta.T if site.kind == "conv1d" else delta
+
+
+register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, site_kinds=("linear", "conv1d"),
+                       fold=lora_delta))

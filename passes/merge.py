@@ -11,14 +11,12 @@ back to the unmerged model is exact.
 from __future__ import annotations
 
 import copy
-from typing import Callable
-
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError
-from peftc.spec import AdapterSpec, LoRA
+from peftc.methods import METHODS, method_of
 from peftc.store import STORE, Adapter, site_key
 
 from .lora import base_output
@@ -26,24 +24,14 @@ from .match import Site, tensor_at
 from .route import drop_route_inputs
 
 
-def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
-    """s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), computed in float32."""
-    w = adapter.sites[site_key(site.fqn)]
-    delta = w.scale * (w.B_r.detach().float() @ w.A_r.detach().float())   # (out, in)
-    return delta.T if site.kind == "conv1d" else delta
-
-
-# How each method's delta is computed; a method missing here cannot be folded (prefix and prompt tuning add
-# inputs to attention, not a weight update).
-FOLDS: dict[type[AdapterSpec], Callable[[Adapter, Site], torch.Tensor]] = {LoRA: lora_delta}
-
-
 def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor) -> torch.Tensor:
     """W + delta in W's dtype, checked to be finite (PEFT's safe_merge)."""
-    fold = FOLDS.get(type(adapter.spec))
-    if fold is None:
-        raise MergeError(f"adapter {name!r} ({type(adapter.spec).__name__}) cannot be merged into the weights: only "
-                         f"{[t.__name__ for t in FOLDS]} adapters are weight updates; use the unmerged module")
+    method = method_of(adapter.spec)
+    if method.fold is None:
+        foldable = [m.name for m in METHODS.values() if m.fold is not None]
+        raise MergeError(f"adapter {name!r} ({method.name}) cannot be merged into the weights: its method has no "
+                         f"fold rule (methods that fold: {foldable}); use the unmerged module")
+    fold = method.fold
     merged = (weight.detach().float() + fold(adapter, site).to(weight.device)).to(weight.dtype)
     if not torch.isfinite(merged).all():
         raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives non-finite weights (inf or NaN); "

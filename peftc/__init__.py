@@ -10,12 +10,13 @@ from .errors import (CheckpointError, ExportError, InputError, MergeError, PassE
 from .compiled import CompiledPeftModule
 from .export import export_merged
 from .module import MergedModule, PeftModule
-from .spec import LoRA
+from .methods import METHODS, Method, register_method
+from .spec import AdapterSpec, LoRA
 from .store import Capacity
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
-           "export_merged", "CompiledPeftModule", "Capacity"]
+           "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

@@ -12,7 +12,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
-from .spec import spec_from_config, spec_to_config
+from .methods import spec_from_config, spec_to_config
 from .targets import peft_target_modules
 
 if TYPE_CHECKING:

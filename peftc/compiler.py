@@ -19,9 +19,10 @@ from .passes.match import Site, find_sites, output_heads, tensor_at
 from .passes.sdpa_mask import float_attention_masks
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
 from .pipeline import run_passes
-from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA, spec_from_config
+from .methods import method_of, spec_from_config
+from .spec import SEQ_CLS_HEADS, AdapterSpec, LoRA
 from .store import Adapter, Capacity, LoraWeights, site_key
-from .targets import check_rank, output_head_paths, resolve_targets
+from .targets import check_rank, output_head_paths, resolve_targets, select_layers
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,10 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 def as_spec(spec: Any) -> AdapterSpec:
     if isinstance(spec, AdapterSpec):
+        method = method_of(spec)
+        if not isinstance(spec, LoRA):      # the rewrite and emit passes implement LoRA's subgraph only so far
+            raise SpecError(f"method {method.name} is registered (config and fold rule) but peftc's rewrite passes "
+                            "build LoRA adapters only; compile it as peftc.LoRA")
         return spec
     if isinstance(spec, dict):
         return spec_from_config(spec, source="spec dict")
@@ -49,9 +54,9 @@ def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapt
     optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
     heads = output_head_paths(pm.base_model, output_heads(gm, sites), spec.task_type)
-    chosen = resolve_targets(spec.targets, sites, heads, saved)
+    chosen = select_layers(spec, resolve_targets(spec.targets, sites, heads, saved))
     if not loading:  # PEFT accepts r > min(in, out); checkpoints it wrote must load
-        check_rank(spec.r, sites, chosen)
+        check_rank(spec, sites, chosen)
     overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
     if overlap:
         raise SpecError(f"{sorted(overlap)} are both LoRA targets and modules_to_save; pick one for each layer")
@@ -59,8 +64,9 @@ def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapt
     for path in chosen:
         site: Site = sites[path]
         w = tensor_at(gm, site.weight)
-        adapter.sites[site_key(path)] = LoraWeights(spec.r, site.in_features, site.out_features, spec.scale,
-                                                    spec.dropout, spec.init, dtype=w.dtype, device=w.device)
+        adapter.sites[site_key(path)] = LoraWeights(spec.rank_at(path), site.in_features, site.out_features,
+                                                    spec.scale_at(path), spec.dropout, spec.init, dtype=w.dtype,
+                                                    device=w.device)
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     return adapter

@@ -11,7 +11,7 @@ from .errors import SpecError, TargetNotFound
 from .passes.match import Site, find_sites, output_heads
 from .passes.modules_to_save import resolve_modules_to_save
 from .spec import SEQ_CLS_HEADS, LoRA
-from .targets import check_rank, name_matches, output_head_paths, resolve_targets
+from .targets import check_rank, name_matches, output_head_paths, resolve_targets, select_layers
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class SitePlan:
 
     def lora_params(self, fqn: str) -> int:
         s = self.sites[fqn]
-        return self.spec.r * (s.in_features + s.out_features)   # A: (r, in), B: (out, r)
+        return self.spec.rank_at(fqn) * (s.in_features + s.out_features)   # A: (r, in), B: (out, r)
 
     @property
     def trainable(self) -> int:
@@ -74,11 +74,12 @@ def plan_sites(model: nn.Module, spec: LoRA, *, example_inputs: Any = None) -> S
             return plan
     try:
         plan.chosen = resolve_targets(targets, sites, heads, saved)
-    except TargetNotFound as e:
+        plan.chosen = select_layers(spec, plan.chosen)
+    except (TargetNotFound, SpecError) as e:
         plan.unmatched.append(str(e))
         return plan
     try:
-        check_rank(spec.r, sites, plan.chosen)
+        check_rank(spec, sites, plan.chosen)
     except SpecError as e:
         plan.problems.append(str(e))
     return plan

@@ -156,9 +156,10 @@ class PeftModule(GraphModel):
             raise InputError(f"no room for adapter {name!r}: the declared capacity of {cap.adapters} adapter(s) is "
                              f"full ({self.adapters}); delete_adapter() one, or pm.reserve(adapters=...) for more "
                              "(one recompile)")
-        if adapter.spec.r > cap.rank:
-            raise InputError(f"adapter {name!r} has rank r={adapter.spec.r}, above the declared capacity's rank "
-                             f"{cap.rank}; pm.reserve(rank={adapter.spec.r}) first (one recompile)")
+        rank = adapter.max_rank
+        if rank > cap.rank:
+            raise InputError(f"adapter {name!r} has rank r={rank}, above the declared capacity's rank "
+                             f"{cap.rank}; pm.reserve(rank={rank}) first (one recompile)")
 
     def _changes_graph(self, adapter: Adapter) -> bool:
         """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
@@ -179,7 +180,7 @@ class PeftModule(GraphModel):
         if adapters < len(self.adapters):
             raise InputError(f"capacity adapters={adapters} is below the {len(self.adapters)} adapters present "
                              f"({self.adapters}); delete some first")
-        ranks = {a: self.store[a].spec.r for a in self.adapters}
+        ranks = {a: self.store[a].max_rank for a in self.adapters}
         too_big = {a: r for a, r in ranks.items() if r > rank}
         if too_big:
             raise InputError(f"capacity rank={rank} is below the rank of adapter(s) {too_big}; reserve at least "

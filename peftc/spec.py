@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence, Union
 
@@ -35,10 +36,63 @@ def _normalize_targets(targets: Any) -> Targets:
     )
 
 
+def _pairs(name: str, value: Any, kind: type) -> tuple:
+    """A pattern dict (regex key -> value) as ordered pairs: PEFT takes the first key that matches."""
+    if value is None:
+        return ()
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in value):
+        value = dict(value)
+    if not isinstance(value, dict):
+        raise SpecError(f"{name} must be a dict of module-name pattern -> value, got {value!r}")
+    for k, v in value.items():
+        if not isinstance(k, str) or not k:
+            raise SpecError(f"{name} keys must be non-empty module-name patterns, got {k!r}")
+        if isinstance(v, bool) or not isinstance(v, kind) or (kind is int and v <= 0):
+            raise SpecError(f"{name}[{k!r}] must be a {'positive integer' if kind is int else 'number'}, got {v!r}")
+        try:
+            re.compile(k)
+        except re.error as e:
+            raise SpecError(f"{name} key {k!r} is not a valid regular expression ({e})") from None
+    return tuple(value.items())
+
+
+def _names(name: str, value: Any, *, regex: bool) -> Union[None, str, tuple[str, ...]]:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if isinstance(value, str):
+        if not regex:
+            return (value,)
+        try:
+            re.compile(value)
+        except re.error as e:
+            raise SpecError(f"{name}={value!r} is not a valid regular expression ({e})") from None
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    raise SpecError(f"{name} must be a module name, a list of names{' or a regex string' if regex else ''}, "
+                    f"got {value!r}")
+
+
+def _layers(value: Any) -> Union[None, int, tuple[int, ...]]:
+    if value is None or (isinstance(value, (list, tuple)) and not value):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                               for v in value):
+        return tuple(value)
+    raise SpecError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
+
+
 @dataclass(frozen=True)
 class LoRA(AdapterSpec):
     """Low-rank adapter: W x -> W x + (alpha / r) B A dropout(x)   (arXiv:2106.09685; rsLoRA: alpha / sqrt(r),
-    arXiv:2312.03732). A starts Kaiming-uniform and B at zero, so a fresh adapter changes no output."""
+    arXiv:2312.03732). A starts Kaiming-uniform and B at zero, so a fresh adapter changes no output.
+
+    As in PEFT: `rank_pattern` / `alpha_pattern` give some layers their own r / alpha (regex keys matched against
+    the end of the module path, the first matching key wins); `layers_to_transform` (with `layers_pattern`, the
+    name before the layer index, e.g. "layers" or "h") keeps targets named in a list to those layers only;
+    `exclude_modules` (names, or a regex over the whole path) leaves modules out."""
 
     peft_type: ClassVar[str] = "LORA"
     r: int = 8
@@ -49,7 +103,12 @@ class LoRA(AdapterSpec):
     modules_to_save: tuple[str, ...] = ()
     init: Union[bool, str] = True
     task_type: Union[str, None] = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)  # unknown PEFT config keys, kept verbatim
+    rank_pattern: tuple = ()
+    alpha_pattern: tuple = ()
+    layers_to_transform: Union[None, int, tuple[int, ...]] = None
+    layers_pattern: Union[None, tuple[str, ...]] = None
+    exclude_modules: Union[None, str, tuple[str, ...]] = None
+    extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -63,6 +122,17 @@ class LoRA(AdapterSpec):
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         object.__setattr__(self, "targets", _normalize_targets(self.targets))
+        object.__setattr__(self, "rank_pattern", _pairs("rank_pattern", self.rank_pattern, int))
+        object.__setattr__(self, "alpha_pattern", _pairs("alpha_pattern", self.alpha_pattern, (int, float)))
+        object.__setattr__(self, "layers_to_transform", _layers(self.layers_to_transform))
+        object.__setattr__(self, "layers_pattern", _names("layers_pattern", self.layers_pattern, regex=False))
+        object.__setattr__(self, "exclude_modules", _names("exclude_modules", self.exclude_modules, regex=True))
+        if isinstance(self.targets, str) and self.layers_to_transform is not None:
+            raise SpecError(f"layers_to_transform cannot be used with targets given as a string ({self.targets!r}), "
+                            "as in PEFT; list the target names instead")
+        if self.layers_pattern is not None and self.layers_to_transform is None:
+            raise SpecError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices "
+                            "to adapt); give both or neither")
         mts = self.modules_to_save
         if isinstance(mts, str) or not all(isinstance(m, str) and m for m in (mts or ())):
             raise SpecError(f"modules_to_save must be a list of module names, got {mts!r}")
@@ -75,37 +145,64 @@ class LoRA(AdapterSpec):
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
 
+    @staticmethod
+    def _pattern_value(pairs: tuple, path: str, default):
+        """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", path)."""
+        for key, value in pairs:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        return default
+
+    def rank_at(self, path: str) -> int:
+        return self._pattern_value(self.rank_pattern, path, self.r)
+
+    def alpha_at(self, path: str) -> float:
+        return self._pattern_value(self.alpha_pattern, path, self.alpha)
+
+    def scale_at(self, path: str) -> float:
+        r, alpha = self.rank_at(path), self.alpha_at(path)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    @property
+    def max_rank(self) -> int:
+        return max([self.r, *(v for _, v in self.rank_pattern)])
+
 
 # adapter_config.json <-> LoRA. Keys PEFT writes that peftc honours; others must hold their neutral value.
 _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "target_modules": "targets",
               "use_rslora": "use_rslora", "modules_to_save": "modules_to_save", "init_lora_weights": "init",
-              "task_type": "task_type"}
-_NEUTRAL = {"bias": "none", "use_dora": False, "fan_in_fan_out": None, "rank_pattern": {}, "alpha_pattern": {},
-            "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None, "layer_replication": None,
+              "task_type": "task_type", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
+              "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
+              "exclude_modules": "exclude_modules"}
+# LoRA options and variants peftc does not implement, at the value that switches them off
+_NEUTRAL = {"bias": "none", "use_dora": False, "fan_in_fan_out": None, "layer_replication": None,
             "lora_bias": False, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
-            "corda_config": None, "loftq_config": {}}
-_NEUTRAL_ALT = {"fan_in_fan_out": (False, True), "loftq_config": (None,), "layers_pattern": ([],),
-                "exclude_modules": ([],)}
+            "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
+            "monteclora_config": None, "arrow_config": None, "kasa_config": None,
+            "ensure_weight_tying": False}
+_NEUTRAL_ALT = {"fan_in_fan_out": (False, True), "loftq_config": (None,), "target_parameters": ([],)}
+# Keys that describe the checkpoint, not the adapter's function (or only matter with a refused option switched on).
+_METADATA = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+             "megatron_core", "qalora_group_size"}
 
 
-def spec_from_config(cfg: Any, *, source: str = "adapter_config.json") -> LoRA:
-    """Read a spec from a dict in adapter_config.json form (as PEFT writes it)."""
-    if isinstance(cfg, AdapterSpec):
-        return cfg
-    if not isinstance(cfg, dict):
-        raise SpecError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
-    ptype = cfg.get("peft_type")
-    if ptype is None:
-        raise SpecError(f"{source}: missing 'peft_type'; expected \"LORA\" (the only method peftc supports so far)")
-    if str(getattr(ptype, "value", ptype)).upper() != "LORA":  # PEFT's to_dict() gives a PeftType enum
-        raise SpecError(f"{source}: peft_type={ptype!r} is not supported yet; supported: ['LORA']")
+def lora_from_config(cfg: dict, source: str = "adapter_config.json") -> LoRA:
+    """LoRA from a dict in adapter_config.json form. A key peftc does not honour is refused, naming it, unless it
+    holds its neutral value (an unknown key: a false-like value such as None, False, {} or []), so a variant peftc
+    does not implement never loads as plain LoRA."""
     for key, neutral in _NEUTRAL.items():
         if key in cfg and cfg[key] != neutral and cfg[key] not in _NEUTRAL_ALT.get(key, ()):
             raise SpecError(
                 f"{source}: {key}={cfg[key]!r} is not supported by peftc yet (supported: {neutral!r}); "
                 "remove the key or use a plain LoRA config"
             )
+    known = set(_LORA_KEYS) | set(_NEUTRAL) | _METADATA
+    for key, value in cfg.items():
+        if key not in known and value not in (None, False, {}, [], ""):
+            raise SpecError(f"{source}: {key}={value!r} is a LoRA option peftc does not know; it would change what "
+                            "the adapter computes, so the adapter is refused rather than loaded as plain LoRA. "
+                            "Remove the key if it is neutral for this adapter")
     if "r" not in cfg:
         raise SpecError(f"{source}: missing required key 'r' (the LoRA rank)")
     kwargs: dict[str, Any] = {}
@@ -119,8 +216,7 @@ def spec_from_config(cfg: Any, *, source: str = "adapter_config.json") -> LoRA:
         if not isinstance(kwargs["modules_to_save"], (list, tuple)):
             raise SpecError(f"{source}: modules_to_save must be a list, got {kwargs['modules_to_save']!r}")
         kwargs["modules_to_save"] = tuple(kwargs["modules_to_save"])
-    known = set(_LORA_KEYS) | set(_NEUTRAL) | {"peft_type"}
-    kwargs["extra"] = {k: v for k, v in cfg.items() if k not in known}
+    kwargs["extra"] = {k: v for k, v in cfg.items() if k not in set(_LORA_KEYS) | set(_NEUTRAL) | {"peft_type"}}
     try:
         return LoRA(**kwargs)
     except SpecError as e:
@@ -129,17 +225,23 @@ def spec_from_config(cfg: Any, *, source: str = "adapter_config.json") -> LoRA:
         raise SpecError(f"{source}: {e}") from None
 
 
-def spec_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: str | None,
+def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: str | None,
                    task_type: str | None, modules_to_save: Sequence[str] | None) -> dict:
     """adapter_config.json for `spec` as PEFT writes it; `target_modules` is the resolved, PEFT-matchable form."""
     cfg = dict(spec.extra)
     cfg.update(_NEUTRAL)
+    layers = spec.layers_to_transform
     cfg.update({
         "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": target_modules, "use_rslora": spec.use_rslora, "init_lora_weights": spec.init,
         "modules_to_save": list(modules_to_save) if modules_to_save else None, "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "fan_in_fan_out": False,
-        "revision": None, "auto_mapping": None,
+        "revision": None, "auto_mapping": None, "rank_pattern": dict(spec.rank_pattern),
+        "alpha_pattern": dict(spec.alpha_pattern),
+        "layers_to_transform": list(layers) if isinstance(layers, tuple) else layers,
+        "layers_pattern": list(spec.layers_pattern) if spec.layers_pattern else None,
+        "exclude_modules": list(spec.exclude_modules) if isinstance(spec.exclude_modules, tuple)
+        else spec.exclude_modules,
     })
     return dict(sorted(cfg.items()))
 

@@ -93,6 +93,11 @@ class Adapter(nn.Module):
         self.sites = nn.ModuleDict()
         self.saved = nn.ModuleDict()          # site_key(module path) -> module holding trainable parameter copies
 
+    @property
+    def max_rank(self) -> int:
+        """The largest rank among its sites (per-site ranks differ with rank_pattern)."""
+        return max((w.r for w in self.sites.values()), default=1)
+
 
 BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
 

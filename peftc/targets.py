@@ -87,9 +87,11 @@ def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Seq
     return [f for f in sites if any(name_matches(f, t) for t in targets)]
 
 
-def check_rank(r: int, sites: dict[str, Site], chosen: Sequence[str]) -> None:
+def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
+    """Each chosen site's rank (spec.rank_at: r, or its rank_pattern entry) fits its layer."""
     for f in chosen:
         s = sites[f]
+        r = spec.rank_at(f)
         if r > min(s.in_features, s.out_features):
             raise SpecError(
                 f"LoRA rank r={r} is larger than min(in, out)={min(s.in_features, s.out_features)} of layer {f} "
@@ -110,3 +112,54 @@ def peft_target_modules(targets, sites: dict[str, Site], chosen: Sequence[str]):
     if {f for f in sites if any(name_matches(f, t) for t in tails)} == chosen_set:
         return tails
     return sorted(chosen)
+
+
+def _excluded(path: str, exclude) -> bool:
+    """PEFT's exclude_modules: a regex string must match the whole path; names match it exactly or as its tail."""
+    if isinstance(exclude, str):
+        return re.fullmatch(exclude, path) is not None
+    return any(name_matches(path, e) for e in exclude)
+
+
+def _layer_index(path: str, layers_pattern) -> int | None:
+    """PEFT's rule: the first numbered path component (after one of `layers_pattern`, when given)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        m = None
+        for pattern in layers_pattern:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if m is not None:
+                break
+    return int(m["idx"]) if m else None
+
+
+def select_layers(spec, chosen: list[str]) -> list[str]:
+    """`chosen` less the spec's exclude_modules and the layers outside layers_to_transform (which, as in PEFT,
+    spares a target given as its exact path). Errors name the option that left nothing."""
+    out = list(chosen)
+    exclude = getattr(spec, "exclude_modules", None)
+    if exclude:
+        out = [p for p in out if not _excluded(p, exclude)]
+        if not out:
+            raise TargetNotFound(f"exclude_modules={exclude!r} excludes every target ({len(chosen)} layers); "
+                                 "narrow exclude_modules or widen targets")
+    layers = getattr(spec, "layers_to_transform", None)
+    if layers is not None:
+        wanted = {layers} if isinstance(layers, int) else set(layers)
+        exact = set(spec.targets or ())
+        kept = [p for p in out if p in exact or _layer_index(p, spec.layers_pattern) in wanted]
+        if not kept:
+            found = sorted({i for i in (_layer_index(p, spec.layers_pattern) for p in out) if i is not None})
+            raise TargetNotFound(
+                f"layers_to_transform={layers!r} (layers_pattern={spec.layers_pattern!r}) selects none of the "
+                f"{len(out)} targets; their layer indices are {found or 'not found (check layers_pattern)'}, "
+                f"e.g. {out[0]}")
+        out = kept
+    for option in ("rank_pattern", "alpha_pattern"):
+        for key, _ in getattr(spec, option, ()):
+            if not any(re.match(rf"(.*\.)?({key})$", p) for p in out):
+                raise SpecError(f"{option} key {key!r} matches none of the adapted layers (e.g. {out[0]}); a key is "
+                                "a regex matched against the end of a module path, e.g. 'q_proj' or "
+                                r"'layers\.0\.self_attn\.q_proj'")
+    return out

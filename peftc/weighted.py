@@ -158,6 +158,9 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
     for name, ad in zip(adapters, ads):
         if not isinstance(ad.spec, LoRA):
             raise SpecError(f"adapter {name!r} is a {type(ad.spec).__name__}; only LoRA adapters can be combined")
+        if ad.spec.rank_pattern or ad.spec.alpha_pattern:
+            raise SpecError(f"adapter {name!r} has per-layer ranks or alphas (rank_pattern/alpha_pattern); weighted "
+                            "combinations need one rank per adapter; combine adapters without them")
         if ad.saved_modules:
             raise SpecError(f"adapter {name!r} has modules_to_save {ad.saved_modules}; whole-module copies have no "
                             "weighted combination (PEFT allows at most one such adapter and gives the new adapter "
@@ -166,10 +169,12 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
         log.info("one adapter: combination_type=%r becomes 'linear' (as in PEFT)", combination_type)
         combination_type = "linear"
     rank_of, combine = COMBINATIONS[combination_type]
-    r = rank_of([ad.spec.r for ad in ads], svd_rank)
+    r = rank_of([ad.max_rank for ad in ads], svd_rank)
 
     paths = [p for p in pm.sites if any(p in ad.targets for ad in ads)]   # the union, in graph order
-    spec = dataclasses.replace(ads[0].spec, r=r, alpha=float(r), targets=tuple(paths), modules_to_save=())
+    spec = dataclasses.replace(ads[0].spec, r=r, alpha=float(r), targets=tuple(paths), modules_to_save=(),
+                               rank_pattern=(), alpha_pattern=(), layers_to_transform=None, layers_pattern=None,
+                               exclude_modules=None)
     new = Adapter(spec, paths, [])
     opt = Options(svd_clamp, svd_full_matrices, svd_driver)
     with torch.no_grad():

@@ -12,7 +12,7 @@ from torch import nn
 
 import peftc
 from peftc import LoRA, SpecError
-from peftc.spec import spec_from_config, spec_to_config
+from peftc.methods import spec_from_config, spec_to_config
 
 
 def test_defaults_and_scales():
@@ -120,12 +120,46 @@ def test_peft_written_config_to_spec(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("rank_pattern", {"q_proj": 2}),
-    ("alpha_pattern", {"q_proj": 2}), ("layers_to_transform", [0]), ("lora_bias", True),
+    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("lora_bias", True),
+    ("velora_config", {"rank": 2}), ("kasa_config", {"k": 1}), ("monteclora_config", {"n": 2}),
 ])
 def test_unsupported_peft_features_are_refused(key, value):
     with pytest.raises(SpecError, match=re.escape(f"{key}={value!r} is not supported by peftc yet")):
         spec_from_config({**ADAPTER_CONFIG, key: value})
+
+
+@pytest.mark.parametrize("key, value", [("use_kasa", True), ("some_future_variant", {"on": 1}), ("lora_xyz", 3)])
+def test_unknown_options_that_are_set_are_refused(key, value):
+    """A variant without extra weights would otherwise load silently as plain LoRA."""
+    with pytest.raises(SpecError, match=re.escape(f"{key}={value!r} is a LoRA option peftc does not know")):
+        spec_from_config({**ADAPTER_CONFIG, key: value})
+    assert spec_from_config({**ADAPTER_CONFIG, key: None}).r == 4         # unset: neutral, kept verbatim
+
+
+def test_layer_options_round_trip():
+    cfg = {**ADAPTER_CONFIG, "rank_pattern": {"q_proj": 2, "v_proj": 6}, "alpha_pattern": {r"layers\.0\..*": 3},
+           "layers_to_transform": [0, 1], "layers_pattern": "layers", "exclude_modules": ["k_proj"]}
+    s = spec_from_config(cfg)
+    assert s.rank_at("model.layers.0.self_attn.q_proj") == 2 and s.rank_at("model.layers.0.self_attn.o_proj") == 4
+    assert s.alpha_at("model.layers.0.self_attn.q_proj") == 3 and s.alpha_at("model.layers.1.mlp.up_proj") == 16
+    assert s.max_rank == 6 and s.layers_pattern == ("layers",) and s.layers_to_transform == (0, 1)
+    again = spec_from_config(json.loads(json.dumps(spec_to_config(
+        s, target_modules=list(s.targets), base_model_name_or_path=None, task_type=s.task_type,
+        modules_to_save=s.modules_to_save))))
+    assert again == s
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"rank_pattern": {"q_proj": 0}}, r"rank_pattern\['q_proj'\] must be a positive integer"),
+    ({"rank_pattern": {"(": 2}}, "not a valid regular expression"),
+    ({"layers_to_transform": [-1]}, "layers_to_transform must be"),
+    ({"layers_pattern": "layers"}, "needs layers_to_transform"),
+    ({"exclude_modules": 3}, "exclude_modules must be"),
+    ({"layers_to_transform": 0, "targets": "all-linear"}, "cannot be used with targets given as a string"),
+])
+def test_bad_layer_options(kw, message):
+    with pytest.raises(SpecError, match=message):
+        LoRA(r=4, **kw)
 
 
 def test_neutral_alternatives_are_accepted():

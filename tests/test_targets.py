@@ -9,6 +9,7 @@ import transformers as tf
 from torch import nn
 
 import peftc
+from peftc import LoRA
 from peftc.errors import SpecError, TargetNotFound
 from peftc.passes.match import find_sites, output_heads
 from peftc.targets import check_rank, name_matches, output_head_paths, peft_target_modules, resolve_targets
@@ -153,11 +154,14 @@ def test_unknown_regex_lists_closest_and_all_names():
 def test_rank_larger_than_a_targeted_layer_names_the_layer():
     sites, _ = resolved("llama")
     chosen = select("llama", ["q_proj", "k_proj"])
-    check_rank(32, sites, chosen)                               # k_proj is 64 -> 32: r = 32 still fits
+    check_rank(LoRA(r=32), sites, chosen)                       # k_proj is 64 -> 32: r = 32 still fits
     with pytest.raises(SpecError, match=r"r=33 is larger than min\(in, out\)=32 of layer "
                                         r"model\.layers\.0\.self_attn\.k_proj \(in=64, out=32\); use r <= 32"):
-        check_rank(33, sites, chosen)
-    check_rank(64, sites, select("llama", ["q_proj"]))          # only targeted layers count
+        check_rank(LoRA(r=33), sites, chosen)
+    check_rank(LoRA(r=64), sites, select("llama", ["q_proj"]))  # only targeted layers count
+    check_rank(LoRA(r=64, rank_pattern={"k_proj": 8}), sites, chosen)   # a per-layer rank is checked per layer
+    with pytest.raises(SpecError, match=r"r=40 is larger .*k_proj"):
+        check_rank(LoRA(r=8, rank_pattern={"k_proj": 40}), sites, chosen)
 
 
 def test_rank_check_through_compile():

@@ -1,0 +1,113 @@
+"""The method registry: one typed table from a method's spec class to what peftc needs to know of it.
+
+    METHODS: dict[type[AdapterSpec], Method]
+
+A method is a frozen spec dataclass, one pass file under passes/ and one `register_method(Method(...))` there
+(built-in methods: passes/lora.py); a user's own method registers the same way from outside the package. Everything
+that reads or writes adapter_config.json, merges or counts parameters looks the method up here, so adding one
+changes no other file. A failed look-up lists what is registered; registering a spec class or a peft_type twice is
+an error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .errors import SpecError
+from .spec import AdapterSpec
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method's contract.
+
+    spec:        its frozen spec dataclass (a subclass of AdapterSpec)
+    peft_type:   the name in adapter_config.json's "peft_type" (PEFT's, for methods PEFT has)
+    from_config: (adapter_config dict, source for errors) -> spec; refuses keys it does not honour
+    to_config:   (spec, target_modules=..., base_model_name_or_path=..., task_type=..., modules_to_save=...) -> dict
+    site_kinds:  the site kinds (passes.match) it adapts, e.g. ("linear", "conv1d")
+    fold:        (adapter, site) -> the weight delta merge() adds to the site's weight, in the weight's layout; None
+                 when the method is not a weight update (merge() then refuses it, naming the method)
+    """
+
+    spec: type
+    peft_type: str
+    from_config: Callable[[dict, str], AdapterSpec]
+    to_config: Callable[..., dict]
+    site_kinds: tuple[str, ...] = ("linear", "conv1d")
+    fold: Optional[Callable[[Any, Any], torch.Tensor]] = None
+
+    def __post_init__(self):
+        if not (isinstance(self.spec, type) and issubclass(self.spec, AdapterSpec)):
+            raise SpecError(f"Method.spec must be a subclass of peftc.AdapterSpec, got {self.spec!r}")
+        if not isinstance(self.peft_type, str) or not self.peft_type:
+            raise SpecError(f"Method.peft_type must be a non-empty string, got {self.peft_type!r}")
+
+    @property
+    def name(self) -> str:
+        return self.spec.__name__
+
+
+METHODS: dict[type, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    """Add `method` to the table (returns it). A spec class or peft_type registered already is refused."""
+    if not isinstance(method, Method):
+        raise SpecError(f"register_method takes a peftc.Method, got {type(method).__name__}")
+    if method.spec in METHODS:
+        raise SpecError(f"method {method.name} is registered already (peft_type {METHODS[method.spec].peft_type!r}); "
+                        "register each spec class once")
+    clash = [m for m in METHODS.values() if m.peft_type.upper() == method.peft_type.upper()]
+    if clash:
+        raise SpecError(f"peft_type {method.peft_type!r} is registered already by {clash[0].name}; "
+                        "give the new method its own peft_type")
+    METHODS[method.spec] = method
+    return method
+
+
+def unregister_method(spec: type) -> None:
+    """Remove a registered method (for tests and notebooks that redefine one)."""
+    METHODS.pop(spec, None)
+
+
+def registered() -> list[str]:
+    return [f"{m.name} ({m.peft_type})" for m in METHODS.values()]
+
+
+def method_of(spec: Any) -> Method:
+    """The Method of a spec (or spec class); an unregistered one is an error listing the registered methods."""
+    cls = spec if isinstance(spec, type) else type(spec)
+    m = METHODS.get(cls)
+    if m is None:
+        raise SpecError(f"{cls.__name__} is not a registered method; registered: {registered()}; "
+                        "register it with peftc.register_method(peftc.Method(...))")
+    return m
+
+
+def method_for_peft_type(ptype: Any, source: str) -> Method:
+    name = str(getattr(ptype, "value", ptype)).upper()     # PEFT's to_dict() gives a PeftType enum
+    for m in METHODS.values():
+        if m.peft_type.upper() == name:
+            return m
+    raise SpecError(f"{source}: peft_type={ptype!r} is not supported yet; supported: "
+                    f"{[m.peft_type for m in METHODS.values()]}")
+
+
+def spec_from_config(cfg: Any, *, source: str = "adapter_config.json") -> AdapterSpec:
+    """Read a spec from a dict in adapter_config.json form (as PEFT writes it), through its method's from_config."""
+    if isinstance(cfg, AdapterSpec):
+        return cfg
+    if not isinstance(cfg, dict):
+        raise SpecError(f"{source}: expected a JSON object, got {type(cfg).__name__}")
+    ptype = cfg.get("peft_type")
+    if ptype is None:
+        raise SpecError(f"{source}: missing 'peft_type'; expected one of {[m.peft_type for m in METHODS.values()]}")
+    return method_for_peft_type(ptype, source).from_config(cfg, source)
+
+
+def spec_to_config(spec: AdapterSpec, **context) -> dict:
+    """adapter_config.json for `spec` (see Method.to_config for the context keys)."""
+    return method_of(spec).to_config(spec, **context)
