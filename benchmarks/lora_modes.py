@@ -92,15 +92,21 @@ def saved_bytes(model: torch.nn.Module, call) -> tuple[int, int]:
     return sum(seen.values()), len(seen)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = bench_parser(__doc__, rounds=20)
-    ap.add_argument("--modes", default="no_grad,inference,train,saved",
-                    help=f"comma-separated, of {', '.join(MODES)} (compiled takes minutes on a CPU)")
+def parse_modes(doc: str, argv, known: tuple[str, ...], default: str, note: str = ""):
+    """(args, modes): bench_parser's flags plus --modes, a comma-separated subset of `known`."""
+    ap = bench_parser(doc, rounds=20)
+    ap.add_argument("--modes", default=default, help=f"comma-separated, of {', '.join(known)}{note}")
     args = ap.parse_args(argv)
     modes = args.modes.split(",")
-    unknown = sorted(set(modes) - set(MODES))
+    unknown = sorted(set(modes) - set(known))
     if unknown:
-        ap.error(f"unknown mode(s) {unknown}; choose from {', '.join(MODES)}")
+        ap.error(f"unknown mode(s) {unknown}; choose from {', '.join(known)}")
+    return args, modes
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, modes = parse_modes(__doc__, argv, MODES, "no_grad,inference,train,saved",
+                              " (compiled takes minutes on a CPU)")
     setup(args)
     base = build_base().to(args.device)
     ours, theirs = build_contestants(base)

@@ -40,7 +40,7 @@ from peftc.methods import Method, register_method
 from peftc.spec import LoRA, lora_from_config, lora_to_config
 from peftc.store import STORE, Adapter, AdapterStore, site_key
 
-from .lora_ops import LoraGroup
+from .lora_ops import LoraGroup, dora_norm
 from .match import Site, tensor_at
 from .route import route_input, route_value
 
@@ -76,10 +76,10 @@ def _lora_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, 
     the site. The rank dim is dynamic where the adapters' ranks differ at that site."""
     _, path, part = key
     adapter = store[name]
-    if path in adapter.targets:
-        w = adapter.sites[site_key(path)]
-        t = {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t}[part]
-    else:
+    w = adapter.sites[site_key(path)] if path in adapter.targets else None
+    t = None if w is None else {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t, "m": w.magnitude, "d": w.d_t,
+                                "c": w.B_bias}[part]
+    if t is None:             # not targeted here, or not DoRA / without lora_bias: zeros (d = 0: no rescale)
         t = torch.zeros(like.shape, dtype=like.dtype, device=store.device)
     if part not in "AB":
         return t, ()
@@ -103,8 +103,27 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, fo
     return _insert_gathered(gm, calls, store)
 
 
+@route_value("residual")
+def _residual_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
+    """The base weight adapter `name` runs on at a site: its PiSSA / OLoRA residual, else the model's weight."""
+    _, path, target = key
+    adapter = store[name]
+    w = adapter.sites[site_key(path)] if path in adapter.targets else None
+    return (w.residual if w is not None and w.residual is not None else tensor_at(gm, target)), ()
+
+
+def _route_residuals(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> None:
+    """Where an adapter runs on a residual weight (PiSSA / OLoRA), the site call reads its weight from the call's
+    route: that adapter's residual, the model's own weight for every other adapter."""
+    for site, node in calls:
+        if store.residual_at(site.fqn):
+            idx = 1 if site.kind == "linear" else 2
+            node.update_arg(idx, route_input(gm, ("residual", site.fqn, site.weight), tensor_at(gm, site.weight)))
+
+
 # --- plain form -------------------------------------------------------------------------------------------------
 def _insert_plain(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> int:
+    _route_residuals(gm, calls, store)
     g = gm.graph
     order = {n: i for i, n in enumerate(g.nodes)}
     groups: dict[Node, list[tuple[Site, Node]]] = {}
@@ -129,6 +148,15 @@ def _placeable(members: list[tuple[Site, Node]], order: dict[Node, int]) -> list
     return [group] + [[m] for m in alone]
 
 
+def _dora_args(gm: GraphModule, site: Site, node: Node, w: torch.Tensor) -> list:
+    """DoRA's inputs at one site call: the site's own weight and bias nodes, and the call's magnitude and flag."""
+    weight, bias = (node.args[1], node.args[2] if len(node.args) > 2 else None) if site.kind == "linear" \
+        else (node.args[2], node.args[0])
+    m = route_input(gm, ("lora", site.fqn, "m"), w.new_empty(site.out_features))
+    d = route_input(gm, ("lora", site.fqn, "d"), w.new_empty(()))
+    return [weight, bias, m, d]
+
+
 def _recipe(gm: GraphModule, x: Node):
     """(function, its input nodes) that make `x` again, where x is the output of a module that offers one
     (recipe(): e.g. passes.gated's act(gate) * up, whose operands autograd keeps anyway); else (None, ())."""
@@ -147,22 +175,32 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
         last = node
     parts: dict[str, list[Node]] = {"A": [], "B": [], "s": [], "p": []}
     paths = [site.fqn for site, _ in members]
-    for site in (s for s, _ in members):
+    doras: list = []
+    biases: list = []                   # lora_bias: B's bias, where some adapter has one
+    for site, node in members:
         w = tensor_at(gm, site.weight)
         r = site_rank(store, site.fqn)
         like = {"A": w.new_empty(r, site.in_features), "B": w.new_empty(site.out_features, r), "s": w.new_empty(()),
                 "p": w.new_empty(())}
         for part, example in like.items():
             parts[part].append(route_input(gm, ("lora", site.fqn, part), example))
+        doras.append(_dora_args(gm, site, node, w) if store.dora_at(site.fqn) else None)
+        biases.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
+                      if store.lora_bias_at(site.fqn) else None)
     key = f"g{len(store.groups)}"
     remake, srcs = _recipe(gm, x)
-    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths), remake=remake)
+    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths), remake=remake,
+                                  dora=[d is not None for d in doras], kinds=[site.kind for site, _ in members])
     ys = [node for _, node in members]
     meta = {"method": "lora", "adapter": "*"}
     made = []
+    extra = [doras if any(d is not None for d in doras) else [],
+             biases if any(c is not None for c in biases) else [], srcs]
+    while extra and not extra[-1]:
+        extra.pop()
     with g.inserting_after(last):
         call = g.call_module(f"{STORE}.groups.{key}",
-                             (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *([srcs] if srcs else [])))
+                             (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *extra))
     made.append(call)
     prev = call
     outs = []
@@ -211,6 +249,7 @@ class SiteBank(nn.Module):
         self.empty = nn.Module()            # buffers, not parameters: no one trains or counts them
         self.empty.register_buffer("A", torch.zeros(rank, in_f, dtype=dtype, device=device), persistent=False)
         self.empty.register_buffer("B", torch.zeros(out_f, rank, dtype=dtype, device=device), persistent=False)
+        self.empty.register_buffer("c", torch.zeros(out_f, dtype=dtype, device=device), persistent=False)
         if dropout:
             self.dropout = RowDropout([0.0] * slots, device)
 
@@ -263,20 +302,28 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
         made.append(g.get_attr(target))
         return made[-1]
 
+    with_bias = store.lora_bias_at(site.fqn)
     with g.inserting_before(node.next):
         a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
+        c_list = [attr(f"{bank}.empty.c")] if with_bias else []
         for i, a in enumerate(store.slots()[1:], start=1):
             if store.capacity is not None:        # the slot's lane, whoever fills it
                 a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
                 b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
+                if with_bias:
+                    lane = store.lanes[str(i)][key]
+                    c_list.append(attr(f"{STORE}.lanes.{i}.{key}.B_bias") if lane.B_bias is not None else c_list[0])
                 continue
             w = store[a].sites[key] if key in store[a].sites else None
             if w is None:
                 a_list.append(a_list[0])
                 b_list.append(b_list[0])
+                c_list += c_list[:1]
                 continue
             prefix = f"{STORE}.adapters.{a}.sites.{key}"
             A, B = attr(f"{prefix}.A"), attr(f"{prefix}.B")
+            if with_bias:
+                c_list.append(attr(f"{prefix}.B_bias") if w.B_bias is not None else c_list[0])
             pad = rank - w.A.shape[0]
             a_list.append(call(aten.constant_pad_nd.default, A, [0, 0, 0, pad]) if pad else A)   # (R, in)
             b_list.append(call(aten.constant_pad_nd.default, B, [0, pad]) if pad else B)         # (out, R)
@@ -291,6 +338,10 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
         h = call(aten.mul.Tensor, h, call(aten.view.default, s_rows, [-1, 1, 1]))   # scale the small tensor
         y3 = call(aten.reshape.default, node, [batch, -1, site.out_features])
         y3 = call(aten.baddbmm_.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y += h @ B^T, one GEMM
+        if with_bias:                                                 # lora_bias: y += s c, per row
+            c_rows = call(aten.index.Tensor, call(aten.stack.default, c_list), [rows])          # (batch, out)
+            c_rows = call(aten.mul.Tensor, c_rows, call(aten.view.default, s_rows, [-1, 1]))
+            y3 = call(aten.add_.Tensor, y3, call(aten.unsqueeze.default, c_rows, 1))
         shape = [call(aten.sym_size.int, node, i) for i in range(len(node.meta["val"].shape))] \
             if "val" in node.meta else [-1, site.out_features]
         y = call(aten.reshape.default, y3, shape)
@@ -305,16 +356,36 @@ def base_output(out: Node) -> Node:
     """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
     if out.target is operator.getitem:     # plain form: getitem(LoraGroup(x, ys, ...), i) -> ys[i]
         return out.args[0].args[1][out.args[1]]
-    return out.args[0].args[0].args[0]     # gathered form: reshape(baddbmm_(reshape(y), ...)) -> y
+    while "peftc" in out.meta:             # gathered form: reshape(add_(baddbmm_(reshape(y), ...), ...)) -> y
+        out = out.args[0]
+    return out
 
 
-def lora_delta(adapter: Adapter, site: Site) -> torch.Tensor:
-    """s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), computed in float32: LoRA's fold
-    rule for merge()."""
+def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tensor:
+    """LoRA's fold rule for merge(): s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), in
+    float32. DoRA: m (V + s B A) / ||V + s B A||_row - W (its rescale, with the group's zero-norm rule), where V is
+    the weight the adapter runs on: W, or its PiSSA / OLoRA residual (which the delta then replaces W by)."""
     w = adapter.sites[site_key(site.fqn)]
     delta = w.scale * (w.B_r.detach().float() @ w.A_r.detach().float())   # (out, in)
-    return delta.T if site.kind == "conv1d" else delta
+    conv1d = site.kind == "conv1d"
+    if w.dora or w.residual is not None:
+        base = weight if w.residual is None else w.residual                # what the adapter runs on
+        W, V = (t.detach().float() for t in (weight, base))
+        W, V = (W.t(), V.t()) if conv1d else (W, V)
+        g = 1.0
+        if w.dora:
+            n = dora_norm(base, w.A_r, w.B_r, w.scale, site.kind)
+            m = w.magnitude.detach().float()
+            g = torch.where(n > 0, m / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))[:, None]
+        delta = g * (V + delta) - W
+    return delta.T if conv1d else delta
+
+
+def lora_bias_delta(adapter: Adapter, site: Site) -> torch.Tensor | None:
+    """s b_B, what merge() adds to the layer's bias for lora_bias (None without it), in float32."""
+    w = adapter.sites[site_key(site.fqn)]
+    return None if w.B_bias is None else w.scale * w.B_bias.detach().float()
 
 
 register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, site_kinds=("linear", "conv1d"),
-                       fold=lora_delta))
+                       fold=lora_delta, fold_bias=lora_bias_delta))

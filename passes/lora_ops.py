@@ -10,6 +10,10 @@ kept, so autograd holds less than PEFT's modules do (they keep x and h), and no 
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -24,22 +28,130 @@ class LoraGroup(nn.Module):
     act(gate) * up, whose operands autograd keeps for that op when they need gradients): where they do, the
     backward keeps srcs instead of a copy of x."""
 
-    def __init__(self, paths: list[str], live: bool = False, remake=None):
+    def __init__(self, paths: list[str], live: bool = False, remake=None, dora: Sequence[bool] = (),
+                 kinds: Sequence[str] = ()):
         super().__init__()
         self.paths = list(paths)
         self.live = live
         self.remake = remake
+        self.dora = list(dora) or [False] * len(self.paths)   # sites where some adapter is DoRA (DoraSite args)
+        self.norms = [DoraScale(kind) if on else None for on, kind in zip(self.dora, kinds or ["linear"] * len(paths))]
 
-    def forward(self, x, ys, As, Bs, scales, rates, srcs=()):
+    def forward(self, x, ys, As, Bs, scales, rates, doras=(), biases=(), srcs=()):
+        """doras: for each site, None or (W, bias or None, magnitude m, DoRA flag d) of the call's adapter;
+        biases: for each site, None or B's bias (lora_bias; never with DoRA, which PEFT refuses too)."""
         if self.training and self.live:
-            return tuple(lora_update(_dropout(x, p), [y], [A], [B], [s])[0]
-                         for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
-        if not any(t.requires_grad for t in srcs):        # only where autograd keeps them anyway
-            return lora_update(x, ys, As, Bs, scales)
-        return lora_update(x, ys, As, Bs, scales, self.remake, srcs)
+            outs = []
+            for i, (y, A, B, s, p) in enumerate(zip(ys, As, Bs, scales, rates)):
+                xd = _dropout(x, p)
+                if doras and doras[i] is not None:     # PEFT: the base product is taken again on the dropped x
+                    outs.append(self.norms[i].dropped(y, xd, A, B, s, *doras[i]))
+                else:
+                    outs.append(lora_update(xd, [y], [A], [B], [s])[0])
+        elif not any(t.requires_grad for t in srcs):        # only where autograd keeps them anyway
+            outs = lora_update(x, ys, As, Bs, scales)
+        else:
+            outs = lora_update(x, ys, As, Bs, scales, self.remake, srcs)
+        if doras and not (self.training and self.live):
+            outs = tuple(u if d is None else self.norms[i].rescale(u, A, B, s, *d)
+                         for i, (u, A, B, s, d) in enumerate(zip(outs, As, Bs, scales, doras)))
+        if biases:
+            outs = tuple(u if c is None else _add_bias(u, c, s) for u, c, s in zip(outs, biases, scales))
+        return tuple(outs)
 
     def extra_repr(self) -> str:
-        return f"sites={self.paths}, dropout={self.live}" + (", x recomputed" if self.remake else "")
+        return (f"sites={self.paths}, dropout={self.live}" + (", x recomputed" if self.remake else "")
+                + (f", dora={self.dora}" if any(self.dora) else ""))
+
+
+def dora_norm(W, A, B, s, kind: str = "linear") -> torch.Tensor:
+    """||W + s B A|| per output channel, in float32, without forming B A: W is [out, in] ("conv1d": [in, out]), A
+    [r, in], B [out, r], s a number or 0-dim tensor. A fresh adapter's magnitude is this same function of its
+    weights, so it starts as the identity exactly."""
+    with torch.no_grad():
+        Wf, Af, Bf = W.detach().float(), A.detach().float(), B.detach().float()
+        sf = s.detach().float() if isinstance(s, torch.Tensor) else float(s)
+        if kind == "conv1d":
+            w2, wa = Wf.pow(2).sum(0), (Af @ Wf).t()                         # (out,), (out, r)
+        else:
+            w2, wa = Wf.pow(2).sum(1), Wf @ Af.t()
+        n2 = w2 + 2 * sf * (wa * Bf).sum(1) + sf * sf * ((Bf @ (Af @ Af.t())) * Bf).sum(1)
+        return n2.clamp_min(0).sqrt()
+
+
+class DoraScale:
+    """DoRA's magnitude / direction split at one site (arXiv:2402.09353, PEFT's formula): with g = m / ||W + s B A||
+    per output channel (the norm detached, as the paper and PEFT do)
+
+        y' = y + (g - 1)(y - b) + g s B A x  =  g (y + s B A x) + (1 - g) b        (y = W x + b)
+
+    so DoRA is LoRA's update followed by one per-channel scale and shift of the output. The norm comes without a
+    full-size delta: ||W_i + s (BA)_i||^2 = ||W_i||^2 + 2 s <(W A^T)_i, B_i> + s^2 <(B (A A^T))_i, B_i>. Without
+    autograd, (g, (1 - g) b) are kept per weight state (the tensors' identities and versions, so an optimizer step,
+    load or in-place edit computes them again: never stale) and applied in place; under torch.compile they are
+    computed in the graph each call. A row with zero norm gets g = 1 (plain LoRA there), so outputs and gradients
+    stay finite (PEFT divides by zero). `d` is the call's adapter's DoRA flag (0 for a plain LoRA adapter at a site
+    another adapter uses DoRA at: g = 1 exactly)."""
+
+    def __init__(self, kind: str = "linear"):
+        self.kind = kind                      # "conv1d": W is [in, out]
+        self._cache: dict = {}
+        self._lock = threading.Lock()
+
+    def scale(self, W, A, B, s, m, d) -> torch.Tensor:
+        """g = m / ||W + s B A||_row (1 where the norm is 0, or where d == 0)."""
+        with torch.no_grad():
+            n = dora_norm(W, A, B, s, self.kind).to(m.dtype)
+            live = (n > 0) & (d > 0)
+        return torch.where(live, m / torch.where(live, n, torch.ones_like(n)), torch.ones_like(m))
+
+    def _cached(self, W, A, B, s, m, d, bias):
+        """(g, (1 - g) b or None) for this weight state, computed once per state (calls without autograd)."""
+        ts = (W, A, B, s, m, d) + ((bias,) if bias is not None else ())
+        key = tuple(id(t) for t in ts)
+        state = tuple(t._version for t in ts)
+        hit = self._cache.get(key)
+        if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], ts)):
+            return hit[2], hit[3]
+        g = self.scale(W, A, B, s, m, d)
+        c = None if bias is None else (1 - g) * bias
+        with self._lock:
+            if len(self._cache) > 16:      # adapters come and go; keep the few in use
+                self._cache.clear()
+            self._cache[key] = (tuple(weakref.ref(t) for t in ts), state, g, c)
+        return g, c
+
+    def rescale(self, u, A, B, s, W, bias, m, d) -> torch.Tensor:
+        """g u + (1 - g) b, where u = y + s B A x (LoRA's output at the site)."""
+        if not torch.is_grad_enabled() or not (u.requires_grad or m.requires_grad):
+            if not torch.compiler.is_compiling():
+                g, c = self._cached(W, A, B, s, m, d, bias)
+                u = u.mul_(g)
+                return u if c is None else u.add_(c)
+        g = self.scale(W, A, B, s, m, d)
+        return u * g if bias is None else torch.addcmul((1 - g) * bias, u, g)
+
+    def dropped(self, y, xd, A, B, s, W, bias, m, d) -> torch.Tensor:
+        """PEFT's training form with dropout: y + (g - 1) W xd + g s B A xd (xd: the dropped input)."""
+        g = self.scale(W, A, B, s, m, d)
+        base = xd @ W if self.kind == "conv1d" else xd @ W.t()
+        return y + (g - 1) * base + g * (s * ((xd @ A.t()) @ B.t()))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_cache"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+def _add_bias(u: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """u + s c (lora_bias), in place where autograd needs neither."""
+    if torch.is_grad_enabled() and (u.requires_grad or c.requires_grad):
+        return u + s * c
+    return u.add_(s * c)
 
 
 def _dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

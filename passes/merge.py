@@ -32,11 +32,43 @@ def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor)
         raise MergeError(f"adapter {name!r} ({method.name}) cannot be merged into the weights: its method has no "
                          f"fold rule (methods that fold: {foldable}); use the unmerged module")
     fold = method.fold
-    merged = (weight.detach().float() + fold(adapter, site).to(weight.device)).to(weight.dtype)
+    merged = (weight.detach().float() + fold(adapter, site, weight).to(weight.device)).to(weight.dtype)
     if not torch.isfinite(merged).all():
         raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives non-finite weights (inf or NaN); "
                          "the adapter weights are broken (check training for divergence); nothing was merged")
     return merged
+
+
+def folded_bias(adapter: Adapter, name: str, site: Site, bias: torch.Tensor | None,
+                like: torch.Tensor) -> torch.Tensor | None:
+    """The site's bias + the method's bias delta (the delta alone where the layer has no bias), in `like`'s dtype;
+    None where the method leaves the bias alone."""
+    fold_bias = method_of(adapter.spec).fold_bias
+    delta = fold_bias(adapter, site) if fold_bias is not None else None
+    if delta is None:
+        return None
+    merged = (delta if bias is None else bias.detach().float() + delta).to(device=like.device, dtype=like.dtype)
+    if not torch.isfinite(merged).all():
+        raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives a non-finite bias; nothing was merged")
+    return merged
+
+
+def _folded_bias(gm: GraphModule, adapter: Adapter, name: str, site: Site) -> str | None:
+    """Set the site's merged bias in gm (under the layer's own key where the graph reads its bias only at the
+    site) and return its get_attr target; None where the method leaves the bias alone."""
+    call = next(n for n in gm.graph.nodes if n.name == site.nodes[0].name)
+    old = (call.args[2] if len(call.args) > 2 else None) if site.kind == "linear" else call.args[0]
+    base = tensor_at(gm, old.target) if old is not None and old.op == "get_attr" else None
+    merged = folded_bias(adapter, name, site, base, tensor_at(gm, site.weight))
+    if merged is None:
+        return None
+    names = {n.name for n in site.nodes}
+    target = f"{site.fqn}.bias"
+    if base is not None and old.target != target or any(
+            u.name not in names for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+        target = f"{site.fqn}.bias_merged"
+    _set_attr(gm, target, merged)
+    return target
 
 
 def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
@@ -65,14 +97,20 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         if any(u.name not in names for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
             target = f"{path}.weight_merged"
         _set_attr(gm, target, folded_weight(adapter, name, site, weight))
-        new_w = None
+        bias = _folded_bias(gm, adapter, name, site)
+        new_w = new_b = None
         for node in g.nodes:
             if node.op == "call_function" and node.name in names:
                 if new_w is None:
                     with g.inserting_before(node):
                         new_w = g.get_attr(target)
-                idx = 1 if site.kind == "linear" else 2
-                node.update_arg(idx, new_w)
+                        new_b = g.get_attr(bias) if bias is not None else None
+                node.update_arg(1 if site.kind == "linear" else 2, new_w)
+                if new_b is not None:
+                    if site.kind == "linear" and len(node.args) < 3:
+                        node.args = (*node.args, new_b)
+                    else:
+                        node.update_arg(2 if site.kind == "linear" else 0, new_b)
         count += 1
     # y' = y + delta: users of y' read y again; saved modules read the adapter's copy (or the original)
     for n in list(g.nodes):

@@ -10,11 +10,13 @@ from torch import nn
 
 from .checkpoint import load_spec, load_weights_, read_adapter_weights
 from .errors import SpecError
+from .inits import changes_base_weight
 from .loss import loss_type_of
 from .module import PeftModule
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
 from .passes.gated import fuse_gated_activations
+from .passes.lora_ops import dora_norm
 from .passes.match import Site, find_sites, output_heads, tensor_at
 from .passes.sdpa_mask import float_attention_masks
 from .passes.modules_to_save import resolve_modules_to_save, saved_copies
@@ -64,9 +66,19 @@ def build_adapter(pm: PeftModule, spec: LoRA, *, loading: bool = False) -> Adapt
     for path in chosen:
         site: Site = sites[path]
         w = tensor_at(gm, site.weight)
-        adapter.sites[site_key(path)] = LoraWeights(spec.rank_at(path), site.in_features, site.out_features,
-                                                    spec.scale_at(path), spec.dropout, spec.init, dtype=w.dtype,
-                                                    device=w.device)
+        lw = LoraWeights(spec.rank_at(path), site.in_features, site.out_features, spec.scale_at(path), spec.dropout,
+                         spec.init, dtype=w.dtype, device=w.device, dora=spec.use_dora, bias=spec.lora_bias)
+        if changes_base_weight(spec.init):
+            if spec.init == "olora" and site.kind == "conv1d":
+                raise SpecError(f"init 'olora' on {path} (a GPT-2 Conv1D layer) is not supported: PEFT's OLoRA "
+                                "factors the stored [in, out] weight, which does not reproduce the layer; use "
+                                "'pissa' or another init there")
+            lw.set_residual_init(spec.init, w, site.kind == "conv1d")
+        if spec.use_dora:    # m = ||W + s B A|| per output channel: the adapter starts as the identity
+            base = w if lw.residual is None else lw.residual
+            with torch.no_grad():
+                lw.magnitude.copy_(dora_norm(base, lw.A_r, lw.B_r, lw.scale, site.kind))
+        adapter.sites[site_key(path)] = lw
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     return adapter

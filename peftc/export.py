@@ -81,31 +81,45 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight) or
     ("saved", trained copy);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
+    from .passes.merge import folded_bias
+
     adapter = pm.store[name]
     folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
+    state = pm.base_model.state_dict()
+    biased = {}
+    for p in adapter.targets:
+        zero = torch.zeros(pm.sites[p].out_features)
+        if folded_bias(adapter, name, pm.sites[p], None, zero) is None:
+            continue
+        if f"{p}.bias" not in state:
+            raise ExportError(f"adapter {name!r} has a lora_bias at {p}, which has no bias in {pm.model_class}: its "
+                              "Hugging Face checkpoint has no place for it; use pm.export(path) (.pt2), or pm.merge()")
+        biased[f"{p}.bias"] = pm.sites[p]
     saved = {}
     for path in adapter.saved_modules:
         for pname, p in adapter.saved[site_key(path)].named_parameters():
             saved[f"{path}.{pname.replace('-', '.')}"] = p.detach()
-    state = pm.base_model.state_dict()
     groups: dict[tuple, list[str]] = {}
     for k, v in state.items():
         groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
-    untied = any(len(g) > 1 and any(k in folded or k in saved for k in g) for g in groups.values())
+    untied = any(len(g) > 1 and any(k in folded or k in saved or k in biased for k in g) for g in groups.values())
     keep = {k for g in groups.values() for k in (g if untied and len(g) > 1 else g[:1])}
     plan = []
     for k, v in state.items():
         if k not in keep:
             continue
-        plan.append((k, ("fold", folded[k], v) if k in folded else ("saved", saved[k]) if k in saved else v))
+        plan.append((k, ("fold", folded[k], v) if k in folded else ("fold_bias", biased[k], v) if k in biased
+                     else ("saved", saved[k]) if k in saved else v))
     return plan, untied
 
 
 def _materialize(how, pm: PeftModule, name: str, dtype) -> torch.Tensor:
-    from .passes.merge import folded_weight
+    from .passes.merge import folded_bias, folded_weight
 
     if isinstance(how, tuple) and how[0] == "fold":
         t = folded_weight(pm.store[name], name, how[1], how[2])
+    elif isinstance(how, tuple) and how[0] == "fold_bias":
+        t = folded_bias(pm.store[name], name, how[1], how[2], how[2])
     elif isinstance(how, tuple):
         t = how[1]
     else:

@@ -28,8 +28,10 @@ class Method:
     from_config: (adapter_config dict, source for errors) -> spec; refuses keys it does not honour
     to_config:   (spec, target_modules=..., base_model_name_or_path=..., task_type=..., modules_to_save=...) -> dict
     site_kinds:  the site kinds (passes.match) it adapts, e.g. ("linear", "conv1d")
-    fold:        (adapter, site) -> the weight delta merge() adds to the site's weight, in the weight's layout; None
+    fold:        (adapter, site, weight) -> the delta merge() adds to the site's weight, in the weight's layout; None
                  when the method is not a weight update (merge() then refuses it, naming the method)
+    fold_bias:   (adapter, site) -> the delta merge() adds to the site's bias (made where the layer has none), or
+                 None where the adapter leaves the bias alone
     """
 
     spec: type
@@ -37,7 +39,8 @@ class Method:
     from_config: Callable[[dict, str], AdapterSpec]
     to_config: Callable[..., dict]
     site_kinds: tuple[str, ...] = ("linear", "conv1d")
-    fold: Optional[Callable[[Any, Any], torch.Tensor]] = None
+    fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
+    fold_bias: Optional[Callable[[Any, Any], Optional[torch.Tensor]]] = None
 
     def __post_init__(self):
         if not (isinstance(self.spec, type) and issubclass(self.spec, AdapterSpec)):

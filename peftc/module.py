@@ -20,7 +20,7 @@ from .passes.lora import insert_lora
 from .passes.route import plain_route
 from .passes.modules_to_save import insert_saved_copies
 from .pipeline import run_passes
-from .store import BASE, STORE, Adapter, AdapterStore, Capacity
+from .store import BASE, STORE, Adapter, AdapterStore, Capacity, site_key
 from .trace import Traced
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,11 @@ class PeftModule(GraphModel):
         modules_to_save or for targets outside the routed sites."""
         if self.store.capacity is None or adapter.saved_modules:
             return True
-        return not set(adapter.targets) <= self.store.routed_sites()
+        if any(w.B_bias is not None or w.residual is not None for w in adapter.sites.values()):
+            return True                           # lora_bias, PiSSA / OLoRA residuals: inputs of their own
+        dora = {p for p in adapter.targets if adapter.sites[site_key(p)].dora}
+        rescaled = {p for g in self.store.groups.values() for p, on in zip(g.paths, g.dora) if on}
+        return not set(adapter.targets) <= self.store.routed_sites() or not dora <= rescaled
 
     def reserve(self, adapters: int, rank: int, targets: Any = None) -> None:
         """Declare room for up to `adapters` adapters of rank up to `rank` on the routed sites (the present adapters'
@@ -362,6 +366,18 @@ class PeftModule(GraphModel):
         return [slots[v] for v in values]
 
     def check_mixed(self, adapter_names: Sequence[str]) -> None:
+        if len(set(adapter_names)) > 1:
+            dora = sorted(a for a in set(adapter_names) - {BASE} if getattr(self.store[a].spec, "use_dora", False))
+            if dora:
+                raise InputError(f"adapters {dora} use DoRA, whose per-channel rescale the per-row (gathered) form "
+                                 "does not have yet (PEFT refuses adapter_names with DoRA too); run their rows in a "
+                                 "batch of their own, or merge() the adapter")
+            residual = sorted(a for a in set(adapter_names) - {BASE}
+                              if any(w.residual is not None for w in self.store[a].sites.values()))
+            if residual:
+                raise InputError(f"adapters {residual} run on their own residual base weights (init "
+                                 f"{self.store[residual[0]].spec.init!r}), which the per-row (gathered) form does "
+                                 "not route; run their rows in a batch of their own, or merge() the adapter")
         saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
         if saving and len(set(adapter_names)) > 1:
             raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route whole "

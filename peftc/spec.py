@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence, Union
 
 from .errors import SpecError
+from .inits import parse_init
 
 # None: the query and value projections found by the attention pattern; "all-linear": every linear layer but the
 # output head; a str: a regex that must fully match a module path; a sequence: names matching a path or its tail.
@@ -15,7 +16,6 @@ Targets = Union[None, str, Sequence[str]]
 # PEFT adds these to modules_to_save for task_type="SEQ_CLS" (whichever exists).
 SEQ_CLS_HEADS = ("classifier", "score")
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
-LORA_INITS = (True, False, "gaussian")
 
 
 class AdapterSpec:
@@ -84,6 +84,12 @@ def _layers(value: Any) -> Union[None, int, tuple[int, ...]]:
     raise SpecError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
 
 
+def pattern_matches(key: str, path: str) -> bool:
+    """Whether a rank_pattern / alpha_pattern key matches module path `path`, as PEFT matches it: a regex over the
+    end of the path, at a component boundary."""
+    return re.match(rf"(.*\.)?({key})$", path) is not None
+
+
 @dataclass(frozen=True)
 class LoRA(AdapterSpec):
     """Low-rank adapter: W x -> W x + (alpha / r) B A dropout(x)   (arXiv:2106.09685; rsLoRA: alpha / sqrt(r),
@@ -92,7 +98,18 @@ class LoRA(AdapterSpec):
     As in PEFT: `rank_pattern` / `alpha_pattern` give some layers their own r / alpha (regex keys matched against
     the end of the module path, the first matching key wins); `layers_to_transform` (with `layers_pattern`, the
     name before the layer index, e.g. "layers" or "h") keeps targets named in a list to those layers only;
-    `exclude_modules` (names, or a regex over the whole path) leaves modules out."""
+    `exclude_modules` (names, or a regex over the whole path) leaves modules out.
+
+    `use_dora`: DoRA (arXiv:2402.09353) adds a trained magnitude m per output channel, W' = m (W + s B A) /
+    ||W + s B A||_row (norm taken per output channel and detached from the gradient, as PEFT does); it starts at
+    the weight's own norms, so a fresh DoRA adapter changes no output either. `lora_bias`: B gets a bias b_B too
+    (y + s (B A x + b_B)), zero at first; merging adds s b_B to the layer's bias.
+
+    `init` takes PEFT's data-free init_lora_weights: True (Kaiming-uniform A, zero B), False (both random),
+    "gaussian", "orthogonal" (B A = 0 from orthogonal halves), "pissa" / "pissa_niter_N" (A, B from the top-r
+    singular part of W) and "olora" (from W's QR). PiSSA and OLoRA start from W = residual + s B A: the compiled
+    module reads the residual at those layers, its own copy, when this adapter runs; the user's model is not
+    changed (PEFT overwrites its weights)."""
 
     peft_type: ClassVar[str] = "LORA"
     r: int = 8
@@ -108,6 +125,8 @@ class LoRA(AdapterSpec):
     layers_to_transform: Union[None, int, tuple[int, ...]] = None
     layers_pattern: Union[None, tuple[str, ...]] = None
     exclude_modules: Union[None, str, tuple[str, ...]] = None
+    use_dora: bool = False
+    lora_bias: bool = False
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
@@ -117,8 +136,13 @@ class LoRA(AdapterSpec):
             raise SpecError(f"LoRA alpha must be a finite number, got alpha={self.alpha!r}")
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
-        if self.init not in LORA_INITS or (self.init is not True and self.init is not False and self.init != "gaussian"):
-            raise SpecError(f"LoRA init must be one of {LORA_INITS}, got init={self.init!r}")
+        object.__setattr__(self, "init", parse_init(self.init))
+        for flag in ("use_dora", "lora_bias", "use_rslora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise SpecError(f"{flag} must be True or False, got {flag}={getattr(self, flag)!r}")
+        if self.use_dora and self.lora_bias:
+            raise SpecError("lora_bias=True is not supported with DoRA (as in PEFT); pass use_dora=False or "
+                            "lora_bias=False")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         object.__setattr__(self, "targets", _normalize_targets(self.targets))
@@ -147,11 +171,8 @@ class LoRA(AdapterSpec):
 
     @staticmethod
     def _pattern_value(pairs: tuple, path: str, default):
-        """PEFT's get_pattern_key: the first key k with re.match(rf"(.*\.)?({k})$", path)."""
-        for key, value in pairs:
-            if re.match(rf"(.*\.)?({key})$", path):
-                return value
-        return default
+        """PEFT's get_pattern_key: the value of the first key that matches `path` (pattern_matches)."""
+        return next((value for key, value in pairs if pattern_matches(key, path)), default)
 
     def rank_at(self, path: str) -> int:
         return self._pattern_value(self.rank_pattern, path, self.r)
@@ -173,10 +194,11 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "use_rslora": "use_rslora", "modules_to_save": "modules_to_save", "init_lora_weights": "init",
               "task_type": "task_type", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
-              "exclude_modules": "exclude_modules"}
+              "exclude_modules": "exclude_modules", "use_dora": "use_dora",
+              "lora_bias": "lora_bias"}
 # LoRA options and variants peftc does not implement, at the value that switches them off
-_NEUTRAL = {"bias": "none", "use_dora": False, "fan_in_fan_out": None, "layer_replication": None,
-            "lora_bias": False, "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+_NEUTRAL = {"bias": "none", "fan_in_fan_out": None, "layer_replication": None,
+            "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
             "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
             "monteclora_config": None, "arrow_config": None, "kasa_config": None,
@@ -197,9 +219,9 @@ def lora_from_config(cfg: dict, source: str = "adapter_config.json") -> LoRA:
                 f"{source}: {key}={cfg[key]!r} is not supported by peftc yet (supported: {neutral!r}); "
                 "remove the key or use a plain LoRA config"
             )
-    known = set(_LORA_KEYS) | set(_NEUTRAL) | _METADATA
+    known = set(_LORA_KEYS) | set(_NEUTRAL)
     for key, value in cfg.items():
-        if key not in known and value not in (None, False, {}, [], ""):
+        if key not in known | _METADATA and value not in (None, False, {}, [], ""):
             raise SpecError(f"{source}: {key}={value!r} is a LoRA option peftc does not know; it would change what "
                             "the adapter computes, so the adapter is refused rather than loaded as plain LoRA. "
                             "Remove the key if it is neutral for this adapter")
@@ -216,7 +238,7 @@ def lora_from_config(cfg: dict, source: str = "adapter_config.json") -> LoRA:
         if not isinstance(kwargs["modules_to_save"], (list, tuple)):
             raise SpecError(f"{source}: modules_to_save must be a list, got {kwargs['modules_to_save']!r}")
         kwargs["modules_to_save"] = tuple(kwargs["modules_to_save"])
-    kwargs["extra"] = {k: v for k, v in cfg.items() if k not in set(_LORA_KEYS) | set(_NEUTRAL) | {"peft_type"}}
+    kwargs["extra"] = {k: v for k, v in cfg.items() if k not in known | {"peft_type"}}
     try:
         return LoRA(**kwargs)
     except SpecError as e:
@@ -233,7 +255,8 @@ def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: 
     layers = spec.layers_to_transform
     cfg.update({
         "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
-        "target_modules": target_modules, "use_rslora": spec.use_rslora, "init_lora_weights": spec.init,
+        "target_modules": target_modules, "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
+        "lora_bias": spec.lora_bias, "init_lora_weights": spec.init,
         "modules_to_save": list(modules_to_save) if modules_to_save else None, "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "fan_in_fan_out": False,
         "revision": None, "auto_mapping": None, "rank_pattern": dict(spec.rank_pattern),

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import SpecError
+from .inits import orthogonal_init, residual_init
 from .spec import AdapterSpec
 
 STORE = "peftc_store"  # the store's attribute name on the GraphModule
@@ -28,7 +29,8 @@ class LoraWeights(nn.Module):
     `B_r` are the adapter's own weights (views), what checkpoints, merging and combinations read."""
 
     def __init__(self, r: int, in_features: int, out_features: int, scale: float, dropout: float, init,
-                 dtype: torch.dtype, device: torch.device, *, rank: int | None = None):
+                 dtype: torch.dtype, device: torch.device, *, rank: int | None = None, dora: bool = False,
+                 bias: bool = False):
         super().__init__()
         alloc = r if rank is None else rank
         self.r = r
@@ -39,8 +41,37 @@ class LoraWeights(nn.Module):
         # the same as 0-dim tensors: what a call of the plain-form graph passes in (data, so adapters switch freely)
         self.register_buffer("scale_t", torch.tensor(self.scale, dtype=dtype, device=device), persistent=False)
         self.register_buffer("p_t", torch.tensor(self.p, dtype=dtype, device=device), persistent=False)
+        # DoRA: the trained magnitude per output channel (set from the site's weight when built), and the flag a
+        # call passes in (1: DoRA; a plain adapter routes 0 where the graph has DoRA's subgraph)
+        self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype, device=device)) if dora else None
+        self.register_buffer("d_t", torch.tensor(float(dora), dtype=dtype, device=device), persistent=False)
+        # lora_bias: B's own bias (PEFT's lora_B.bias), y + s (B A x + B_bias)
+        self.B_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_buffer("residual", None, persistent=False)   # PiSSA / OLoRA: the base weight it runs on
         if r:
             self.reset(init)
+
+    @torch.no_grad()
+    def set_residual_init(self, init: str, weight: torch.Tensor, conv1d: bool) -> None:
+        """PiSSA / OLoRA (peftc.inits.residual_init): A and B from `weight` (the site's, in its own layout) and the
+        residual weight, which the adapter's calls read instead of it (a frozen buffer in the same layout).
+        "pissa_niter_N" draws its random projection from seed 0 (not the caller's generator), so that loading a
+        saved adapter rebuilds the same residual; PEFT draws it from the global generator on every load."""
+        w = weight.t() if conv1d else weight
+        if init.startswith("pissa_niter_"):   # the randomized SVD from a fixed seed: a reload gives the same residual
+            devices = [w.device] if w.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                A, B, res = residual_init(init, w, self.r, self.scale)
+        else:
+            A, B, res = residual_init(init, w, self.r, self.scale)
+        self.A_r.copy_(A)
+        self.B_r.copy_(B)
+        self.register_buffer("residual", (res.t() if conv1d else res).contiguous(), persistent=False)
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
 
     @property
     def A_r(self) -> torch.Tensor:
@@ -53,25 +84,41 @@ class LoraWeights(nn.Module):
     @torch.no_grad()
     def reset(self, init=True) -> None:
         """PEFT's initialisations: True (Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B), False (both
-        random, as nn.Linear initialises them: the adapter is not the identity)."""
+        random, as nn.Linear initialises them: the adapter is not the identity), "orthogonal" (peftc.inits). PiSSA
+        and OLoRA need the site's weight: set_residual_init writes them."""
         A, B = self.A_r, self.B_r
+        if init == "orthogonal":
+            a, b = orthogonal_init(A.shape[1], B.shape[0], self.r, dtype=A.dtype, device=A.device)
+            A.copy_(a)
+            B.copy_(b)
+            return
         if init == "gaussian":
             nn.init.normal_(A, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if init is False:
             nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            if self.B_bias is not None:        # as nn.Linear(r, out) initialises its bias
+                nn.init.uniform_(self.B_bias, -1 / math.sqrt(self.r), 1 / math.sqrt(self.r))
         else:
             nn.init.zeros_(B)
+            if self.B_bias is not None:
+                nn.init.zeros_(self.B_bias)
 
     def padded(self, rank: int) -> "LoraWeights":
         """A copy allocated at `rank` (same weights, zero pads, same requires_grad)."""
         new = LoraWeights(0, self.A.shape[1], self.B.shape[0], self.scale, self.p, True, dtype=self.A.dtype,
-                          device=self.A.device, rank=rank)
+                          device=self.A.device, rank=rank, dora=self.dora, bias=self.B_bias is not None)
         new.r = self.r
         with torch.no_grad():
             new.A_r.copy_(self.A_r)
             new.B_r.copy_(self.B_r)
+            if self.dora:
+                new.magnitude.copy_(self.magnitude)
+            if self.B_bias is not None:
+                new.B_bias.copy_(self.B_bias)
+        if self.residual is not None:
+            new.register_buffer("residual", self.residual, persistent=False)
         new.requires_grad_(self.A.requires_grad)
         return new
 
@@ -232,6 +279,21 @@ class AdapterStore(nn.Module):
         for group in self.groups.values():
             group.live = self.dropout_live(group.paths)
 
+    def dora_at(self, path: str) -> bool:
+        """Whether any adapter is DoRA at module path `path` (the graph then has DoRA's rescale there)."""
+        key = site_key(path)
+        return any(ad.sites[key].dora for ad in self.adapters.values() if key in ad.sites)
+
+    def lora_bias_at(self, path: str) -> bool:
+        """Whether any adapter has a lora_bias at module path `path` (the graph then adds it there)."""
+        key = site_key(path)
+        return any(ad.sites[key].B_bias is not None for ad in self.adapters.values() if key in ad.sites)
+
+    def residual_at(self, path: str) -> bool:
+        """Whether any adapter runs on its own residual base weight at `path` (PiSSA / OLoRA)."""
+        key = site_key(path)
+        return any(ad.sites[key].residual is not None for ad in self.adapters.values() if key in ad.sites)
+
     def dropout_live(self, paths: list[str]) -> bool:
         """Whether any adapter has a dropout rate at one of the module paths `paths`."""
         keys = [site_key(p) for p in paths]
@@ -253,6 +315,10 @@ class AdapterStore(nn.Module):
             w = ad.sites[site_key(path)]
             yield f"base_model.model.{path}.lora_A.weight", w.A_r
             yield f"base_model.model.{path}.lora_B.weight", w.B_r
+            if w.B_bias is not None:
+                yield f"base_model.model.{path}.lora_B.bias", w.B_bias
+            if w.dora:
+                yield f"base_model.model.{path}.lora_magnitude_vector", w.magnitude
         for path in ad.saved_modules:
             for pname, p in ad.saved[site_key(path)].named_parameters():
                 yield f"base_model.model.{path}.{pname.replace('-', '.')}", p

@@ -9,7 +9,7 @@ from torch import nn
 
 from .passes.match import Site
 from .errors import SpecError, TargetNotFound
-from .spec import SEQ_CLS_HEADS
+from .spec import SEQ_CLS_HEADS, pattern_matches
 
 
 def name_matches(path: str, name: str) -> bool:
@@ -158,7 +158,7 @@ def select_layers(spec, chosen: list[str]) -> list[str]:
         out = kept
     for option in ("rank_pattern", "alpha_pattern"):
         for key, _ in getattr(spec, option, ()):
-            if not any(re.match(rf"(.*\.)?({key})$", p) for p in out):
+            if not any(pattern_matches(key, p) for p in out):
                 raise SpecError(f"{option} key {key!r} matches none of the adapted layers (e.g. {out[0]}); a key is "
                                 "a regex matched against the end of a module path, e.g. 'q_proj' or "
                                 r"'layers\.0\.self_attn\.q_proj'")

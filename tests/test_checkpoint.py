@@ -233,7 +233,7 @@ def _missing_key(d: Path) -> Path:
 
 def _unsupported_config(d: Path) -> Path:
     cfg = json.loads((d / CONFIG).read_text())
-    (d / CONFIG).write_text(json.dumps({**cfg, "use_dora": True}))
+    (d / CONFIG).write_text(json.dumps({**cfg, "use_qalora": True}))
     return d
 
 
@@ -250,7 +250,7 @@ BAD = {
     "unexpected key": (_unexpected_key, CheckpointError,
                        r"key 'base_model.model.k.lora_A.weight' \(and 0 more\) has no place in this model"),
     "missing key": (_missing_key, CheckpointError, r"missing 1 key\(s\), e.g. 'base_model.model.v.lora_B.weight'"),
-    "unsupported config": (_unsupported_config, SpecError, r"use_dora=True is not supported"),
+    "unsupported config": (_unsupported_config, SpecError, r"use_qalora=True is not supported"),
 }
 
 

@@ -23,12 +23,12 @@ import json
 import pytest
 import torch
 from torch import nn
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import peftc
 from tests.models import make
-from tests.parity import MOVED, TOL, assert_parity, max_diff, parity_inputs, randomize_peft_
+from tests.parity import MOVED, TOL, assert_parity, assert_same_weights, max_diff, parity_inputs, randomize_peft_
 
 # PEFT warns about GPT-2's Conv1D (fan_in_fan_out) and about options that matched nothing.
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"), pytest.mark.filterwarnings("ignore::RuntimeWarning")]
@@ -79,17 +79,6 @@ def peft_layout(ref) -> dict[str, tuple[int, float]]:
             for n, m in ref.named_modules() if isinstance(m, LoraLayer)}
 
 
-def assert_same_adapter(ours, ref) -> None:
-    """Same adapted modules (PEFT's state-dict keys), same shapes (per-layer ranks), same tensors."""
-    a, b = ours.store.peft_state_dict("default"), get_peft_model_state_dict(ref)
-    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-    assert not only_a and not only_b, f"adapter keys differ: only peftc {only_a}, only PEFT {only_b}"
-    shapes = {k: (tuple(a[k].shape), tuple(b[k].shape)) for k in a if a[k].shape != b[k].shape}
-    assert not shapes, f"shapes differ (peftc, PEFT): {shapes}"
-    unequal = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[0]}"
-
-
 @pytest.mark.parametrize("arch,case", MATRIX)
 def test_peft_adapter_with_option_loads_in_peftc(arch, case, tmp_path):
     """PEFT builds and saves a random adapter with the option; peftc.load_adapter adapts the same modules at the same
@@ -105,7 +94,7 @@ def test_peft_adapter_with_option_loads_in_peftc(arch, case, tmp_path):
     ours = peftc.load_adapter(base, tmp_path)
     xs = parity_inputs(arch)
     tol = TOL[peftc.LoRA]
-    assert_same_adapter(ours, ref)
+    assert_same_weights(ours, ref)
     assert max_diff(ours, base, xs[0]) > MOVED * tol, "the loaded adapter left the output unchanged"
     merged = ours.merge()
     for x in xs:
@@ -131,7 +120,7 @@ def test_peftc_adapter_with_option_loads_in_peft(arch, case, tmp_path):
     xs = parity_inputs(arch)
     tol = TOL[peftc.LoRA]
     assert max_diff(pm, base, xs[0]) > MOVED * tol, "the random adapter left the output unchanged"
-    assert_same_adapter(pm, ref)
+    assert_same_weights(pm, ref)
     for x in xs:
         assert_parity(pm, ref, x, tol)
 
@@ -197,3 +186,141 @@ def test_unsupported_variant_is_refused_by_load_adapter(key, tmp_path):
     path.write_text(json.dumps({**cfg, key: VARIANTS[key]}))
     with pytest.raises(peftc.SpecError, match=key):
         peftc.load_adapter(make("gpt2"), tmp_path)
+
+
+# --- lora_bias: B's own bias (PEFT: nn.Linear(r, out, bias=True) as lora_B; key lora_B.bias) -------------------------
+def peft_with_lora_bias(arch: str):
+    ref = peft_model(arch, lora_bias=True)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if ".lora_B." in n and n.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])        # llama: its projections have no bias
+def test_lora_bias_both_ways_and_merged(arch, tmp_path):
+    ref = peft_with_lora_bias(arch)
+    ref.save_pretrained(tmp_path / "peft")
+    base = make(arch)
+    ours = peftc.load_adapter(base, tmp_path / "peft")
+    assert_same_weights(ours, ref)
+    assert any(k.endswith("lora_B.bias") for k in ours.store.peft_state_dict("default"))
+    xs = parity_inputs(arch)
+    tol = TOL[peftc.LoRA]
+    assert max_diff(ours, peft_model(arch), xs[0]) > MOVED * tol      # the bias moves the output (same A and B)
+    merged = ours.merge()                                           # PEFT cannot merge it into llama's layers
+    for x in xs:
+        assert_parity(ours, ref, x, tol)
+        assert_parity(merged, ours, x, tol)
+    ours.save_adapter(tmp_path / "ours")
+    again = PeftModel.from_pretrained(make(arch), tmp_path / "ours").eval()
+    assert again.peft_config["default"].lora_bias
+    for x in xs:
+        assert_parity(ours, again, x, tol)
+
+
+def test_lora_bias_in_a_mixed_batch_and_in_export(tmp_path):
+    """Rows of a lora_bias adapter beside rows of a plain one equal each alone; export_merged writes the folded bias
+    under the layer's own key, and refuses a layer that has no bias to hold it."""
+    ref = peft_with_lora_bias("gpt2")
+    ref.save_pretrained(tmp_path / "a")
+    pm = peftc.load_adapter(make("gpt2"), tmp_path / "a")
+    pm.add_adapter("plain", peftc.LoRA(r=2, targets=["c_attn"], init=False))
+    x = parity_inputs("gpt2")[0]
+    with torch.no_grad():
+        mixed = pm(**x, adapter_names=["default", "plain", "default"]).logits
+        alone = {n: (pm.set_adapter(n), pm(**x).logits)[1] for n in ("plain", "default")}
+    torch.testing.assert_close(mixed[[0, 2]], alone["default"][[0, 2]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(mixed[1], alone["plain"][1], rtol=0, atol=1e-5)
+    out = peftc.export_merged(pm, tmp_path / "merged", progress=False)
+    from transformers import GPT2LMHeadModel
+
+    exported = GPT2LMHeadModel.from_pretrained(out).eval()
+    assert_parity(exported, pm, x, TOL[peftc.LoRA])
+    llama = peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj"], lora_bias=True))
+    with pytest.raises(peftc.ExportError, match=r"lora_bias at model.layers.0.self_attn.q_proj, which has no bias"):
+        peftc.export_merged(llama, tmp_path / "llama", progress=False)
+    assert not (tmp_path / "llama").exists()
+
+
+def test_lora_bias_with_dora_is_refused_as_in_peft():
+    with pytest.raises(ValueError, match="lora_bias=True is not supported for DoRA"):
+        LoraConfig(r=R, target_modules=["q_proj"], use_dora=True, lora_bias=True)
+    with pytest.raises(peftc.SpecError, match="lora_bias=True is not supported with DoRA"):
+        peftc.LoRA(use_dora=True, lora_bias=True)
+
+
+# --- init_lora_weights that move the base weight (PiSSA, OLoRA) and "orthogonal" -------------------------------------
+# PEFT overwrites the base layer's weight with the residual W - s B A, and does it again when it loads the adapter (the
+# saved config keeps init_lora_weights). peftc keeps the residual inside the compiled module, per adapter.
+INITS = [("llama", "pissa"), ("llama", "olora"), ("llama", "orthogonal"), ("gpt2", "pissa"), ("gpt2", "orthogonal")]
+
+
+@torch.no_grad()
+def nudge_(params, seed: int) -> None:
+    """A trained-looking adapter: every LoRA tensor moved off its init."""
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.add_(0.1 * torch.randn(p.shape, generator=g))
+
+
+@pytest.mark.parametrize("arch,init", INITS, ids=[f"{a}-{i}" for a, i in INITS])
+def test_peft_adapter_with_init_loads_in_peftc_and_back(arch, init, tmp_path):
+    ref = get_peft_model(make(arch), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[arch],
+                                                init_lora_weights=init))
+    nudge_([p for n, p in ref.named_parameters() if "lora_" in n], seed=2)
+    ref.save_pretrained(tmp_path / "peft")
+    ref = PeftModel.from_pretrained(make(arch), tmp_path / "peft").eval()      # PEFT's own reload: residual again
+    base = make(arch)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    ours = peftc.load_adapter(base, tmp_path / "peft")
+    assert ours.store["default"].spec.init == init
+    assert_same_weights(ours, ref)
+    xs = parity_inputs(arch)
+    tol = TOL[peftc.LoRA]
+    merged = ours.merge()
+    for x in xs:
+        assert_parity(ours, ref, x, tol)
+        assert_parity(merged, ref, x, tol)
+    with ours.disable_adapters():                                                 # the model itself, not a residual
+        assert max_diff(ours, make(arch), xs[0]) == 0
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "the user's model was changed"
+    ours.save_adapter(tmp_path / "ours")
+    again = PeftModel.from_pretrained(make(arch), tmp_path / "ours").eval()
+    for x in xs:
+        assert_parity(ours, again, x, tol)
+
+
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_2", "olora"])
+def test_fresh_residual_init_reproduces_the_model_and_reloads_exactly(init, tmp_path):
+    """A fresh PiSSA / OLoRA adapter is the model again (residual + s B A = W, up to rounding) while B A != 0; the
+    randomized SVD of pissa_niter_N draws from a fixed seed, so a saved adapter reloads bit for bit."""
+    base = make("llama")
+    pm = peftc.compile(base, peftc.LoRA(r=R, alpha=ALPHA, targets=["q_proj", "v_proj"], init=init))
+    w = pm.store["default"].sites["model-layers-0-self_attn-q_proj"]
+    assert w.B.abs().max() > 0.01 and w.residual is not None
+    x = parity_inputs("llama")[0]
+    assert max_diff(pm, base, x) < 1e-4
+    nudge_(pm.trainable_parameters(), seed=3)
+    pm.save_adapter(tmp_path)
+    loaded = peftc.load_adapter(make("llama"), tmp_path)
+    assert torch.equal(loaded.store["default"].sites["model-layers-0-self_attn-q_proj"].residual, w.residual)
+    assert max_diff(loaded, pm, x) == 0
+
+
+def test_residual_inits_refuse_what_they_cannot_serve():
+    with pytest.raises(peftc.SpecError, match=r"init 'olora' on transformer.h.0.attn.c_attn \(a GPT-2 Conv1D"):
+        peftc.compile(make("gpt2"), peftc.LoRA(r=R, targets=["c_attn"], init="olora"))
+    with pytest.raises(peftc.SpecError, match="'orthogonal' needs an even rank"):
+        peftc.compile(make("llama"), peftc.LoRA(r=3, targets=["q_proj"], init="orthogonal"))
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=R, targets=["q_proj"], init="pissa"))
+    pm.add_adapter("plain", peftc.LoRA(r=R, targets=["q_proj"], init=False))
+    x = parity_inputs("llama")[0]
+    with pytest.raises(peftc.InputError, match=r"\['default'\] run on their own residual base weights"):
+        pm(**x, adapter_names=["default", "plain", "plain"])
+    pm.set_adapter("plain")                       # the plain adapter runs on the model's own weight
+    alone = peftc.compile(make("llama"), peftc.LoRA(r=R, targets=["q_proj"])).eval()
+    alone.store["default"].load_state_dict(pm.store["plain"].state_dict())
+    assert max_diff(pm.eval(), alone, x) == 0

@@ -44,7 +44,7 @@ def test_spec_is_frozen():
     ({"dropout": -0.1}, r"\[0, 1\), got dropout=-0.1"),
     ({"dropout": 1.0}, r"\[0, 1\), got dropout=1.0"),
     ({"dropout": "0.1"}, "dropout='0.1'"),
-    ({"init": "pissa"}, "init='pissa'"),
+    ({"init": "pisa"}, "init 'pisa'; did you mean 'pissa'"),
     ({"init": 1}, "init=1"),
     ({"init": None}, "init=None"),
     ({"targets": 5}, "got 5"),
@@ -120,7 +120,7 @@ def test_peft_written_config_to_spec(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("use_dora", True), ("bias", "all"), ("bias", "lora_only"), ("lora_bias", True),
+    ("use_qalora", True), ("bias", "all"), ("bias", "lora_only"),
     ("velora_config", {"rank": 2}), ("kasa_config", {"k": 1}), ("monteclora_config", {"n": 2}),
 ])
 def test_unsupported_peft_features_are_refused(key, value):
@@ -186,8 +186,8 @@ def test_compile_takes_a_dict_and_refuses_other_specs():
     x = (torch.randn(2, 4),)
     pm = peftc.compile(mlp, {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["0"]}, example_inputs=x)
     assert pm.store["default"].spec == LoRA(r=2, alpha=4, targets=("0",))
-    with pytest.raises(SpecError, match=r"spec dict: use_dora=True is not supported"):
-        peftc.compile(mlp, {"peft_type": "LORA", "r": 2, "use_dora": True}, example_inputs=x)
+    with pytest.raises(SpecError, match=r"spec dict: use_qalora=True is not supported"):
+        peftc.compile(mlp, {"peft_type": "LORA", "r": 2, "use_qalora": True}, example_inputs=x)
     with pytest.raises(SpecError, match=r"spec must be a peftc spec .* got str"):
         peftc.compile(mlp, "lora", example_inputs=x)
     with pytest.raises(SpecError, match=r"adapter_name must be .* got 'a b'"):

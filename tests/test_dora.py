@@ -1,0 +1,254 @@
+"""DoRA (LoRA(use_dora=True)) in parity with HF PEFT: checkpoints both ways, merge, gradients, every grad mode; its
+per-channel scale is never stale, a zero-norm row stays finite, and compiled graphs keep routing as data.
+
+PEFT's formula (peft/tuners/lora/dora.py, DoraLinearLayer.forward; variants.py, DoraLinearVariant.forward):
+    g = m / ||W + s B A||_row (detached norm);  y' = y + (g - 1)(y - b) + g s B A x
+    in training with dropout: y' = y + (g - 1) W d(x) + g s B A d(x)   (d: dropout; the base product is taken again)
+checkpoint key: base_model.model.<path>.lora_magnitude_vector (no ".weight").
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import peftc
+from peftc.passes.lora_ops import DoraScale
+from tests.models import inputs, main_output, make
+from tests.parity import MOVED, TOL, assert_parity, assert_same_weights, max_diff, parity_inputs, randomize_peft_
+from tests.recompiles import fresh_dynamo, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)
+
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]   # PEFT warns about GPT-2's Conv1D
+
+R, ALPHA = 4, 8
+TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_proj"], "bert": ["query", "value", "dense"],
+           "vit": ["q_proj", "v_proj"], "minilm": ["query", "value"], "qwen2": ["q_proj", "k_proj", "up_proj"]}
+ARCHS = list(TARGETS)
+tol = TOL[peftc.LoRA]
+
+
+@torch.no_grad()
+def spread_magnitudes_(model, seed: int) -> None:
+    """Trained-looking magnitudes (a fresh one equals the weight's norms) on a PEFT model."""
+    g = torch.Generator().manual_seed(seed)
+    for n, p in model.named_parameters():
+        if "lora_magnitude_vector" in n:
+            p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
+
+
+def peft_dora(arch: str, seed: int = 3, **opts):
+    ref = get_peft_model(make(arch), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[arch], use_dora=True,
+                                                **opts))
+    randomize_peft_(ref, seed)
+    spread_magnitudes_(ref, seed)
+    return ref.eval()
+
+
+def random_ours_(pm, seed: int = 5) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_trainable_parameters():
+            p.mul_(1 + 0.3 * torch.randn_like(p)) if n.endswith("magnitude") else p.normal_(0, 0.2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_peft_dora_adapter_loads_and_merges(arch, tmp_path):
+    ref = peft_dora(arch)
+    ref.save_pretrained(tmp_path)
+    base = make(arch)
+    ours = peftc.load_adapter(base, tmp_path)
+    assert_same_weights(ours, ref)
+    assert any(k.endswith("lora_magnitude_vector") for k in ours.store.peft_state_dict("default"))
+    xs = parity_inputs(arch)
+    assert max_diff(ours, base, xs[0]) > MOVED * tol
+    merged = ours.merge()
+    for x in xs:
+        assert_parity(ours, ref, x, tol)
+        assert_parity(merged, ref, x, tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "vit"])
+def test_peftc_dora_adapter_loads_in_peft(arch, tmp_path):
+    base = make(arch)
+    pm = peftc.compile(base, peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS[arch], use_dora=True))
+    random_ours_(pm)
+    pm.save_adapter(tmp_path)
+    ref = PeftModel.from_pretrained(make(arch), tmp_path).eval()
+    assert ref.peft_config["default"].use_dora
+    assert_same_weights(pm, ref)
+    assert max_diff(pm, base, parity_inputs(arch)[0]) > MOVED * tol
+    for x in parity_inputs(arch):
+        assert_parity(pm, ref, x, tol)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fresh_dora_adapter_is_the_identity_and_its_magnitudes_are_the_weight_norms(arch):
+    base = make(arch)
+    pm = peftc.compile(base, peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS[arch], use_dora=True))
+    ref = get_peft_model(make(arch), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS[arch], use_dora=True))
+    ours, theirs = pm.store.peft_state_dict("default"), dict(ref.named_parameters())
+    for k, m in ours.items():
+        if k.endswith("lora_magnitude_vector"):
+            torch.testing.assert_close(m, theirs[k.replace("lora_magnitude_vector", "lora_magnitude_vector.default"
+                                                           ".weight")].detach(), rtol=1e-6, atol=0)
+    x = inputs(arch)
+    with torch.no_grad():
+        assert torch.equal(main_output(pm(**x)), main_output(base(**x)))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gradients_equal_peft(arch, tmp_path):
+    """Same weights, same batch: the loss and every adapter gradient (A, B, magnitude) equal PEFT's (in training mode;
+    GPT-2 in eval mode with autograd, as its own dropout would draw other masks on each side)."""
+    ref = peft_dora(arch)
+    ref.save_pretrained(tmp_path)
+    ours = peftc.load_adapter(make(arch), tmp_path, is_trainable=True)
+    ref = PeftModel.from_pretrained(make(arch), tmp_path, is_trainable=True)
+    mode = arch != "gpt2"
+    ours.train(mode), ref.train(mode)
+    x = parity_inputs(arch, labels=True)[0]
+    a, b = ours(**x).loss, ref(**x).loss
+    torch.testing.assert_close(a, b, rtol=0, atol=tol)
+    a.backward()
+    b.backward()
+    theirs = {n.removesuffix(".default.weight").removesuffix(".default").replace(".lora_magnitude_vector",
+                                                                                  ".lora_magnitude_vector"): p
+              for n, p in ref.named_parameters() if p.requires_grad}
+    theirs = {k.replace(".lora_A", ".lora_A.weight").replace(".lora_B", ".lora_B.weight"): p for k, p in theirs.items()}
+    count = 0
+    for k, p in ours.store.peft_parameters("default"):
+        assert p.grad is not None, k
+        torch.testing.assert_close(p.grad, theirs[k].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        count += 1
+    assert count == 3 * len(ours.store["default"].targets)
+
+
+def test_no_grad_inference_mode_and_grad_enabled_eval_agree():
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS["llama"], use_dora=True))
+    random_ours_(pm)
+    x = inputs("llama")
+    pm.eval()
+    with torch.no_grad():
+        a = main_output(pm(**x))
+    with torch.inference_mode():
+        b = main_output(pm(**x))
+    c = main_output(pm(**x)).detach()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a, c, rtol=0, atol=1e-5)
+
+
+def test_eval_scale_follows_every_weight_change(tmp_path):
+    """The cached per-channel scale is recomputed after an optimizer step and after in-place edits of each input."""
+    ref = peft_dora("llama")
+    ref.save_pretrained(tmp_path)
+    ours = peftc.load_adapter(make("llama"), tmp_path, is_trainable=True).eval()
+    ref = PeftModel.from_pretrained(make("llama"), tmp_path, is_trainable=True).eval()
+    x = inputs("llama")
+    assert_parity(ours, ref, x, tol)                                     # fills the cache
+    opt_a = torch.optim.SGD(ours.trainable_parameters(), lr=0.5)
+    opt_b = torch.optim.SGD([p for p in ref.parameters() if p.requires_grad], lr=0.5)
+    for model, opt in ((ours, opt_a), (ref, opt_b)):
+        model.train()
+        main_output(model(**x)).square().mean().backward()
+        opt.step()
+        model.eval()
+    assert_parity(ours, ref, x, 10 * tol)
+    with torch.no_grad():                                                 # each tensor the scale reads, in place
+        for n, p in ours.named_trainable_parameters():
+            if "q_proj" in n and n.endswith("magnitude"):
+                p.mul_(2)
+        for n, p in ref.named_parameters():
+            if "q_proj" in n and "magnitude" in n:
+                p.mul_(2)
+    assert_parity(ours, ref, x, 10 * tol)
+
+
+class ZeroRow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(6, 4)
+        with torch.no_grad():
+            self.proj.weight[1] = 0                                        # a dead output channel
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def test_zero_norm_row_gives_finite_outputs_and_gradients():
+    model = ZeroRow()
+    x = torch.randn(3, 6)
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["proj"], use_dora=True), example_inputs=(x,)).train()
+    assert pm.store["default"].sites["proj"].magnitude[1].item() == 0.0
+    out = pm(x)
+    torch.testing.assert_close(out, model(x))
+    out.square().sum().backward()
+    for p in pm.trainable_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all()
+    with torch.no_grad():
+        pm.eval()
+        assert torch.isfinite(pm(x)).all() and torch.isfinite(pm.merge()(x)).all()
+
+
+def test_dropout_form_equals_the_plain_form_when_nothing_is_dropped():
+    """DoraScale.dropped (training with dropout: the base product again on d(x)) is the same function as the
+    rescale of LoRA's output, given the same input."""
+    torch.manual_seed(0)
+    W, b, A, B = torch.randn(5, 7), torch.randn(5), torch.randn(3, 7), torch.randn(5, 3)
+    s, m, d = torch.tensor(0.7), torch.rand(5) + 0.5, torch.tensor(1.0)
+    x = torch.randn(4, 7)
+    y = x @ W.t() + b
+    u = y + s * (x @ A.t()) @ B.t()
+    for kind, Wk in (("linear", W), ("conv1d", W.t().contiguous())):
+        ds = DoraScale(kind)
+        want = ds.rescale(u.clone(), A, B, s, Wk, b, m, d)
+        torch.testing.assert_close(ds.dropped(y, x, A, B, s, Wk, b, m, d), want)
+        g = m / torch.linalg.norm(W + s * B @ A, dim=1)
+        torch.testing.assert_close(want, y + (g - 1) * (y - b) + g * (s * (x @ A.t()) @ B.t()))
+
+
+def test_dora_and_plain_adapters_switch_without_recompiling():
+    base = make("llama")
+    pm = peftc.compile(base, peftc.LoRA(r=R, targets=TARGETS["llama"], use_dora=True))
+    pm.add_adapter("plain", peftc.LoRA(r=R, targets=TARGETS["llama"]))
+    random_ours_(pm)
+    with torch.no_grad():
+        for p in pm.store["plain"].parameters():
+            p.normal_(0, 0.2)
+    x = inputs("llama")
+    eager = {}
+    pm.eval()
+    with torch.no_grad():
+        for name in ("default", "plain"):
+            pm.set_adapter(name)
+            eager[name] = main_output(pm(**x))
+    alone = peftc.compile(make("llama"), peftc.LoRA(r=R, targets=TARGETS["llama"])).eval()
+    alone.store["default"].load_state_dict(pm.store["plain"].state_dict())
+    with torch.no_grad():
+        assert torch.equal(main_output(alone(**x)), eager["plain"])       # d = 0: exactly plain LoRA
+    compiled = torch.compile(pm, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        pm.set_adapter("default")
+        torch.testing.assert_close(main_output(compiled(**x)), eager["default"], rtol=0, atol=1e-5)
+        with no_recompiles():
+            pm.set_adapter("plain")
+            torch.testing.assert_close(main_output(compiled(**x)), eager["plain"], rtol=0, atol=1e-5)
+            pm.set_adapter("default")
+            torch.testing.assert_close(main_output(compiled(**x)), eager["default"], rtol=0, atol=1e-5)
+
+
+def test_mixed_batch_and_weighted_combination_refuse_dora():
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=R, targets=["q_proj"], use_dora=True))
+    pm.add_adapter("plain", peftc.LoRA(r=R, targets=["q_proj"]))
+    x = inputs("llama")
+    with pytest.raises(peftc.InputError, match=r"\['default'\] use DoRA"):
+        pm(**x, adapter_names=["default", "plain", "__base__"])
+    pm(**x, adapter_names=["default"] * 3)                                # one adapter for the batch is fine
+    with pytest.raises(peftc.SpecError, match="uses DoRA"):
+        pm.add_weighted_adapter(["default", "plain"], [0.5, 0.5], "mix", combination_type="linear")
+    assert pm.adapters == ["default", "plain"]
+
+
+def test_use_dora_must_be_a_bool():
+    with pytest.raises(peftc.SpecError, match="use_dora must be True or False"):
+        peftc.LoRA(use_dora="yes")
