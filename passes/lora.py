@@ -30,24 +30,28 @@ and export can find the subgraph.
 """
 from __future__ import annotations
 
+import math
 import operator
 
 import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from peftc.errors import MergeError, SpecError
+from peftc.inits import changes_base_weight
 from peftc.methods import Method, register_method
+from peftc.targets import check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
-from peftc.store import STORE, Adapter, AdapterStore, site_key
+from peftc.store import STORE, Adapter, AdapterStore, site_key, slot_writer
 
-from .lora_ops import LoraGroup, dora_norm
+from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
 from .match import Site, tensor_at
-from .route import route_input, route_value
+from .route import route_input
 
 aten = torch.ops.aten
 FORMS = ("single", "mixed")
 def _input_of(site: Site, node: Node) -> Node:
-    return node.args[0] if site.kind == "linear" else node.args[1]
+    return node.args[site.spec.input_arg]
 
 
 def _batch_source(gm: GraphModule) -> Node:
@@ -55,9 +59,64 @@ def _batch_source(gm: GraphModule) -> Node:
     return next(n for n in gm.graph.nodes if n.op == "placeholder" and hasattr(n.meta.get("val"), "shape"))
 
 
+def _lora(store: AdapterStore, name: str | None) -> Adapter | None:
+    """Adapter `name` if it is a LoRA adapter (the store may hold other methods' adapters too), else None."""
+    ad = store.adapters[name] if name is not None and name in store.adapters else None
+    return ad if ad is not None and isinstance(ad.spec, LoRA) else None
+
+
+def _weights(store: AdapterStore, name: str | None, path: str) -> LoraWeights | None:
+    """LoRA adapter `name`'s weights at module path `path`, or None (not LoRA, or not targeting it)."""
+    ad = _lora(store, name)
+    return ad.sites[site_key(path)] if ad is not None and path in ad.targets else None
+
+
+def _all_weights(store: AdapterStore, path: str) -> list[LoraWeights]:
+    return [w for a in store.names() if (w := _weights(store, a, path)) is not None]
+
+
+def dora_at(store: AdapterStore, path: str) -> bool:
+    """Whether any adapter is DoRA at `path` (the graph then has DoRA's rescale there)."""
+    return any(w.dora for w in _all_weights(store, path))
+
+
+def lora_bias_at(store: AdapterStore, path: str) -> bool:
+    """Whether any adapter has a lora_bias at `path` (the graph then adds it there)."""
+    return any(w.B_bias is not None for w in _all_weights(store, path))
+
+
+def residual_at(store: AdapterStore, path: str) -> bool:
+    """Whether any adapter runs on its own residual base weight at `path` (PiSSA / OLoRA)."""
+    return any(w.residual is not None for w in _all_weights(store, path))
+
+
+def dropout_live(store: AdapterStore, paths: list[str]) -> bool:
+    """Whether any adapter has a dropout rate at one of the module paths `paths`."""
+    return any(w.p > 0 for p in paths for w in _all_weights(store, p))
+
+
+@slot_writer
+def _write_slot(store: AdapterStore, slot: int) -> None:
+    """Slot `slot`'s scale and dropout rate at every LoRA site of the gathered form (zeros where the slot is empty,
+    not LoRA or not targeting the site); the plain form's groups learn whether any adapter now has dropout."""
+    name = store.slots()[slot]
+    for key, bank in store.banks.items():
+        if not isinstance(bank, SiteBank):
+            continue
+        ad = _lora(store, name)
+        w = ad.sites[key] if ad is not None and key in ad.sites else None
+        bank.scales[slot] = w.scale if w is not None else 0.0
+        if hasattr(bank, "dropout"):
+            bank.dropout.set_rate(slot, w.p if w is not None else 0.0)
+    for group in store.groups.values():
+        if isinstance(group, (LoraGroup, LoraBranch)):
+            group.live = dropout_live(store, group.paths)
+
+
 def routed_paths(sites: dict[str, Site], store: AdapterStore) -> list[str]:
-    """The sites the graph adapts (every adapter's targets and a capacity's reserved sites), in graph order."""
-    routed = store.routed_sites()
+    """The sites LoRA adapts in the graph (every LoRA adapter's targets and a capacity's reserved sites), in graph
+    order."""
+    routed = set(store.reserved_sites).union(*(store[a].targets for a in store.names() if _lora(store, a)))
     return [p for p in sites if p in routed]
 
 
@@ -66,17 +125,14 @@ def site_rank(store: AdapterStore, path: str) -> int:
     zeros that stand for an adapter not targeting the site have it too, so every adapter's inputs are alike)."""
     if store.capacity is not None:
         return store.capacity.rank
-    return max((store[a].sites[site_key(path)].A.shape[0] for a in store.names() if path in store[a].targets),
-               default=1)
+    return max((w.A.shape[0] for w in _all_weights(store, path)), default=1)
 
 
-@route_value("lora")
 def _lora_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
     """Adapter `name`'s A, B, scale or dropout rate at a site; zeros of the graph's rank where it does not target
     the site. The rank dim is dynamic where the adapters' ranks differ at that site."""
     _, path, part = key
-    adapter = store[name]
-    w = adapter.sites[site_key(path)] if path in adapter.targets else None
+    w = _weights(store, name, path)
     t = None if w is None else {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t, "m": w.magnitude, "d": w.d_t,
                                 "c": w.B_bias}[part]
     if t is None:             # not targeted here, or not DoRA / without lora_bias: zeros (d = 0: no rescale)
@@ -84,7 +140,7 @@ def _lora_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, 
     if part not in "AB":
         return t, ()
     r = site_rank(store, path)
-    ranks = {store[a].sites[site_key(path)].A.shape[0] if path in store[a].targets else r for a in store.names()}
+    ranks = {w.A.shape[0] if (w := _weights(store, a, path)) is not None else r for a in store.names()}
     return t, ((0 if part == "A" else 1),) if len(ranks) > 1 else ()
 
 
@@ -98,17 +154,21 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, fo
         return 0
     by_name = {n.name: n for n in gm.graph.nodes}
     calls = [(sites[p], by_name[n.name]) for p in paths for n in sites[p].nodes]   # this copy's site calls
+    matmuls = [c for c in calls if c[0].linear_like]
+    others = [c for c in calls if not c[0].linear_like]          # embeddings, convolutions: LoraBranch
     if form == "single":
-        return _insert_plain(gm, calls, store)
-    return _insert_gathered(gm, calls, store)
+        return _insert_plain(gm, matmuls, store) + _insert_branches(gm, others, store, None)
+    rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
+    count = (_insert_gathered(gm, matmuls, store, rows) if matmuls else 0) + _insert_branches(gm, others, store, rows)
+    for slot in range(1, len(store.slots())):
+        _write_slot(store, slot)      # every slot's scales (and dropout rates) into the new banks
+    return count
 
 
-@route_value("residual")
 def _residual_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
     """The base weight adapter `name` runs on at a site: its PiSSA / OLoRA residual, else the model's weight."""
     _, path, target = key
-    adapter = store[name]
-    w = adapter.sites[site_key(path)] if path in adapter.targets else None
+    w = _weights(store, name, path)
     return (w.residual if w is not None and w.residual is not None else tensor_at(gm, target)), ()
 
 
@@ -116,9 +176,9 @@ def _route_residuals(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
     """Where an adapter runs on a residual weight (PiSSA / OLoRA), the site call reads its weight from the call's
     route: that adapter's residual, the model's own weight for every other adapter."""
     for site, node in calls:
-        if store.residual_at(site.fqn):
-            idx = 1 if site.kind == "linear" else 2
-            node.update_arg(idx, route_input(gm, ("residual", site.fqn, site.weight), tensor_at(gm, site.weight)))
+        if residual_at(store, site.fqn):
+            node.update_arg(site.spec.weight_arg,
+                            route_input(gm, ("residual", site.fqn, site.weight), tensor_at(gm, site.weight)))
 
 
 # --- plain form -------------------------------------------------------------------------------------------------
@@ -129,7 +189,6 @@ def _insert_plain(gm: GraphModule, calls: list[tuple[Site, Node]], store: Adapte
     groups: dict[Node, list[tuple[Site, Node]]] = {}
     for site, node in sorted(calls, key=lambda c: order[c[1]]):
         groups.setdefault(_input_of(site, node), []).append((site, node))
-    store.groups = nn.ModuleDict()
     count = 0
     for x, members in groups.items():
         for part in _placeable(members, order):
@@ -150,9 +209,11 @@ def _placeable(members: list[tuple[Site, Node]], order: dict[Node, int]) -> list
 
 def _dora_args(gm: GraphModule, site: Site, node: Node, w: torch.Tensor) -> list:
     """DoRA's inputs at one site call: the site's own weight and bias nodes, and the call's magnitude and flag."""
-    weight, bias = (node.args[1], node.args[2] if len(node.args) > 2 else None) if site.kind == "linear" \
-        else (node.args[2], node.args[0])
-    m = route_input(gm, ("lora", site.fqn, "m"), w.new_empty(site.out_features))
+    kind = site.spec
+    weight = node.args[kind.weight_arg]
+    bias = node.args[kind.bias_arg] if kind.bias_arg is not None and kind.bias_arg < len(node.args) else None
+    shape = (1, site.out_features, *(1,) * (w.dim() - 2)) if site.kind == "conv" else (site.out_features,)
+    m = route_input(gm, ("lora", site.fqn, "m"), w.new_empty(shape))
     d = route_input(gm, ("lora", site.fqn, "d"), w.new_empty(()))
     return [weight, bias, m, d]
 
@@ -184,12 +245,12 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
                 "p": w.new_empty(())}
         for part, example in like.items():
             parts[part].append(route_input(gm, ("lora", site.fqn, part), example))
-        doras.append(_dora_args(gm, site, node, w) if store.dora_at(site.fqn) else None)
+        doras.append(_dora_args(gm, site, node, w) if dora_at(store, site.fqn) else None)
         biases.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
-                      if store.lora_bias_at(site.fqn) else None)
+                      if lora_bias_at(store, site.fqn) else None)
     key = f"g{len(store.groups)}"
     remake, srcs = _recipe(gm, x)
-    store.groups[key] = LoraGroup(paths, live=store.dropout_live(paths), remake=remake,
+    store.groups[key] = LoraGroup(paths, live=dropout_live(store, paths), remake=remake,
                                   dora=[d is not None for d in doras], kinds=[site.kind for site, _ in members])
     ys = [node for _, node in members]
     meta = {"method": "lora", "adapter": "*"}
@@ -254,34 +315,30 @@ class SiteBank(nn.Module):
             self.dropout = RowDropout([0.0] * slots, device)
 
 
-def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> int:
+def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore, rows: Node) -> int:
     slots = store.slots()
-    names = [a for a in slots[1:] if a is not None]
+    names = [a for a in slots[1:] if _lora(store, a) is not None]
     capacity = store.capacity
-    rank = capacity.rank if capacity else max(store[a].max_rank for a in names)
+    rank = capacity.rank if capacity else max((store[a].max_rank for a in names), default=1)
     g = gm.graph
     first = _batch_source(gm)
-    rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
     with g.inserting_after(rows):
         batch = g.call_function(aten.sym_size.int, (first, 0))
     new: list[Node] = [batch]
     outs: set[Node] = set()
-    store.banks = nn.ModuleDict()
     for site, node in calls:
         key = site_key(site.fqn)
         if key not in store.banks:
             w = tensor_at(gm, site.weight)
-            dropout = capacity is not None or any(store[a].sites[key].p for a in names if site.fqn in store[a].targets)
+            dropout = capacity is not None or dropout_live(store, [site.fqn])
             store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
                                         dropout)
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
                 for i in range(1, len(slots)):
-                    store.lane_weights(i, key, site.in_features, site.out_features, w.dtype, w.device)
+                    store.lane_weights(i, key, _zeros(site, capacity.rank, w))
         made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, hasattr(store.banks[key], "dropout"))
         new += made
         outs.add(out)
-    for i in range(1, len(slots)):
-        store.point_slot(i)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
         n.meta["peftc"] = {"method": "lora", "adapter": "*", "role": "out" if n in outs else "part"}
     return len(calls)
@@ -302,7 +359,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
         made.append(g.get_attr(target))
         return made[-1]
 
-    with_bias = store.lora_bias_at(site.fqn)
+    with_bias = lora_bias_at(store, site.fqn)
     with g.inserting_before(node.next):
         a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
         c_list = [attr(f"{bank}.empty.c")] if with_bias else []
@@ -314,7 +371,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
                     lane = store.lanes[str(i)][key]
                     c_list.append(attr(f"{STORE}.lanes.{i}.{key}.B_bias") if lane.B_bias is not None else c_list[0])
                 continue
-            w = store[a].sites[key] if key in store[a].sites else None
+            w = _weights(store, a, site.fqn)
             if w is None:
                 a_list.append(a_list[0])
                 b_list.append(b_list[0])
@@ -352,40 +409,225 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
     return made, y
 
 
+# --- embeddings and convolutions: one LoraBranch call per site ---------------------------------------------------
+def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore, rows: Node | None) -> int:
+    """y' = y + s B(A(x)) at each embedding / convolution site call (PEFT's lora_embedding_A/B, its lora_A conv and
+    1x1 lora_B conv): in the plain form with the call's adapter's weights as route inputs; in the gathered form
+    (`rows` given) with every slot's weights, each applied to its own rows."""
+    g = gm.graph
+    slots = store.slots()
+    for site, node in calls:
+        key = site_key(site.fqn)
+        w = tensor_at(gm, site.weight)
+        op = {"embedding": "embedding", "conv": f"conv{len(site.weight_shape) - 2}d"}[site.kind]
+        dora = rows is None and dora_at(store, site.fqn)
+        branch = (LoraBranch if rows is None else LoraBranchRows)(op, site.params, [site.fqn],
+                                                                  live=dropout_live(store, [site.fqn]), dora=dora)
+        x = _input_of(site, node)
+        biased = lora_bias_at(store, site.fqn)
+        if rows is None:
+            r = site_rank(store, site.fqn)
+            kernel, groups = site.weight_shape[2:] if site.kind == "conv" else (), site.params.get("groups", 1)
+            A = w.new_empty(r, site.in_features, *kernel)
+            B = w.new_empty(site.out_features, r // groups, *(1,) * len(kernel))
+            parts = [route_input(gm, ("lora", site.fqn, part), ex) for part, ex in
+                     (("A", A), ("B", B), ("s", w.new_empty(())), ("p", w.new_empty(())))]
+            parts.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
+                         if biased else None)
+            if dora:
+                parts.append(_dora_args(gm, site, node, w))
+            while parts[-1] is None:
+                parts.pop()
+            name = f"b{len(store.groups)}"
+            store.groups[name] = branch
+            with g.inserting_after(node):
+                out = g.call_module(f"{STORE}.groups.{name}", (x, node, *parts))
+        else:
+            if key not in store.banks:
+                store.banks[key] = SiteBank(len(slots), 0, 0, 0, w.dtype, w.device, dropout=False)
+                store.banks[key].branch = branch
+            A_s, B_s, c_s = [], [], []
+            with g.inserting_after(node):
+                anchor = node
+                for i, a in enumerate(slots[1:], start=1):
+                    if store.capacity is not None:
+                        lw = store.lane_weights(i, key, _zeros(site, store.capacity.rank, w))
+                        prefix = f"{STORE}.lanes.{i}.{key}"
+                    elif _weights(store, a, site.fqn) is not None:
+                        lw, prefix = _weights(store, a, site.fqn), f"{STORE}.adapters.{a}.sites.{key}"
+                    else:
+                        A_s.append(None), B_s.append(None), c_s.append(None)
+                        continue
+                    for lst, attr in ((A_s, "A"), (B_s, "B"), (c_s, "B_bias")):
+                        if attr == "B_bias" and lw.B_bias is None:
+                            lst.append(None)
+                            continue
+                        with g.inserting_after(anchor):
+                            anchor = g.get_attr(f"{prefix}.{attr}")
+                        lst.append(anchor)
+                with g.inserting_after(anchor):
+                    scales = g.get_attr(f"{STORE}.banks.{key}.scales")
+                with g.inserting_after(scales):
+                    out = g.call_module(f"{STORE}.banks.{key}.branch", (x, node, rows, A_s, B_s, scales, c_s))
+        out.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
+        for n in [out, *[a for a in out.all_input_nodes if a.op == "get_attr" and STORE in a.target]]:
+            n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+            n.meta["peftc"] = {"method": "lora", "adapter": "*", "role": "out" if n is out else "part"}
+    return len(calls)
+
+
+def _shape_of(site: Site) -> dict:
+    """LoraWeights' shape arguments for a site (kind, and a convolution's kernel and groups)."""
+    if site.kind != "conv":
+        return {"kind": site.kind}
+    return {"kind": site.kind, "kernel": tuple(site.weight_shape[2:]), "groups": site.params.get("groups", 1)}
+
+
+def _zeros(site: Site, rank: int, w: torch.Tensor):
+    """A maker of frozen zero LoraWeights for `site` at `rank` (a capacity's empty lane)."""
+    return lambda: zero_weights(rank, site.in_features, site.out_features, w.dtype, w.device, **_shape_of(site))
+
+
 def base_output(out: Node) -> Node:
     """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
     if out.target is operator.getitem:     # plain form: getitem(LoraGroup(x, ys, ...), i) -> ys[i]
         return out.args[0].args[1][out.args[1]]
+    if out.op == "call_module":            # LoraBranch(x, y, ...) -> y
+        return out.args[1]
     while "peftc" in out.meta:             # gathered form: reshape(add_(baddbmm_(reshape(y), ...), ...)) -> y
         out = out.args[0]
     return out
 
 
 def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tensor:
-    """LoRA's fold rule for merge(): s B A in the layout of the site's weight ([out, in]; Conv1D: [in, out]), in
-    float32. DoRA: m (V + s B A) / ||V + s B A||_row - W (its rescale, with the group's zero-norm rule), where V is
-    the weight the adapter runs on: W, or its PiSSA / OLoRA residual (which the delta then replaces W by)."""
+    """LoRA's fold rule for merge(), in the layout of the site's weight (linear [out, in], Conv1D [in, out],
+    embedding [num, dim], convolution [out, in, *kernel]), in float32: s B A; with DoRA g (V + s B A) - W, where g =
+    m / ||V + s B A|| per output channel (1 where the norm is 0, as the unmerged graph has it) and V is the weight
+    the adapter runs on: W, or its PiSSA / OLoRA residual (which the delta then replaces W by)."""
     w = adapter.sites[site_key(site.fqn)]
-    delta = w.scale * (w.B_r.detach().float() @ w.A_r.detach().float())   # (out, in)
-    conv1d = site.kind == "conv1d"
-    if w.dora or w.residual is not None:
-        base = weight if w.residual is None else w.residual                # what the adapter runs on
-        W, V = (t.detach().float() for t in (weight, base))
-        W, V = (W.t(), V.t()) if conv1d else (W, V)
-        g = 1.0
-        if w.dora:
-            n = dora_norm(base, w.A_r, w.B_r, w.scale, site.kind)
-            m = w.magnitude.detach().float()
-            g = torch.where(n > 0, m / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))[:, None]
-        delta = g * (V + delta) - W
-    return delta.T if conv1d else delta
+    A, B = w.A_r.detach().float(), w.B_r.detach().float()
+    if site.kind == "conv" and w.groups > 1:
+        raise MergeError(f"{site.fqn} is a convolution with groups={w.groups}: its LoRA update (a dense A conv) is "
+                         "not a grouped weight, so it cannot be merged (PEFT refuses it too); use the unmerged module")
+    if site.kind == "conv":
+        delta = w.scale * torch.einsum("or,ri...->oi...", B.flatten(1), A)       # [out, in, *kernel]
+    elif site.kind in ("embedding", "conv1d"):
+        delta = w.scale * (B @ A).t()                                             # [in, out] layouts
+    else:
+        delta = w.scale * (B @ A)                                                 # [out, in]
+    if not w.dora and w.residual is None:
+        return delta
+    base = weight if w.residual is None else w.residual
+    W, V = weight.detach().float(), base.detach().float()
+    if w.dora:
+        n = dora_norm(base, w.A_r, w.B_r, w.scale, site.kind)
+        m = w.magnitude.detach().float().flatten()
+        g = torch.where(n > 0, m / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
+        channel = 1 if site.kind in ("embedding", "conv1d") else 0                # the output channels' axis
+        shape = [1] * W.dim()
+        shape[channel] = -1
+        return g.view(shape) * (V + delta) - W
+    return V + delta - W
 
 
-def lora_bias_delta(adapter: Adapter, site: Site) -> torch.Tensor | None:
+def lora_bias_delta(adapter: Adapter, site: Site, bias: torch.Tensor | None) -> torch.Tensor | None:
     """s b_B, what merge() adds to the layer's bias for lora_bias (None without it), in float32."""
     w = adapter.sites[site_key(site.fqn)]
     return None if w.B_bias is None else w.scale * w.B_bias.detach().float()
 
 
-register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, site_kinds=("linear", "conv1d"),
-                       fold=lora_delta, fold_bias=lora_bias_delta))
+def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: bool) -> None:
+    """LoRA's own rules before any weight is made: ranks that fit (PEFT accepts r > min(in, out), so checkpoints
+    it wrote must load: not checked when loading) and options only some layer kinds serve (refused by name, as PEFT
+    refuses them)."""
+    if not loading:
+        check_rank(spec, sites, chosen)
+    for path in chosen:
+        site = sites[path]
+        if site.linear_like:
+            if spec.init == "olora" and site.kind == "conv1d":
+                raise SpecError(f"init 'olora' on {path} (a GPT-2 Conv1D layer) is not supported: PEFT's OLoRA "
+                                "factors the stored [in, out] weight, which does not reproduce the layer; use "
+                                "'pissa' or another init there")
+            continue
+        what = {"embedding": "an embedding", "conv": "a convolution"}[site.kind]
+        grouped = site.kind == "conv" and site.params.get("groups", 1) > 1
+        unsupported = [o for o, on in (("use_dora", spec.use_dora and grouped),
+                                       ("lora_bias", spec.lora_bias and site.kind == "embedding")) if on]
+        if spec.init not in (True, False, "gaussian"):
+            unsupported.append(f"init={spec.init!r}")
+        if unsupported:
+            raise SpecError(f"{', '.join(unsupported)} on {site.fqn} ({what}, {site.module_type or site.kind}) is "
+                            "not supported: peftc serves it on linear and Conv1D layers"
+                            + (", and DoRA on ungrouped convolutions" if grouped else "") + "; leave the layer out "
+                            "of targets (exclude_modules) or drop the option")
+
+
+def build_lora(spec: LoRA, site: Site, weight: torch.Tensor) -> LoraWeights:
+    """LoRA's weights at one site: A and B by the spec's init (PiSSA / OLoRA from the weight, with the residual the
+    adapter runs on), and DoRA's magnitude m = ||W + s B A|| per output channel, so that it starts as the identity."""
+    path = site.fqn
+    lw = LoraWeights(spec.rank_at(path), site.in_features, site.out_features, spec.scale_at(path), spec.dropout,
+                     spec.init, dtype=weight.dtype, device=weight.device, dora=spec.use_dora, bias=spec.lora_bias,
+                     **_shape_of(site))
+    if changes_base_weight(spec.init):
+        lw.set_residual_init(spec.init, weight, site.kind == "conv1d")
+    if spec.use_dora:
+        base = weight if lw.residual is None else lw.residual
+        with torch.no_grad():
+            lw.magnitude.copy_(dora_norm(base, lw.A_r, lw.B_r, lw.scale, site.kind).view(lw.magnitude.shape))
+    return lw
+
+
+def lora_keys(path: str, w: LoraWeights):
+    """PEFT's checkpoint names of LoRA's tensors at a site (after base_model.model.<path>.)."""
+    if w.kind == "embedding":            # PEFT's Embedding holds bare Parameters
+        yield "lora_embedding_A", w.A_r
+        yield "lora_embedding_B", w.B_r
+    else:
+        yield "lora_A.weight", w.A_r
+        yield "lora_B.weight", w.B_r
+    if w.B_bias is not None:
+        yield "lora_B.bias", w.B_bias
+    if w.dora:
+        yield "lora_magnitude_vector", w.magnitude
+
+
+def lora_param_count(spec: LoRA, site: Site) -> int:
+    """A [r, in, *kernel] + B [out, r / groups, 1...] + a magnitude (DoRA) or B's bias (lora_bias) per channel."""
+    r = spec.rank_at(site.fqn)
+    kernel = math.prod(site.weight_shape[2:]) if site.kind == "conv" else 1
+    groups = site.params.get("groups", 1) if site.kind == "conv" else 1
+    return r * site.in_features * kernel + site.out_features * (r // groups) + \
+        (spec.use_dora or spec.lora_bias) * site.out_features
+
+
+def lora_mixed_refusal(adapter: Adapter) -> str | None:
+    """Why a LoRA adapter cannot join a mixed batch (the gathered form has no DoRA rescale and routes no residual
+    weights), or None."""
+    if adapter.spec.use_dora:
+        return "it uses DoRA, whose per-channel rescale the per-row form does not have yet (PEFT refuses " \
+               "adapter_names with DoRA too)"
+    if any(w.residual is not None for w in adapter.sites.values()):
+        return f"it runs on its own residual base weights (init {adapter.spec.init!r}), which the per-row form " \
+               "does not route"
+    return None
+
+
+def lora_fits_graph(store: AdapterStore, adapter: Adapter) -> bool:
+    """Whether the graph's LoRA subgraph already serves `adapter` as data: no lora_bias or residual inputs of its
+    own, and DoRA only where the graph has DoRA's rescale."""
+    if any(w.B_bias is not None or w.residual is not None for w in adapter.sites.values()):
+        return False
+    dora = {p for p in adapter.targets if adapter.sites[site_key(p)].dora}
+    rescaled = {p for g in store.groups.values() if isinstance(g, LoraGroup) for p, on in zip(g.paths, g.dora) if on}
+    return dora <= rescaled
+
+
+register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config,
+                       site_kinds=("linear", "conv1d", "embedding", "conv"),
+                       check=check_lora, build=build_lora, rewrite=insert_lora, peft_keys=lora_keys,
+                       base_output=base_output, mixed_refusal=lora_mixed_refusal, fits_graph=lora_fits_graph,
+                       route_values={"lora": _lora_value, "residual": _residual_value}, fold=lora_delta, fold_bias=lora_bias_delta,
+                       param_count=lora_param_count))

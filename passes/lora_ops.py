@@ -1,4 +1,5 @@
-"""The LoRA update of sites that read one input, as the plain-form subgraph calls it: one down-projection GEMM over
+"""LoRA's modules: its weights at a site (LoraWeights), and the updates the graph calls. The update of sites that
+read one input, as the plain-form subgraph calls it: one down-projection GEMM over
 the sites' stacked A's, one accumulating GEMM per site, and in training a backward that saves only x (which the
 base layers' inputs share): the rank-R intermediate h is recomputed from it (one skinny GEMM per group) instead of
 kept, so autograd holds less than PEFT's modules do (they keep x and h), and no scaled copies or gathered weights.
@@ -10,12 +11,155 @@ kept, so autograd holds less than PEFT's modules do (they keep x and h), and no 
 """
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from typing import Sequence
 
 import torch
 from torch import nn
+
+from peftc.errors import SpecError
+from peftc.inits import orthogonal_init, residual_init
+
+
+class LoraWeights(nn.Module):
+    """One LoRA site of one adapter: A [r, in], B [out, r], the scale and the dropout rate on the site's input.
+
+    With a declared capacity (AdapterStore.capacity) the Parameters are allocated at the capacity's rank, zero past
+    the adapter's own r: every slot then has the same shapes, so an adapter can take a slot without a recompile.
+    The pads get zero gradients (B's pad columns meet A's zero pad rows), so training leaves them zero. `A_r` and
+    `B_r` are the adapter's own weights (views), what checkpoints, merging and combinations read."""
+
+    def __init__(self, r: int, in_features: int, out_features: int, scale: float, dropout: float, init,
+                 dtype: torch.dtype, device: torch.device, *, rank: int | None = None, dora: bool = False,
+                 bias: bool = False, kind: str = "linear", kernel: tuple = (), groups: int = 1):
+        super().__init__()
+        alloc = r if rank is None else rank
+        if groups > 1 and (alloc % groups or r % groups):
+            raise SpecError(f"a rank of {alloc} does not divide into the convolution's {groups} groups")
+        self.r = r
+        self.kind = kind                     # the site kind (passes.match.KINDS): layout and PEFT's key names
+        self.kernel, self.groups = tuple(kernel), groups
+        # conv: A [r, in, *kernel] (PEFT's lora_A conv), B [out, r / groups, 1, ...] (its 1x1 lora_B, grouped)
+        self.A = nn.Parameter(torch.zeros(alloc, in_features, *self.kernel, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(out_features, alloc // groups, *(1,) * len(self.kernel), dtype=dtype,
+                                          device=device))
+        self.scale = float(scale)
+        self.p = float(dropout)
+        # the same as 0-dim tensors: what a call of the plain-form graph passes in (data, so adapters switch freely)
+        self.register_buffer("scale_t", torch.tensor(self.scale, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("p_t", torch.tensor(self.p, dtype=dtype, device=device), persistent=False)
+        # DoRA: the trained magnitude per output channel (set from the site's weight when built), and the flag a
+        # call passes in (1: DoRA; a plain adapter routes 0 where the graph has DoRA's subgraph)
+        # (PEFT's shapes: [out] for linear layers and embeddings, [1, out, 1, ...] for convolutions)
+        m_shape = (1, out_features, *(1,) * len(self.kernel)) if kind == "conv" else (out_features,)
+        self.magnitude = nn.Parameter(torch.ones(m_shape, dtype=dtype, device=device)) if dora else None
+        self.register_buffer("d_t", torch.tensor(float(dora), dtype=dtype, device=device), persistent=False)
+        # lora_bias: B's own bias (PEFT's lora_B.bias), y + s (B A x + B_bias)
+        self.B_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self.register_buffer("residual", None, persistent=False)   # PiSSA / OLoRA: the base weight it runs on
+        if r:
+            self.reset(init)
+
+    @torch.no_grad()
+    def set_residual_init(self, init: str, weight: torch.Tensor, conv1d: bool) -> None:
+        """PiSSA / OLoRA (peftc.inits.residual_init): A and B from `weight` (the site's, in its own layout) and the
+        residual weight, which the adapter's calls read instead of it (a frozen buffer in the same layout).
+        "pissa_niter_N" draws its random projection from seed 0 (not the caller's generator), so that loading a
+        saved adapter rebuilds the same residual; PEFT draws it from the global generator on every load."""
+        w = weight.t() if conv1d else weight
+        if init.startswith("pissa_niter_"):   # the randomized SVD from a fixed seed: a reload gives the same residual
+            devices = [w.device] if w.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(0)
+                A, B, res = residual_init(init, w, self.r, self.scale)
+        else:
+            A, B, res = residual_init(init, w, self.r, self.scale)
+        self.A_r.copy_(A)
+        self.B_r.copy_(B)
+        self.register_buffer("residual", (res.t() if conv1d else res).contiguous(), persistent=False)
+
+    @property
+    def dora(self) -> bool:
+        return self.magnitude is not None
+
+    @property
+    def A_r(self) -> torch.Tensor:
+        return self.A if self.A.shape[0] == self.r else self.A[: self.r]
+
+    @property
+    def B_r(self) -> torch.Tensor:
+        r = self.r // self.groups
+        return self.B if self.B.shape[1] == r else self.B[:, :r]
+
+    def zeros(self, rank: int) -> "LoraWeights":
+        """Frozen zero weights of the same site at `rank` (r = 0): an empty slot's lane."""
+        return zero_weights(rank, self.A.shape[1], self.B.shape[0], self.A.dtype, self.A.device, kind=self.kind,
+                            kernel=self.kernel, groups=self.groups)
+
+    def like(self, r: int, rank: int | None = None) -> "LoraWeights":
+        """Zero weights of the same site shapes, rank r (allocated at `rank`), frozen flags as given by callers."""
+        return LoraWeights(r, self.A.shape[1], self.B.shape[0], self.scale, self.p, True, dtype=self.A.dtype,
+                           device=self.A.device, rank=rank, dora=self.dora, bias=self.B_bias is not None,
+                           kind=self.kind, kernel=self.kernel, groups=self.groups)
+
+    @torch.no_grad()
+    def reset(self, init=True) -> None:
+        """PEFT's initialisations: True (Kaiming-uniform A, zero B), "gaussian" (A ~ N(0, 1/r), zero B), False (both
+        random, as nn.Linear initialises them: the adapter is not the identity), "orthogonal" (peftc.inits). PiSSA
+        and OLoRA need the site's weight: set_residual_init writes them."""
+        A, B = self.A_r, self.B_r
+        if self.kind == "embedding":   # PEFT: A zeros and B ~ N(0, 1), or (init False) both ~ N(0, 1)
+            if init is False:
+                nn.init.normal_(A)
+            else:
+                nn.init.zeros_(A)
+            nn.init.normal_(B)
+            return
+        if init == "orthogonal":
+            a, b = orthogonal_init(A.shape[1], B.shape[0], self.r, dtype=A.dtype, device=A.device)
+            A.copy_(a)
+            B.copy_(b)
+            return
+        if init == "gaussian":
+            nn.init.normal_(A, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+            if self.B_bias is not None:        # as nn.Linear(r, out) initialises its bias
+                nn.init.uniform_(self.B_bias, -1 / math.sqrt(self.r), 1 / math.sqrt(self.r))
+        else:
+            nn.init.zeros_(B)
+            if self.B_bias is not None:
+                nn.init.zeros_(self.B_bias)
+
+    def padded(self, rank: int) -> "LoraWeights":
+        """A copy allocated at `rank` (same weights, zero pads, same requires_grad)."""
+        if self.groups > 1:
+            raise SpecError("a declared capacity cannot pad the rank of a LoRA on a grouped convolution (its rank "
+                            "splits across the groups); leave grouped convolutions out of the targets, or reserve no "
+                            "capacity")
+        new = self.like(0, rank)
+        new.r = self.r
+        with torch.no_grad():
+            new.A_r.copy_(self.A_r)
+            new.B_r.copy_(self.B_r)
+            if self.dora:
+                new.magnitude.copy_(self.magnitude)
+            if self.B_bias is not None:
+                new.B_bias.copy_(self.B_bias)
+        if self.residual is not None:
+            new.register_buffer("residual", self.residual, persistent=False)
+        new.requires_grad_(self.A.requires_grad)
+        return new
+
+
+def zero_weights(rank: int, in_f: int, out_f: int, dtype, device, **shape) -> "LoraWeights":
+    """Frozen zero LoraWeights at `rank` (r = 0): a site or slot with no adapter (`shape`: kind, kernel, groups)."""
+    w = LoraWeights(0, in_f, out_f, 0.0, 0.0, True, dtype=dtype, device=device, rank=rank, **shape)
+    return w.requires_grad_(False)
 
 
 class LoraGroup(nn.Module):
@@ -66,17 +210,23 @@ class LoraGroup(nn.Module):
 
 def dora_norm(W, A, B, s, kind: str = "linear") -> torch.Tensor:
     """||W + s B A|| per output channel, in float32, without forming B A: W is [out, in] ("conv1d": [in, out]), A
-    [r, in], B [out, r], s a number or 0-dim tensor. A fresh adapter's magnitude is this same function of its
+    [r, in], B [out, r], s a number or 0-dim tensor. An embedding's W [num, dim] is laid out as Conv1D's (its output
+    channels are the columns, PEFT's norm runs over the vocabulary); a convolution's [out, in, *k] with A [r, in, *k]
+    and B [out, r, 1, ...] flattens to the linear case. A fresh adapter's magnitude is this same function of its
     weights, so it starts as the identity exactly."""
-    with torch.no_grad():
-        Wf, Af, Bf = W.detach().float(), A.detach().float(), B.detach().float()
-        sf = s.detach().float() if isinstance(s, torch.Tensor) else float(s)
-        if kind == "conv1d":
-            w2, wa = Wf.pow(2).sum(0), (Af @ Wf).t()                         # (out,), (out, r)
-        else:
-            w2, wa = Wf.pow(2).sum(1), Wf @ Af.t()
-        n2 = w2 + 2 * sf * (wa * Bf).sum(1) + sf * sf * ((Bf @ (Af @ Af.t())) * Bf).sum(1)
-        return n2.clamp_min(0).sqrt()
+    if kind == "embedding":
+        kind = "conv1d"
+    elif kind == "conv":
+        W, A, B, kind = W.flatten(1), A.flatten(1), B.flatten(1), "linear"
+    # detached inputs rather than no_grad(): the same code traces into an exported graph as plain ops
+    Wf, Af, Bf = W.detach().float(), A.detach().float(), B.detach().float()
+    sf = s.detach().float() if isinstance(s, torch.Tensor) else float(s)
+    if kind == "conv1d":
+        w2, wa = Wf.pow(2).sum(0), (Af @ Wf).t()                             # (out,), (out, r)
+    else:
+        w2, wa = Wf.pow(2).sum(1), Wf @ Af.t()
+    n2 = w2 + 2 * sf * (wa * Bf).sum(1) + sf * sf * ((Bf @ (Af @ Af.t())) * Bf).sum(1)
+    return n2.clamp_min(0).sqrt()
 
 
 class DoraScale:
@@ -100,9 +250,8 @@ class DoraScale:
 
     def scale(self, W, A, B, s, m, d) -> torch.Tensor:
         """g = m / ||W + s B A||_row (1 where the norm is 0, or where d == 0)."""
-        with torch.no_grad():
-            n = dora_norm(W, A, B, s, self.kind).to(m.dtype)
-            live = (n > 0) & (d > 0)
+        n = dora_norm(W, A, B, s, self.kind).to(m.dtype).view(m.shape)
+        live = (n > 0) & (d.detach() > 0)
         return torch.where(live, m / torch.where(live, n, torch.ones_like(n)), torch.ones_like(m))
 
     def _cached(self, W, A, B, s, m, d, bias):
@@ -114,7 +263,7 @@ class DoraScale:
         if hit is not None and hit[1] == state and all(r() is t for r, t in zip(hit[0], ts)):
             return hit[2], hit[3]
         g = self.scale(W, A, B, s, m, d)
-        c = None if bias is None else (1 - g) * bias
+        c = None if bias is None else (1 - g) * bias.view(g.shape)
         with self._lock:
             if len(self._cache) > 16:      # adapters come and go; keep the few in use
                 self._cache.clear()
@@ -129,7 +278,7 @@ class DoraScale:
                 u = u.mul_(g)
                 return u if c is None else u.add_(c)
         g = self.scale(W, A, B, s, m, d)
-        return u * g if bias is None else torch.addcmul((1 - g) * bias, u, g)
+        return u * g if bias is None else torch.addcmul((1 - g) * bias.view(g.shape), u, g)
 
     def dropped(self, y, xd, A, B, s, W, bias, m, d) -> torch.Tensor:
         """PEFT's training form with dropout: y + (g - 1) W xd + g s B A xd (xd: the dropped input)."""
@@ -234,3 +383,74 @@ class _LoraFn(torch.autograd.Function):
             if need_x:
                 g_x = torch.mm(g_h, As[0] if n == 1 else torch.cat(As)).view(ctx.x_shape)
         return (g_x, None, None, *([None] * k), None, *g_ys, *g_As, *g_Bs, *([None] * n))
+
+
+class LoraBranch(nn.Module):
+    """LoRA at an embedding or convolution site, as PEFT computes it: y + s (B(A(x)) + b_B), where for an embedding
+    A(x) = embedding(A^T, ids) (no dropout, as in PEFT) and B is a matmul, and for a convolution A is a conv with the
+    site's kernel, stride, padding and dilation and B a 1x1 conv with its groups (dropout on x first).
+
+    Called as (x, y, A, B, s, p[, c]) in the plain form (the call's adapter) and as (x, y, rows, As, Bs, scales, cs)
+    in the gathered form, where each slot's update applies to its own rows only (None: the slot has none here).
+    `live` as LoraGroup's: whether any adapter routed here has a dropout rate."""
+
+    def __init__(self, op: str, params: dict, paths: list[str], live: bool = False, dora: bool = False):
+        super().__init__()
+        self.op, self.params, self.paths, self.live = op, dict(params), list(paths), live
+        self.norm = DoraScale("embedding" if op == "embedding" else "conv") if dora else None
+
+    def update(self, x, A, B, p=None):
+        """B(A(x)), the unscaled update."""
+        if self.op == "embedding":
+            pad = self.params.get("padding_idx", -1)
+            h = torch.nn.functional.embedding(x, A.t(), padding_idx=None if pad is None or pad < 0 else pad)
+            return h @ B.t()
+        if p is not None and self.training and self.live:
+            x = _dropout(x, p)
+        conv = getattr(torch.nn.functional, self.op)
+        prm = self.params
+        h = conv(x, A, None, prm.get("stride", 1), prm.get("padding", 0), prm.get("dilation", 1), 1)
+        return conv(h, B, None, 1, 0, 1, prm.get("groups", 1))
+
+    def forward(self, x, y, A, B, s, p, c=None, dora=None):
+        """dora: (W, bias or None, magnitude m, DoRA flag d) of the call's adapter where some adapter here is DoRA
+        (never with c: PEFT refuses lora_bias with DoRA)."""
+        if dora is not None and self.training and self.live and self.op != "embedding":
+            return self._dropped(x, y, A, B, s, p, *dora)
+        u = self.update(x, A, B, p)
+        if c is not None:                    # lora_bias (convolutions; PEFT refuses it on embeddings)
+            u = u + c.view(-1, *(1,) * (u.dim() - 2))
+        if torch.is_grad_enabled() and (u.requires_grad or y.requires_grad):
+            out = y + u * s
+        else:
+            out = y.add_(u * s)
+        return out if dora is None else self.norm.rescale(out, A, B, s, *dora)
+
+    def _dropped(self, x, y, A, B, s, p, W, bias, m, d):
+        """DoRA in training with dropout, as PEFT: y + (g - 1) conv(d(x), W) + g s B(A(d(x)))."""
+        xd = _dropout(x, p)
+        g = self.norm.scale(W, A, B, s, m, d)
+        prm = self.params
+        base = getattr(torch.nn.functional, self.op)(xd, W, None, prm.get("stride", 1), prm.get("padding", 0),
+                                                     prm.get("dilation", 1), prm.get("groups", 1))
+        return y + (g - 1) * base + g * (s * self.update(xd, A, B))
+
+    def extra_repr(self) -> str:
+        return f"{self.op}, sites={self.paths}, dropout={self.live}"
+
+
+class LoraBranchRows(LoraBranch):
+    """LoraBranch in the gathered form: (x, y, rows, As, Bs, scales, cs), every slot's update on its own rows (a
+    slot's A is None where it has no adapter at the site). No dropout: mixed batches serve inference."""
+
+    def forward(self, x, y, rows, As, Bs, scales, cs):
+        out = y
+        for slot, (A, B, c) in enumerate(zip(As, Bs, cs), start=1):
+            if A is None:
+                continue
+            u = self.update(x, A, B)
+            if c is not None:
+                u = u + c.view(-1, *(1,) * (u.dim() - 2))
+            mask = (rows == slot).to(u.dtype) * scales[slot]                  # (batch,): this slot's rows, scaled
+            out = out + u * mask.view(-1, *(1,) * (u.dim() - 1))
+        return out

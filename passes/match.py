@@ -1,6 +1,8 @@
-"""Matching pass: find linear-like sites (nn.Linear, GPT-2 Conv1D) and their attention roles from the graph itself.
+"""Matching pass: find adapter sites (the ops of KINDS: linear, GPT-2 Conv1D, embedding, convolution) and their
+attention roles from the graph itself.
 
-A site is one module: `y = linear(x, W, b)` (W: [out, in]) or, for Conv1D, `y = addmm(b, x, W)` (W: [in, out]).
+A site is one module: `y = linear(x, W, b)` (W: [out, in]), for Conv1D `y = addmm(b, x, W)` (W: [in, out]),
+`y = embedding(W, ids)` or `y = conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)`.
 Roles come from the scaled-dot-product-attention pattern, not from names:
 
     q = site_q(x) -> view/transpose/rotary ... ─┐
@@ -21,27 +23,77 @@ SDPA = (aten.scaled_dot_product_attention.default,)
 ROLES = ("q", "k", "v", "o")
 
 
+@dataclass(frozen=True)
+class SiteKind:
+    """How one op reads a module's weight: which arguments are the weight, the input and the bias, and whether the
+    op is a matmul on the input's last dim (linear-like: LoRA's grouped GEMMs serve it)."""
+
+    name: str
+    ops: tuple
+    weight_arg: int
+    input_arg: int
+    bias_arg: int | None         # None: the op takes no bias
+    matmul: bool
+    module_type: str = ""        # required module type name ("" for any)
+
+    def args_of(self, node: Node) -> dict:
+        """The op's arguments past input, weight and bias, by name, defaults filled in (conv: stride, padding,
+        dilation, groups; embedding: padding_idx)."""
+        schema = node.target._schema.arguments
+        out = {}
+        for i, a in enumerate(schema):
+            if i in (self.weight_arg, self.input_arg, self.bias_arg):
+                continue
+            v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)
+            out[a.name] = list(v) if isinstance(v, (list, tuple)) else v
+        return out
+
+
+# op -> kind; a new layer kind is one row here (and its LoRA form in passes.lora)
+KINDS: dict[str, SiteKind] = {k.name: k for k in (
+    SiteKind("linear", (aten.linear.default,), 1, 0, 2, True),
+    SiteKind("conv1d", (aten.addmm.default,), 2, 1, 0, True, "Conv1D"),         # GPT-2's Conv1D: addmm(b, x, W)
+    SiteKind("embedding", (aten.embedding.default,), 0, 1, None, False),
+    SiteKind("conv", (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default), 1, 0, 2, False),
+)}
+_BY_OP = {op: k for k in KINDS.values() for op in k.ops}
+
+
 @dataclass
 class Site:
-    """A linear-like module in the graph; one module may be called at several nodes (weight sharing)."""
+    """A module whose weight an op of a SiteKind reads; one module may be called at several nodes (weight sharing).
+
+    in_features / out_features: linear [out, in]; Conv1D [in, out]; embedding [num_embeddings (in), dim (out)];
+    conv [out, in / groups, *kernel] (in: all input channels)."""
 
     fqn: str                     # module path, e.g. model.layers.0.self_attn.q_proj
-    kind: str                    # "linear" (W: [out, in]) or "conv1d" (GPT-2 Conv1D, W: [in, out])
+    kind: str                    # a KINDS name
     in_features: int
     out_features: int
     nodes: list[Node] = field(default_factory=list)
     weight: str = ""             # get_attr target of the weight
     roles: set[str] = field(default_factory=set)  # subset of ROLES found from the attention pattern
     module_type: str = ""
+    weight_shape: tuple = ()
+    params: dict = field(default_factory=dict)    # the op's other arguments (SiteKind.args_of)
 
     @property
     def name(self) -> str:
         return self.fqn.rsplit(".", 1)[-1]
 
+    @property
+    def spec(self) -> SiteKind:
+        return KINDS[self.kind]
+
+    @property
+    def linear_like(self) -> bool:
+        """y = x W^T (+ b) on x's last dim: linear layers and GPT-2's Conv1D."""
+        return KINDS[self.kind].matmul
+
     def __deepcopy__(self, memo) -> "Site":
         """Nodes are handles into the graph the site was matched on, read by name afterwards; a copy (e.g. of a
         PeftModule) shares them rather than copying their traced metadata (fake tensors cannot be copied)."""
-        return replace(self, nodes=list(self.nodes), roles=set(self.roles))
+        return replace(self, nodes=list(self.nodes), roles=set(self.roles), params=dict(self.params))
 
 
 def module_path(node: Node) -> tuple[str, str]:
@@ -54,30 +106,34 @@ def module_path(node: Node) -> tuple[str, str]:
     return path, typ.rsplit(".", 1)[-1]
 
 
-def _site_of(gm: GraphModule, node: Node) -> tuple[str, str, int, int, str, str] | None:
+def _site_of(gm: GraphModule, node: Node) -> Site | None:
     if node.op != "call_function":
         return None
-    if node.target == aten.linear.default:
-        w = node.args[1]
-        kind = "linear"
-    elif node.target == aten.addmm.default and module_path(node)[1] == "Conv1D":
-        w = node.args[2]
-        kind = "conv1d"
-    else:
+    kind = _BY_OP.get(node.target)
+    if kind is None or (kind.module_type and module_path(node)[1] != kind.module_type):
         return None
+    w = node.args[kind.weight_arg] if kind.weight_arg < len(node.args) else None
     if not isinstance(w, Node) or w.op != "get_attr":
         return None  # weight computed in the graph: not an adapter site
     try:
         shape = tuple(tensor_at(gm, w.target).shape)
     except AttributeError:   # a plain tensor attribute: the traced value's shape
         shape = tuple(w.meta["val"].shape)
-    if len(shape) != 2:
+    params = kind.args_of(node)
+    if kind.name == "conv":
+        if len(shape) < 3:
+            return None
+        out_f, in_f = shape[0], shape[1] * params.get("groups", 1)
+    elif len(shape) != 2:
         return None
-    out_f, in_f = shape if kind == "linear" else shape[::-1]
+    elif kind.name == "linear":
+        out_f, in_f = shape
+    else:                        # Conv1D [in, out]; embedding [num, dim]
+        in_f, out_f = shape
     fqn, typ = module_path(node)
     if not fqn:
         fqn = w.target.rsplit(".", 1)[0]
-    return fqn, kind, in_f, out_f, w.target, typ
+    return Site(fqn, kind.name, in_f, out_f, weight=w.target, module_type=typ, weight_shape=shape, params=params)
 
 
 def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:
@@ -95,8 +151,9 @@ def find_sites(gm: GraphModule) -> dict[str, Site]:
         found = _site_of(gm, node)
         if found is None:
             continue
-        fqn, kind, in_f, out_f, weight, typ = found
-        site = sites.setdefault(fqn, Site(fqn, kind, in_f, out_f, weight=weight, module_type=typ))
+        site = sites.setdefault(found.fqn, found)
+        if site.kind != found.kind or site.weight != found.weight:   # one module, two ops or weights: not a site
+            continue
         site.nodes.append(node)
     _assign_roles(gm, sites)
     return sites

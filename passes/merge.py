@@ -16,10 +16,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError
-from peftc.methods import METHODS, method_of
+from peftc.methods import METHODS, method_of, method_tagged
 from peftc.store import STORE, Adapter, site_key
 
-from .lora import base_output
 from .match import Site, tensor_at
 from .route import drop_route_inputs
 
@@ -44,7 +43,7 @@ def folded_bias(adapter: Adapter, name: str, site: Site, bias: torch.Tensor | No
     """The site's bias + the method's bias delta (the delta alone where the layer has no bias), in `like`'s dtype;
     None where the method leaves the bias alone."""
     fold_bias = method_of(adapter.spec).fold_bias
-    delta = fold_bias(adapter, site) if fold_bias is not None else None
+    delta = fold_bias(adapter, site, bias) if fold_bias is not None else None
     if delta is None:
         return None
     merged = (delta if bias is None else bias.detach().float() + delta).to(device=like.device, dtype=like.dtype)
@@ -57,7 +56,8 @@ def _folded_bias(gm: GraphModule, adapter: Adapter, name: str, site: Site) -> st
     """Set the site's merged bias in gm (under the layer's own key where the graph reads its bias only at the
     site) and return its get_attr target; None where the method leaves the bias alone."""
     call = next(n for n in gm.graph.nodes if n.name == site.nodes[0].name)
-    old = (call.args[2] if len(call.args) > 2 else None) if site.kind == "linear" else call.args[0]
+    arg = site.spec.bias_arg
+    old = call.args[arg] if arg is not None and arg < len(call.args) else None
     base = tensor_at(gm, old.target) if old is not None and old.op == "get_attr" else None
     merged = folded_bias(adapter, name, site, base, tensor_at(gm, site.weight))
     if merged is None:
@@ -65,7 +65,8 @@ def _folded_bias(gm: GraphModule, adapter: Adapter, name: str, site: Site) -> st
     names = {n.name for n in site.nodes}
     target = f"{site.fqn}.bias"
     if base is not None and old.target != target or any(
-            u.name not in names for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+            u.name not in names and "peftc" not in u.meta
+            for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users):
         target = f"{site.fqn}.bias_merged"
     _set_attr(gm, target, merged)
     return target
@@ -94,7 +95,8 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         # the model's own key, so the merged module's state dict has the model's names; a fresh one if the weight
         # is also read outside the site (a tied embedding keeps the unmerged weight)
         target = f"{path}.weight"
-        if any(u.name not in names for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+        if any(u.name not in names and "peftc" not in u.meta                 # (adapter nodes go away: DoRA reads W)
+               for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
             target = f"{path}.weight_merged"
         _set_attr(gm, target, folded_weight(adapter, name, site, weight))
         bias = _folded_bias(gm, adapter, name, site)
@@ -105,26 +107,33 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                     with g.inserting_before(node):
                         new_w = g.get_attr(target)
                         new_b = g.get_attr(bias) if bias is not None else None
-                node.update_arg(1 if site.kind == "linear" else 2, new_w)
+                node.update_arg(site.spec.weight_arg, new_w)
                 if new_b is not None:
-                    if site.kind == "linear" and len(node.args) < 3:
-                        node.args = (*node.args, new_b)
+                    arg = site.spec.bias_arg
+                    if arg >= len(node.args):       # the layer had no bias: linear(x, W) -> linear(x, W', b')
+                        node.args = (*node.args, *[None] * (arg - len(node.args)), new_b)
                     else:
-                        node.update_arg(2 if site.kind == "linear" else 0, new_b)
+                        node.update_arg(arg, new_b)
         count += 1
     # y' = y + delta: users of y' read y again; saved modules read the adapter's copy (or the original)
     for n in list(g.nodes):
         info = n.meta.get("peftc") or {}
-        if info.get("method") == "lora" and info.get("role") == "out":
-            n.replace_all_uses_with(base_output(n))
+        method = method_tagged(info.get("method", ""))
+        if method is not None and info.get("role") == "out":
+            if method.base_output is None:
+                raise MergeError(f"method {method.name} names no base_output for its subgraph, so merge() cannot "
+                                 "remove it")
+            n.replace_all_uses_with(method.base_output(n))
         elif info.get("method") == "modules_to_save" and info.get("role") == "out":
-            orig = info["saved_from"]
+            orig = target = info["saved_from"]
             path = next((p for p in adapter.saved_modules if orig.startswith(p + ".")), None)
             if path is not None:
                 leaf = orig[len(path) + 1:].replace(".", "-")
-                _set_attr(gm, orig, adapter.saved[site_key(path)].get_parameter(leaf).detach())
+                if any(m.op == "get_attr" and m.target == orig and m.users for m in g.nodes):
+                    target = f"{orig}_saved"   # a tied weight read elsewhere too (GPT-2's wte) keeps the original
+                _set_attr(gm, target, adapter.saved[site_key(path)].get_parameter(leaf).detach())
             with g.inserting_before(next(m for m in g.nodes if m.op != "placeholder")):
-                plain = g.get_attr(orig)
+                plain = g.get_attr(target)
             n.replace_all_uses_with(plain)
     for n in reversed(list(g.nodes)):
         if "peftc" in n.meta and not n.users:

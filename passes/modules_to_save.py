@@ -15,8 +15,9 @@ from torch.fx import GraphModule
 
 from peftc.errors import SpecError
 from peftc.store import STORE, AdapterStore, site_key
+from peftc.targets import name_matches
 
-from .match import tensor_at
+from .match import module_path, tensor_at
 from .route import route_input, route_value
 
 aten = torch.ops.aten
@@ -35,8 +36,6 @@ def module_paths(gm: GraphModule) -> set[str]:
 def resolve_modules_to_save(gm: GraphModule, names, optional: tuple[str, ...] = ()) -> list[str]:
     """Module paths matched by `names` (PEFT's rule: exact path or trailing components). Names in `optional` (PEFT's
     automatic SEQ_CLS heads) may match nothing."""
-    from peftc.targets import name_matches
-
     paths = module_paths(gm)
     chosen: list[str] = []
     for name in names:
@@ -62,8 +61,6 @@ def saved_copies(gm: GraphModule, path: str) -> nn.Module:
 
 
 def _inside(node, path: str) -> bool:
-    from .match import module_path
-
     fqn = module_path(node)[0]
     return fqn == path or fqn.startswith(path + ".")
 

@@ -57,12 +57,25 @@ def route_input(gm: GraphModule, key: Hashable, example: torch.Tensor) -> Node:
 _VALUES: dict[str, Callable] = {}
 
 
+def add_route_value(kind: str, fn: Callable) -> None:
+    """Register how route entries of `kind` are looked up for one adapter (a Method's route_values come here)."""
+    if kind in _VALUES:
+        raise ValueError(f"route entries of kind {kind!r} are registered already ({_VALUES[kind].__module__})")
+    _VALUES[kind] = fn
+
+
+def remove_route_value(kind: str) -> None:
+    _VALUES.pop(kind, None)
+
+
+def route_kinds() -> list[str]:
+    return sorted(_VALUES)
+
+
 def route_value(kind: str):
-    """Register how route entries of `kind` are looked up for one adapter."""
+    """Decorator form of add_route_value, for route entries that belong to no method (passes.modules_to_save)."""
     def register(fn):
-        if kind in _VALUES:
-            raise ValueError(f"route entries of kind {kind!r} are registered already ({_VALUES[kind].__module__})")
-        _VALUES[kind] = fn
+        add_route_value(kind, fn)
         return fn
     return register
 

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
 from .methods import spec_from_config, spec_to_config
+from .passes.match import tensor_at
 from .targets import peft_target_modules
 
 if TYPE_CHECKING:
@@ -55,10 +56,10 @@ def _prepare_dir(directory: Path) -> None:
 def adapter_config(pm: PeftModule, adapter_name: str) -> dict:
     ad = pm.store[adapter_name]
     spec = ad.spec
-    task = spec.task_type or ("CAUSAL_LM" if pm.loss_type == "ForCausalLM" else None)
+    task = getattr(spec, "task_type", None) or ("CAUSAL_LM" if pm.loss_type == "ForCausalLM" else None)
     return spec_to_config(
-        spec, target_modules=peft_target_modules(spec.targets, pm.sites, ad.targets),
-        base_model_name_or_path=pm.base_name, task_type=task, modules_to_save=spec.modules_to_save,
+        spec, target_modules=peft_target_modules(getattr(spec, "targets", None), pm.sites, ad.targets),
+        base_model_name_or_path=pm.base_name, task_type=task, modules_to_save=getattr(spec, "modules_to_save", ()),
     )
 
 
@@ -130,6 +131,7 @@ def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Te
     """Copy PEFT-keyed tensors into the store, after checking that every key and shape fits (changes `pm`)."""
     expected = dict(pm.store.peft_parameters(adapter_name))
     tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
+    tensors = _drop_embedding_copies(pm, adapter_name, tensors, source)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
@@ -149,6 +151,24 @@ def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Te
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
+
+
+def _drop_embedding_copies(pm: PeftModule, adapter_name: str, tensors: dict, source: Any) -> dict:
+    """PEFT also saves the base weight of a targeted embedding (save_embedding_layers="auto"), under
+    <path>.base_layer.weight. A copy equal to the model's own is dropped; a different one (a resized or retrained
+    vocabulary) is refused, since peftc never replaces the model's weights from an adapter."""
+    out = dict(tensors)
+    for path in pm.store[adapter_name].targets:
+        key = f"base_model.model.{path}.base_layer.weight"
+        if key not in out or pm.sites[path].kind != "embedding":
+            continue
+        saved, own = out.pop(key), tensor_at(pm.base_graph_module, pm.sites[path].weight)
+        if tuple(saved.shape) != tuple(own.shape) or not torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu()):
+            raise CheckpointError(f"{source}: {key} is a copy of embedding {path} (shape {tuple(saved.shape)}) that "
+                                  f"differs from this model's (shape {tuple(own.shape)}): the adapter was trained with "
+                                  "a changed vocabulary or embedding; load a base model that has that embedding (e.g. "
+                                  "resize_token_embeddings and load its weights) first")
+    return out
 
 
 def _strip_adapter_name(key: str, name: str) -> str:

@@ -250,15 +250,18 @@ def _parse_targets(value: str | None):
                    "module path, or all-linear. Default: the query and value projections, found from the attention "
                    "pattern in the graph.")
 @click.option("--r", "r", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank.")
-@click.option("--method", type=click.Choice(["lora"]), default="lora", show_default=True,
-              help="Adapter method (only LoRA so far).")
+@click.option("--method", type=click.Choice(["lora", "dora"]), default="lora", show_default=True,
+              help="Adapter method: LoRA, or DoRA (LoRA with use_dora: a magnitude per output channel too).")
+@click.option("--config", "config", default=None, type=click.Path(exists=True, path_type=Path),
+              help="An adapter directory or its adapter_config.json (PEFT's or peftc's): inspect that spec instead "
+                   "of --method/--r/--targets.")
 @click.option("--modules-to-save", default=None, metavar="NAMES",
               help="Comma-separated modules trained in full (e.g. classifier).")
 @click.option("--task-type", type=click.Choice(TASK_TYPES, case_sensitive=False), default=None,
               help="As PEFT's task_type: SEQ_CLS trains the classifier head in full and keeps it out of all-linear.")
 @verbose_option
-def inspect_cmd(model: str, targets: str | None, r: int, method: str, modules_to_save: str | None,
-                task_type: str | None) -> None:
+def inspect_cmd(model: str, targets: str | None, r: int, method: str, config: Path | None,
+                modules_to_save: str | None, task_type: str | None) -> None:
     """Show which layers an adapter would be inserted into, found in the traced graph.
 
     MODEL is a local Hugging Face model directory, or tiny:ARCH for a built-in small random-init model (ARCH: llama,
@@ -273,14 +276,20 @@ def inspect_cmd(model: str, targets: str | None, r: int, method: str, modules_to
       peftc inspect tiny:llama --targets q_proj,k_proj,q_prj
       peftc inspect tiny:bert --targets '.*attention\\.self\\.(query|key)'
       peftc inspect tiny:bert --targets all-linear --task-type SEQ_CLS
+      peftc inspect tiny:llama --method dora --targets all-linear
+      peftc inspect tiny:llama --config path/to/adapter-dir
       peftc inspect path/to/hf-model-dir --targets all-linear
     """
+    from .checkpoint import load_spec
     from .inspection import format_plan, plan_sites
     from .spec import LoRA
 
-    mts = [m.strip() for m in (modules_to_save or "").split(",") if m.strip()]
-    spec = LoRA(r=r, targets=_parse_targets(targets), modules_to_save=mts,
-                task_type=task_type.upper() if task_type else None)
+    if config is not None:
+        spec = load_spec(config if config.is_dir() else config.parent)
+    else:
+        mts = [m.strip() for m in (modules_to_save or "").split(",") if m.strip()]
+        spec = LoRA(r=r, targets=_parse_targets(targets), modules_to_save=mts, use_dora=method == "dora",
+                    task_type=task_type.upper() if task_type else None)
     m = load_model(model)
     plan = plan_sites(m, spec)
     click.echo(format_plan(plan))

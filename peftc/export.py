@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ExportError
+from .passes.merge import folded_bias, folded_weight
 from .store import site_key
 from .trace import export_with_fallback
 
@@ -81,19 +82,19 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight) or
     ("saved", trained copy);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
-    from .passes.merge import folded_bias
-
     adapter = pm.store[name]
     folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
     state = pm.base_model.state_dict()
     biased = {}
     for p in adapter.targets:
-        zero = torch.zeros(pm.sites[p].out_features)
-        if folded_bias(adapter, name, pm.sites[p], None, zero) is None:
+        bias = state.get(f"{p}.bias")
+        like = bias if bias is not None else torch.zeros(pm.sites[p].out_features)
+        if folded_bias(adapter, name, pm.sites[p], bias, like) is None:
             continue
-        if f"{p}.bias" not in state:
-            raise ExportError(f"adapter {name!r} has a lora_bias at {p}, which has no bias in {pm.model_class}: its "
-                              "Hugging Face checkpoint has no place for it; use pm.export(path) (.pt2), or pm.merge()")
+        if bias is None:
+            raise ExportError(f"adapter {name!r} changes the bias at {p} (lora_bias), which has no bias in "
+                              f"{pm.model_class}: its Hugging Face checkpoint has no place for it; use "
+                              "pm.export(path) (.pt2), or pm.merge()")
         biased[f"{p}.bias"] = pm.sites[p]
     saved = {}
     for path in adapter.saved_modules:
@@ -114,8 +115,6 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
 
 
 def _materialize(how, pm: PeftModule, name: str, dtype) -> torch.Tensor:
-    from .passes.merge import folded_bias, folded_weight
-
     if isinstance(how, tuple) and how[0] == "fold":
         t = folded_weight(pm.store[name], name, how[1], how[2])
     elif isinstance(how, tuple) and how[0] == "fold_bias":

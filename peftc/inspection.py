@@ -1,4 +1,5 @@
-"""`peftc inspect`: which linear sites a spec would adapt, found in the traced graph, without compiling anything."""
+"""`peftc inspect`: which sites (linear, Conv1D, embedding, convolution layers) a spec would adapt, found in the traced
+graph, without compiling anything."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +11,7 @@ from torch import nn
 from .errors import SpecError, TargetNotFound
 from .passes.match import Site, find_sites, output_heads
 from .passes.modules_to_save import resolve_modules_to_save
+from .methods import method_of
 from .spec import SEQ_CLS_HEADS, LoRA
 from .targets import check_rank, name_matches, output_head_paths, resolve_targets, select_layers
 from .trace import trace
@@ -24,7 +26,7 @@ class SitePlan:
 
     model_class: str
     spec: LoRA
-    sites: dict[str, Site]                               # every linear-like site in the graph, in graph order
+    sites: dict[str, Site]                               # every adapter site in the graph, in graph order
     chosen: list[str] = field(default_factory=list)      # module paths that would be adapted
     unmatched: list[str] = field(default_factory=list)   # one message per target that matched nothing
     problems: list[str] = field(default_factory=list)    # other reasons compile would refuse (rank too large)
@@ -32,8 +34,8 @@ class SitePlan:
     all_params: int = 0
 
     def lora_params(self, fqn: str) -> int:
-        s = self.sites[fqn]
-        return self.spec.rank_at(fqn) * (s.in_features + s.out_features)   # A: (r, in), B: (out, r)
+        """The adapter's trainable parameters at site `fqn`, as its method counts them."""
+        return method_of(self.spec).param_count(self.spec, self.sites[fqn])
 
     @property
     def trainable(self) -> int:
@@ -51,7 +53,7 @@ def plan_sites(model: nn.Module, spec: LoRA, *, example_inputs: Any = None) -> S
     the others match."""
     gm = trace(model, example_inputs).gm
     sites = find_sites(gm)
-    log.debug("%s: %d linear sites, %d with an attention role", type(model).__name__, len(sites),
+    log.debug("%s: %d sites, %d with an attention role", type(model).__name__, len(sites),
               sum(bool(s.roles) for s in sites.values()))
     heads = output_head_paths(model, output_heads(gm, sites), spec.task_type)
     plan = SitePlan(type(model).__name__, spec, sites,
@@ -96,13 +98,14 @@ def _message(fn) -> str:
 def format_plan(plan: SitePlan) -> str:
     """The plan as a text table, then totals, then what matched nothing."""
     spec = plan.spec
-    head = ("module", "role", "type", "in", "out", f"LoRA params (r={spec.r})")
+    name = "DoRA" if getattr(spec, "use_dora", False) else method_of(spec).name
+    head = ("module", "role", "type", "in", "out", f"{name} params (r={spec.r})")
     rows = []
     for f in plan.chosen:
         s = plan.sites[f]
         rows.append((f, ",".join(r for r in "qkvo" if r in s.roles) or "-", s.module_type or s.kind,
                      str(s.in_features), str(s.out_features), f"{plan.lora_params(f):,}"))
-    lines = [f"{plan.model_class}: {len(plan.sites)} linear sites in the graph; targets={_targets_str(spec.targets)}"]
+    lines = [f"{plan.model_class}: {len(plan.sites)} sites in the graph; targets={_targets_str(spec.targets)}"]
     if rows:
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         right = {3, 4, 5}
@@ -115,7 +118,7 @@ def format_plan(plan: SitePlan) -> str:
         rest = [f for f in plan.sites if f not in plan.chosen]
         if rest:
             names = ", ".join(dict.fromkeys(plan.sites[f].name for f in rest))
-            lines.append(f"not adapted: {len(rest)} linear site(s) ({names})")
+            lines.append(f"not adapted: {len(rest)} site(s) ({names})")
     else:
         lines.append("no site would be adapted")
     if plan.saved:

@@ -10,12 +10,13 @@ an error.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
 from .errors import SpecError
+from .passes.route import add_route_value, remove_route_value, route_kinds
 from .spec import AdapterSpec
 
 
@@ -30,8 +31,29 @@ class Method:
     site_kinds:  the site kinds (passes.match) it adapts, e.g. ("linear", "conv1d")
     fold:        (adapter, site, weight) -> the delta merge() adds to the site's weight, in the weight's layout; None
                  when the method is not a weight update (merge() then refuses it, naming the method)
-    fold_bias:   (adapter, site) -> the delta merge() adds to the site's bias (made where the layer has none), or
-                 None where the adapter leaves the bias alone
+    fold_bias:   (adapter, site, the layer's bias or None) -> the delta merge() adds to the site's bias (made
+                 where the layer has none), or None where the adapter leaves the bias alone
+    param_count: (spec, site) -> the trainable parameters the method adds at a site (inspection, the README's
+                 tables); None: counted from the built adapter only
+
+    What compiling needs (a method without build and rewrite registers its config mapping and fold rule only):
+    check:       (spec, sites, chosen paths, loading) -> None; the method's own refusals before weights are made
+    build:       (spec, site, the site's weight) -> nn.Module, the adapter's weights at one site (its trainable
+                 Parameters; stored as adapter.sites[site_key(path)])
+    rewrite:     (gm, sites=, store=, form=) -> rewrite count: the method's pass, inserting every adapter of this
+                 method in the store in routing form "single" (the call's adapter's tensors come in as route
+                 inputs, passes.route) or "mixed" (one adapter per row)
+    forms:       the routing forms its rewrite serves (a mixed batch with an adapter of a method without "mixed"
+                 is refused, naming it)
+    peft_keys:   (module path, site weights) -> iterable of (key after "base_model.model.<path>.", tensor): PEFT's
+                 checkpoint names
+    base_output: (a node its rewrite made with meta["peftc"]["role"] == "out") -> the site's own output node, what
+                 merge() reads instead once the weights are folded
+    mixed_refusal: (adapter) -> why this adapter cannot join a mixed batch, or None
+    fits_graph:  (store, adapter) -> whether the current graph already serves the adapter (a declared capacity
+                 then adds it as data, without a rebuild)
+    route_values: {route key kind: fn(store, adapter name, key, like, gm) -> (tensor, dynamic dims)}, how its
+                 rewrite's route inputs are found for one adapter (passes.route); registered with the method
     """
 
     spec: type
@@ -40,7 +62,17 @@ class Method:
     to_config: Callable[..., dict]
     site_kinds: tuple[str, ...] = ("linear", "conv1d")
     fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
-    fold_bias: Optional[Callable[[Any, Any], Optional[torch.Tensor]]] = None
+    fold_bias: Optional[Callable[[Any, Any, Optional[torch.Tensor]], Optional[torch.Tensor]]] = None
+    param_count: Optional[Callable[[Any, Any], int]] = None
+    check: Optional[Callable[[Any, dict, list, bool], None]] = None
+    build: Optional[Callable[[Any, Any, torch.Tensor], Any]] = None
+    rewrite: Optional[Callable[..., int]] = None
+    forms: tuple[str, ...] = ("single", "mixed")
+    peft_keys: Optional[Callable[[str, Any], Iterable[tuple[str, torch.Tensor]]]] = None
+    base_output: Optional[Callable[[Any], Any]] = None
+    mixed_refusal: Optional[Callable[[Any], Optional[str]]] = None
+    fits_graph: Optional[Callable[[Any, Any], bool]] = None
+    route_values: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
         if not (isinstance(self.spec, type) and issubclass(self.spec, AdapterSpec)):
@@ -51,6 +83,11 @@ class Method:
     @property
     def name(self) -> str:
         return self.spec.__name__
+
+    @property
+    def tag(self) -> str:
+        """The name its rewrite's nodes carry in meta["peftc"]["method"] (and its pass's name)."""
+        return self.name.lower()
 
 
 METHODS: dict[type, Method] = {}
@@ -67,13 +104,21 @@ def register_method(method: Method) -> Method:
     if clash:
         raise SpecError(f"peft_type {method.peft_type!r} is registered already by {clash[0].name}; "
                         "give the new method its own peft_type")
+    taken = sorted(set(method.route_values) & set(route_kinds()))
+    if taken:
+        raise SpecError(f"route kind(s) {taken} of {method.name} are registered already; name its route keys "
+                        "after the method")
+    for kind, fn in method.route_values.items():
+        add_route_value(kind, fn)
     METHODS[method.spec] = method
     return method
 
 
 def unregister_method(spec: type) -> None:
-    """Remove a registered method (for tests and notebooks that redefine one)."""
-    METHODS.pop(spec, None)
+    """Remove a registered method and its route values (for tests and notebooks that redefine one)."""
+    method = METHODS.pop(spec, None)
+    for kind in method.route_values if method is not None else ():
+        remove_route_value(kind)
 
 
 def registered() -> list[str]:
@@ -88,6 +133,11 @@ def method_of(spec: Any) -> Method:
         raise SpecError(f"{cls.__name__} is not a registered method; registered: {registered()}; "
                         "register it with peftc.register_method(peftc.Method(...))")
     return m
+
+
+def method_tagged(tag: str) -> Method | None:
+    """The registered method whose rewrite tags its nodes `tag` (Method.tag), or None."""
+    return next((m for m in METHODS.values() if m.tag == tag), None)
 
 
 def method_for_peft_type(ptype: Any, source: str) -> Method:

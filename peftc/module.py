@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import threading
 from pathlib import Path
@@ -14,14 +13,18 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .build import as_spec, build_adapter, check_adapter_name, resolve_paths
+from .checkpoint import load_spec, load_weights_, read_adapter_weights, save_adapters
 from .errors import InputError, MergeError, SpecError
+from .export import export_program
 from .graph_model import GraphModel
-from .passes.lora import insert_lora
+from .methods import method_of
+from .passes.merge import merge_graph_module
 from .passes.route import plain_route
-from .passes.modules_to_save import insert_saved_copies
-from .pipeline import run_passes
-from .store import BASE, STORE, Adapter, AdapterStore, Capacity, site_key
+from .pipeline import emit
+from .store import BASE, STORE, Adapter, AdapterStore, Capacity
 from .trace import Traced
+from .weighted import add_weighted_adapter
 
 log = logging.getLogger(__name__)
 _BUILD_LOCK = threading.Lock()   # graphs built on first use (the gathered form) are built once, by one thread
@@ -81,13 +84,7 @@ class PeftModule(GraphModel):
         self.fresh_compile_cache()   # the old graph's compiled entries are not reused
 
     def _build(self, form: str) -> GraphModule:
-        src = self.base_graph_module
-        gm = GraphModule(src, copy.deepcopy(src.graph))
-        gm.add_submodule(STORE, self.store)
-        passes = [("lora", functools.partial(insert_lora, sites=self.sites, store=self.store, form=form))]
-        if form == "single":      # a mixed batch holds no adapter with modules_to_save (check_mixed)
-            passes.append(("modules_to_save", functools.partial(insert_saved_copies, store=self.store)))
-        run_passes(gm, passes, before=self.base_passes)
+        gm = emit(self.base_graph_module, self.sites, self.store, form, before=self.base_passes)
         gm.train(self.training)
         return gm
 
@@ -148,6 +145,10 @@ class PeftModule(GraphModel):
         else:
             self.set_adapter(self.active_adapter)   # slots may have moved
 
+    def _build_adapter(self, spec, *, loading: bool = False) -> Adapter:
+        """`spec`'s adapter, built from this module's data: the base graph, its sites and the model."""
+        return build_adapter(self.base_graph_module, self.sites, self.base_model, spec, loading=loading)
+
     def _check_room(self, name: str, adapter: Adapter) -> None:
         cap = self.store.capacity
         if cap is None:
@@ -164,13 +165,12 @@ class PeftModule(GraphModel):
     def _changes_graph(self, adapter: Adapter) -> bool:
         """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
         modules_to_save or for targets outside the routed sites."""
-        if self.store.capacity is None or adapter.saved_modules:
+        if self.store.capacity is None or adapter.saved_modules or not adapter.padded:
             return True
-        if any(w.B_bias is not None or w.residual is not None for w in adapter.sites.values()):
-            return True                           # lora_bias, PiSSA / OLoRA residuals: inputs of their own
-        dora = {p for p in adapter.targets if adapter.sites[site_key(p)].dora}
-        rescaled = {p for g in self.store.groups.values() for p, on in zip(g.paths, g.dora) if on}
-        return not set(adapter.targets) <= self.store.routed_sites() or not dora <= rescaled
+        fits = method_of(adapter.spec).fits_graph
+        if fits is not None and not fits(self.store, adapter):
+            return True
+        return not set(adapter.targets) <= self.store.routed_sites()
 
     def reserve(self, adapters: int, rank: int, targets: Any = None) -> None:
         """Declare room for up to `adapters` adapters of rank up to `rank` on the routed sites (the present adapters'
@@ -178,8 +178,6 @@ class PeftModule(GraphModel):
         adding, loading and deleting adapters within it never changes the graph, and going past it is an error.
         Adapters are allocated at `rank` (zero-padded), as new Parameter objects: reserve before making an
         optimizer. Adapters with modules_to_save, or targets outside the routed sites, still rebuild the graph."""
-        from .compiler import resolve_paths
-
         cap = Capacity(adapters, rank, targets)
         if adapters < len(self.adapters):
             raise InputError(f"capacity adapters={adapters} is below the {len(self.adapters)} adapters present "
@@ -189,7 +187,8 @@ class PeftModule(GraphModel):
         if too_big:
             raise InputError(f"capacity rank={rank} is below the rank of adapter(s) {too_big}; reserve at least "
                              f"rank={max(too_big.values())}")
-        reserved = resolve_paths(self, targets) if targets is not None else []
+        reserved = resolve_paths(self.base_graph_module, self.sites, self.base_model, targets) \
+            if targets is not None else []
         store = self.store
         old = (store.capacity, store.reserved_sites, store.slots(), store.lanes,
                {a: dict(store[a].sites) for a in self.adapters})
@@ -214,24 +213,19 @@ class PeftModule(GraphModel):
 
     def add_adapter(self, adapter_name: str, spec: Any) -> None:
         """Add a new adapter (fresh weights) beside the others; the active adapter does not change."""
-        from .compiler import as_spec, build_adapter, check_adapter_name
-
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
-        self._add(adapter_name, build_adapter(self, as_spec(spec)))
+        self._add(adapter_name, self._build_adapter(as_spec(spec)))
 
     def load_adapter(self, directory, adapter_name: str, *, is_trainable: bool = False) -> None:
         """Add the adapter saved in `directory` (by PEFT or peftc) under `adapter_name`."""
-        from .checkpoint import load_spec, load_weights_, read_adapter_weights
-        from .compiler import build_adapter, check_adapter_name
-
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
         spec = load_spec(directory)
         tensors = read_adapter_weights(directory)
-        adapter = build_adapter(self, spec, loading=True)
+        adapter = self._build_adapter(spec, loading=True)
         adapter.requires_grad_(is_trainable)   # before it takes a slot: a capacity's frozen slots stay alike
         self._add(adapter_name, adapter)
         try:
@@ -273,8 +267,6 @@ class PeftModule(GraphModel):
                              majority_sign_method: str = "total") -> None:
         """Add `adapter_name`, a weighted combination of LoRA `adapters` ("linear", "cat" or "svd"), as PEFT's
         add_weighted_adapter does (frozen, lora_alpha = r); the active adapter does not change. See peftc.weighted."""
-        from .weighted import add_weighted_adapter
-
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
                              svd_full_matrices, svd_driver, density, majority_sign_method)
 
@@ -367,17 +359,13 @@ class PeftModule(GraphModel):
 
     def check_mixed(self, adapter_names: Sequence[str]) -> None:
         if len(set(adapter_names)) > 1:
-            dora = sorted(a for a in set(adapter_names) - {BASE} if getattr(self.store[a].spec, "use_dora", False))
-            if dora:
-                raise InputError(f"adapters {dora} use DoRA, whose per-channel rescale the per-row (gathered) form "
-                                 "does not have yet (PEFT refuses adapter_names with DoRA too); run their rows in a "
-                                 "batch of their own, or merge() the adapter")
-            residual = sorted(a for a in set(adapter_names) - {BASE}
-                              if any(w.residual is not None for w in self.store[a].sites.values()))
-            if residual:
-                raise InputError(f"adapters {residual} run on their own residual base weights (init "
-                                 f"{self.store[residual[0]].spec.init!r}), which the per-row (gathered) form does "
-                                 "not route; run their rows in a batch of their own, or merge() the adapter")
+            for a in sorted(set(adapter_names) - {BASE}):
+                method = method_of(self.store[a].spec)
+                why = f"{method.name} has no per-row form" if "mixed" not in method.forms else \
+                    method.mixed_refusal(self.store[a]) if method.mixed_refusal is not None else None
+                if why:
+                    raise InputError(f"adapter {a!r} cannot share a batch with other adapters: {why}; run its rows "
+                                     "in a batch of their own, or merge() it")
         saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
         if saving and len(set(adapter_names)) > 1:
             raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route whole "
@@ -417,8 +405,6 @@ class PeftModule(GraphModel):
     def save_adapter(self, directory, adapter_name: str | None = None) -> list[Path]:
         """Write adapter_config.json + adapter_model.safetensors in PEFT's format and layout (atomically): the
         adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`."""
-        from .checkpoint import save_adapters
-
         return save_adapters(self, directory, adapter_name)
 
     save_pretrained = save_adapter
@@ -427,8 +413,6 @@ class PeftModule(GraphModel):
     def merge(self, adapter_name: str | None = None) -> "MergedModule":
         """A new module with the adapter (the active one, or `adapter_name`) folded into the weights: its graph has
         the base model's ops only. This PeftModule is not changed, so the unmerged model stays exact."""
-        from .passes.merge import merge_graph_module
-
         name = adapter_name or self.active_adapter
         if name not in self.adapters:
             raise MergeError(f"no adapter named {name!r}; adapters: {self.adapters}")
@@ -440,8 +424,6 @@ class PeftModule(GraphModel):
     def export(self, path, *, merged: bool = True, adapter_name: str | None = None) -> Path:
         """Write a torch.export program (.pt2) with dynamic batch and sequence: the merged graph, or with
         merged=False the adapted graph (the active adapter). Load it with torch.export.load(path).module()."""
-        from .export import export_program
-
         module = self.merge(adapter_name) if merged else self
         return export_program(module, path)
 
@@ -460,8 +442,6 @@ class MergedModule(GraphModel):
 
     def export(self, path) -> Path:
         """Write a torch.export program (.pt2) with dynamic batch and sequence."""
-        from .export import export_program
-
         return export_program(self, path)
 
     def extra_repr(self) -> str:

@@ -28,7 +28,10 @@ def _closest(name: str, candidates: Iterable[str], n: int = 3) -> list[str]:
 
 
 def _linear_names(sites: dict[str, Site]) -> str:
-    return ", ".join(dict.fromkeys(s.name for s in sites.values()))
+    """The layer names, linear ones first: "q_proj, ..., lm_head; other layers: embed_tokens (embedding)"."""
+    linear = ", ".join(dict.fromkeys(s.name for s in sites.values() if s.linear_like))
+    other = ", ".join(dict.fromkeys(f"{s.name} ({s.kind})" for s in sites.values() if not s.linear_like))
+    return linear + (f"; other layers: {other}" if other else "")
 
 
 def output_head_paths(model: nn.Module | None, graph_heads: set[str], task_type: str | None) -> set[str]:
@@ -64,8 +67,8 @@ def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Seq
         return chosen
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
-            return [f for f in sites
-                    if f not in heads and not any(f == m or f.startswith(m + ".") for m in saved)]
+            return [f for f, site in sites.items() if site.linear_like   # as PEFT: nn.Linear and Conv1D only
+                    and f not in heads and not any(f == m or f.startswith(m + ".") for m in saved)]
         try:
             pattern = re.compile(targets)
         except re.error as e:
@@ -92,7 +95,11 @@ def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
     for f in chosen:
         s = sites[f]
         r = spec.rank_at(f)
-        if r > min(s.in_features, s.out_features):
+        groups = s.params.get("groups", 1) if s.kind == "conv" else 1
+        if r % groups:
+            raise SpecError(f"LoRA rank r={r} at {f}, a convolution with groups={groups}: r must be a multiple of "
+                            f"groups (as in PEFT); use r={groups * max(1, r // groups)} or leave the layer out")
+        if s.linear_like and r > min(s.in_features, s.out_features):
             raise SpecError(
                 f"LoRA rank r={r} is larger than min(in, out)={min(s.in_features, s.out_features)} of layer {f} "
                 f"(in={s.in_features}, out={s.out_features}); use r <= {min(s.in_features, s.out_features)} or leave "

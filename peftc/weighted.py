@@ -21,7 +21,9 @@ import torch
 
 from .errors import InputError, SpecError
 from .spec import LoRA
-from .store import Adapter, LoraWeights, site_key
+from .build import check_adapter_name
+from .passes.lora_ops import LoraWeights
+from .store import Adapter, site_key
 
 if TYPE_CHECKING:
     from .module import PeftModule
@@ -120,8 +122,6 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
                          majority_sign_method: str = "total") -> None:
     """Add `adapter_name`, the `weights`-weighted combination of `adapters` (changes `pm`; the active adapter stays).
     Checks everything and builds the new weights before the store changes: on any error `pm` is as it was."""
-    from .compiler import check_adapter_name
-
     check_adapter_name(adapter_name)
     if adapter_name in pm.adapters:   # PEFT returns silently here; peftc says so
         raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {pm.adapters}; pick a new name "

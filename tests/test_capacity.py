@@ -3,6 +3,7 @@ and deleting adapters within it writes data and never changes the graph; going p
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -261,14 +262,13 @@ def test_reserve_with_unknown_targets_is_refused_and_nothing_changes():
 
 
 def test_reserve_that_fails_while_rewriting_leaves_the_model_as_it_was(monkeypatch):
-    import peftc.module
-
     _, pm = capped(adapters=2)
     pm.add_adapter("b", peftc.LoRA(r=4, targets=["q_proj"]))
     randomize_ours_(pm, seed=5, name="b")
     before = out(pm, adapter_names=["b", "default", BASE])
     sites_before = {k: w for k, w in pm.store["b"].sites.items()}
-    real, calls = peftc.module.insert_lora, []
+    lora = peftc.METHODS[peftc.LoRA]
+    real, calls = lora.rewrite, []
 
     def fail_once(*a, **kw):
         calls.append(1)
@@ -276,7 +276,7 @@ def test_reserve_that_fails_while_rewriting_leaves_the_model_as_it_was(monkeypat
             raise RuntimeError("boom")
         return real(*a, **kw)
 
-    monkeypatch.setattr(peftc.module, "insert_lora", fail_once)
+    monkeypatch.setitem(peftc.METHODS, peftc.LoRA, dataclasses.replace(lora, rewrite=fail_once))
     with pytest.raises(peftc.PassError, match="boom"):
         pm.reserve(adapters=4, rank=16)
     assert pm.capacity == peftc.Capacity(2, 8) and pm.store.slots() == [BASE, "default", "b"]

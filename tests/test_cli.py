@@ -93,7 +93,29 @@ def test_inspect_gpt2_fused_qkv_and_rank():
     c_attn = next(line.split() for line in r.output.splitlines() if line.startswith("transformer.h.0.attn.c_attn"))
     assert c_attn[1:] == ["q,k,v", "Conv1D", "64", "192", "1,024"]   # 4 * (64 + 192)
     assert "lm_head" not in [line.split()[0] for line in r.output.splitlines() if line.strip()]
-    assert "not adapted: 1 linear site(s) (lm_head)" in r.output
+    assert "not adapted: 3 site(s) (wte, wpe, lm_head)" in r.output
+
+
+def test_inspect_method_dora_and_layer_kinds():
+    """--method dora counts a magnitude per output channel; an embedding and a convolution count as PEFT's shapes."""
+    r = run("inspect", "tiny:llama", "--method", "dora", "--targets", "q_proj,embed_tokens", "--r", "4")
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines() if line.startswith("model.")}
+    assert "DoRA params (r=4)" in r.output
+    assert rows["model.layers.0.self_attn.q_proj"][1:] == ["q", "Linear", "64", "64", "576"]   # 4 (64 + 64) + 64
+    r = run("inspect", "tiny:vit", "--targets", "projection", "--r", "4")
+    assert r.exit_code == 0, r.output
+    proj = next(line.split() for line in r.output.splitlines() if line.startswith("vit.embeddings"))
+    assert proj[2:] == ["Conv2d", "3", "64", "1,024"]                     # A [4, 3, 8, 8] + B [64, 4, 1, 1]
+
+
+def test_inspect_config_of_a_saved_adapter(tmp_path):
+    from peft import LoraConfig
+
+    LoraConfig(r=2, target_modules=["c_attn"], use_dora=True).save_pretrained(tmp_path)
+    r = run("inspect", "tiny:gpt2", "--config", str(tmp_path))
+    assert r.exit_code == 0, r.output
+    assert "DoRA params (r=2)" in r.output and "total: 2 site(s) adapted" in r.output
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "mistral", "vit"])

@@ -241,7 +241,7 @@ def test_mixed_batch_and_weighted_combination_refuse_dora():
     pm = peftc.compile(make("llama"), peftc.LoRA(r=R, targets=["q_proj"], use_dora=True))
     pm.add_adapter("plain", peftc.LoRA(r=R, targets=["q_proj"]))
     x = inputs("llama")
-    with pytest.raises(peftc.InputError, match=r"\['default'\] use DoRA"):
+    with pytest.raises(peftc.InputError, match=r"adapter 'default' cannot share a batch .* it uses DoRA"):
         pm(**x, adapter_names=["default", "plain", "__base__"])
     pm(**x, adapter_names=["default"] * 3)                                # one adapter for the batch is fine
     with pytest.raises(peftc.SpecError, match="uses DoRA"):

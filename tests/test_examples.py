@@ -52,3 +52,15 @@ def test_multi_adapter_serving():
     example = load("multi_adapter_serving.py")
     r = example["main"]([])
     assert example["failures"](r) == [], r
+
+
+def test_custom_method():
+    from peftc.methods import unregister_method
+
+    example = load("custom_method.py")
+    try:
+        r = example["main"]([])
+    finally:
+        unregister_method(example["Gate"])
+    assert example["failures"](r) == [], r
+    assert '"peft_type": "PEFTC_GATE"' in r["config"] and r["trainable"] == 2 * 64   # a gate per down_proj channel

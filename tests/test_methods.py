@@ -1,14 +1,20 @@
 """The method registry: one typed table; look-ups that fail list what is registered; duplicates are refused."""
 from __future__ import annotations
 
+import runpy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import ClassVar
 
 import pytest
+import torch
+from torch import nn
 
 import peftc
 from peftc import AdapterSpec, LoRA, Method, SpecError
 from peftc.methods import METHODS, method_of, spec_from_config, spec_to_config, unregister_method
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_method.py"
 
 
 @dataclass(frozen=True)
@@ -65,9 +71,49 @@ def test_failed_lookups_list_the_registered_methods():
 
 
 def test_a_registered_method_without_a_rewrite_is_refused_by_compile(gate):
-    import torch
-    from torch import nn
-
     model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(SpecError, match="method Gate is registered .* build LoRA adapters only"):
+    with pytest.raises(SpecError, match=r"method Gate is registered without build and rewrite .* compile: \['LoRA'\]"):
         peftc.compile(model, Gate(targets=("0",)), example_inputs=(torch.randn(2, 4),))
+
+
+# --- a complete method from outside the package (examples/custom_method.py), beside LoRA on one model --------------
+@pytest.fixture
+def custom():
+    example = runpy.run_path(str(EXAMPLE))
+    peftc.register_method(example["METHOD"])
+    yield example
+    unregister_method(example["Gate"])
+
+
+def test_adapters_of_two_methods_share_one_model(custom, tmp_path):
+    """A LoRA adapter and a custom method's adapter on one PeftModule: each call equals that adapter alone, each
+    merges through its own fold rule, both save and reload, and a mixed batch with the custom one (no per-row form)
+    is refused naming it."""
+    Gate, llama = custom["Gate"], custom["small_llama"]
+    pm = peftc.compile(llama(), LoRA(r=4, targets=["q_proj"], init=False))
+    pm.add_adapter("g", Gate(targets=("down_proj", "q_proj"), init=1.5))
+    assert set(pm.base_passes) >= {"dropout", "gated"} and pm.store["g"].targets[0].endswith("q_proj")
+    x = torch.randint(0, 128, (2, 7))
+    alone_lora = peftc.compile(llama(), LoRA(r=4, targets=["q_proj"]))
+    alone_lora.store["default"].load_state_dict(pm.store["default"].state_dict())
+    alone_gate = peftc.compile(llama(), Gate(targets=("down_proj", "q_proj"), init=1.5))
+    with torch.no_grad():
+        lora_out = pm(input_ids=x).logits
+        pm.set_adapter("g")
+        gate_out = pm(input_ids=x).logits
+        assert torch.equal(lora_out, alone_lora(input_ids=x).logits)
+        assert torch.equal(gate_out, alone_gate(input_ids=x).logits)
+        assert (gate_out - lora_out).abs().max() > 1e-2
+        torch.testing.assert_close(pm.merge("g")(input_ids=x).logits, gate_out, rtol=0, atol=1e-5)
+        torch.testing.assert_close(pm.merge("default")(input_ids=x).logits, lora_out, rtol=0, atol=1e-5)
+        with pytest.raises(peftc.InputError, match="adapter 'g' cannot share a batch .* Gate has no per-row form"):
+            pm(input_ids=x, adapter_names=["g", "default"])
+    pm.save_adapter(tmp_path)
+    again = peftc.load_adapter(llama(), tmp_path)
+    again.load_adapter(tmp_path / "g", "g")
+    again.set_adapter("g")
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=x).logits, gate_out)
+    with pytest.raises(SpecError, match=r"Gate cannot serve model.embed_tokens \(Embedding: the aten.embedding"):
+        peftc.compile(llama(), Gate(targets=("embed_tokens",)))
+    assert custom["METHOD"].param_count(None, pm.sites["model.layers.0.mlp.down_proj"]) == 64

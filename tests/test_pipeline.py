@@ -1,6 +1,8 @@
 """run_passes: lint + recompile after each pass; a failure names the pass and the passes that ran before it."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -73,7 +75,7 @@ def test_compile_reports_a_failing_builtin_pass(monkeypatch):
     def broken(gm, **kw):
         raise KeyError("site")
 
-    monkeypatch.setattr("peftc.module.insert_lora", broken)
+    monkeypatch.setitem(peftc.METHODS, peftc.LoRA, dataclasses.replace(peftc.METHODS[peftc.LoRA], rewrite=broken))
     with pytest.raises(peftc.PassError, match=r"pass 'lora' failed \(passes that ran before it: dropout, batchnorm, sdpa_mask, gated\)"):
         peftc.compile(model, peftc.LoRA(r=1, targets=["0"]), example_inputs=(torch.randn(2, 4),))
     assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())

@@ -73,7 +73,7 @@ def fresh(traced):
 @contextmanager
 def traced_once(arch: str):
     _, traced, *_ = base(arch)
-    with mock.patch("peftc.compiler.trace", lambda model, example_inputs=None: fresh(traced)):
+    with mock.patch("peftc.pipeline.trace", lambda model, example_inputs=None: fresh(traced)):
         yield
 
 
@@ -94,7 +94,7 @@ def specs(draw, arch: str, inits=(True, False, "gaussian")):
         chosen = [f for f, s in sites.items() if s.roles & {"q", "v"}]
     elif form == "all-linear":
         targets = "all-linear"
-        chosen = [f for f in sites if f not in ("lm_head", "head")]
+        chosen = [f for f, s in sites.items() if s.linear_like and f not in ("lm_head", "head")]
     else:
         pool = names if form != "paths" else sorted(sites)
         picked = draw(st.lists(st.sampled_from(pool), min_size=1, max_size=4, unique=True))
@@ -105,7 +105,11 @@ def specs(draw, arch: str, inits=(True, False, "gaussian")):
         chosen = [f for f in sites if any(f == p or f.endswith("." + p) for p in picked)]
     max_r = min(min(sites[f].in_features, sites[f].out_features) for f in chosen)
     heads = [h for h in ("head", "lm_head") if h in sites and h not in chosen]      # gpt2: tied lm_head
+    linear_only = all(sites[f].linear_like for f in chosen)             # DoRA, lora_bias: not on embeddings
+    use_dora = draw(st.booleans()) if linear_only else False
     return peftc.LoRA(
+        use_dora=use_dora,
+        lora_bias=draw(st.booleans()) if linear_only and not use_dora else False,
         r=draw(st.integers(1, min(max_r, 12))),
         alpha=draw(st.sampled_from([1, 8, 16.0, 0.5, -4, 64])),
         dropout=draw(st.sampled_from([0.0, 0.1, 0.5])),
@@ -161,7 +165,9 @@ def test_any_valid_spec_compiles_and_trains(data):
     pm = compile_(arch, spec)
     ad = pm.store["default"]
     assert ad.targets == chosen
-    n_lora = sum(spec.r * (sites[f].in_features + sites[f].out_features) for f in chosen)
+    per_channel = spec.use_dora or spec.lora_bias                       # a magnitude or a bias per output channel
+    n_lora = sum(spec.r * (sites[f].in_features + sites[f].out_features) + per_channel * sites[f].out_features
+                 for f in chosen)
     n_saved = sum(p.numel() for m in spec.modules_to_save for p in model.get_submodule(m).parameters())
     assert sum(p.numel() for p in pm.trainable_parameters()) == n_lora + n_saved
     pm.train()

@@ -14,8 +14,7 @@ import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from peftc.passes.batchnorm import make_batchnorm_mode_aware
-from peftc.passes.dropout import make_dropout_mode_aware
+from peftc.pipeline import BASE_PASSES, run_passes
 from peftc.store import STORE
 from tests.models import inputs, main_output
 from tests.test_properties import D, base, compile_, fresh, specs
@@ -62,8 +61,7 @@ def adapted(draw, arch: str):
 def base_counts(arch: str) -> tuple[Counter, Counter]:
     """Op counts (call_function, call_module) of the base model's graph after the mode passes compile runs."""
     gm = fresh(base(arch)[1]).gm
-    make_dropout_mode_aware(gm)
-    make_batchnorm_mode_aware(gm)
+    run_passes(gm, BASE_PASSES)
     return counts(gm)
 
 

@@ -18,6 +18,7 @@ NOT_RUN_HERE = {
     "python examples/classify_minilm.py": "tests/test_examples.py::test_classify_minilm",
     "python examples/causal_lm_llama.py": "tests/test_examples.py::test_causal_lm_llama",
     "python examples/multi_adapter_serving.py": "tests/test_examples.py::test_multi_adapter_serving",
+    "python examples/custom_method.py": "tests/test_examples.py::test_custom_method",
 }
 
 

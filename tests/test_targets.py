@@ -77,7 +77,7 @@ def test_all_linear_excludes_the_output_head(arch, head, n_linear, task_type):
     sites, _ = resolved(arch, task_type)
     chosen = select(arch, "all-linear", task_type)
     assert head not in chosen and head in sites
-    assert chosen == [f for f in sites if f != head]
+    assert chosen == [f for f, s in sites.items() if f != head and s.linear_like]   # PEFT's: no embeddings, convs
     assert len(chosen) == n_linear
     assert select(arch, "ALL-LINEAR", task_type) == chosen
 
@@ -125,7 +125,8 @@ def test_model_without_linear_layers():
                       example_inputs=(torch.randn(2, 4),))
 
 
-ALL_NAMES = "all linear names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head"
+ALL_NAMES = ("all linear names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, lm_head; other layers: "
+             "embed_tokens (embedding)")
 
 
 def test_unknown_target_lists_closest_and_all_names():

@@ -15,7 +15,8 @@ from peftc.passes.lora_ops import LoraGroup, lora_update
 from peftc.passes.route import plain_route, route_keys
 from peftc.passes.match import find_sites
 from peftc.spec import LoRA
-from peftc.store import STORE, Adapter, AdapterStore, LoraWeights, site_key
+from peftc.passes.lora_ops import LoraWeights
+from peftc.store import STORE, Adapter, AdapterStore, site_key
 from peftc.trace import trace
 from tests.models import inputs, make
 
@@ -52,7 +53,7 @@ X = torch.randn(2, 5, D)
 
 
 def add_adapter_(store: AdapterStore, sites, name: str, spec: LoRA, targets) -> Adapter:
-    """Create `name`'s LoRA weights for `targets` (what peftc.compiler.build_adapter does) and add it."""
+    """Create `name`'s LoRA weights for `targets` (what peftc.build.build_adapter does) and add it."""
     adapter = Adapter(spec, targets, [])
     for t in targets:
         s = sites[t]

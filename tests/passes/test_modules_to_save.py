@@ -127,5 +127,5 @@ def test_seq_cls_saves_the_bert_classifier():
 
 
 def test_target_and_saved_module_overlap_is_an_error():
-    with pytest.raises(SpecError, match=r"\['head'\].*both LoRA targets and modules_to_save"):
+    with pytest.raises(SpecError, match=r"\['head'\].*both adapter targets and modules_to_save"):
         peftc.compile(Net(), LoRA(r=1, targets=["head"], modules_to_save=["head"]), example_inputs=(X,))

@@ -1,0 +1,82 @@
+"""Building adapters from data: a spec resolved against a traced graph's sites, its weights made by its method.
+
+    build_adapter(gm, sites, model, spec) -> Adapter      (nothing is attached to any module yet)
+
+The generic part (targets, layer selection, modules_to_save) is here; what a method's weights are at one site, and
+what it checks first, is its Method's `check` and `build` (passes/lora.py for LoRA).
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+from torch.fx import GraphModule
+
+from .errors import SpecError
+from .methods import METHODS, method_of, spec_from_config
+from .passes.match import Site, output_heads, tensor_at
+from .passes.modules_to_save import resolve_modules_to_save, saved_copies
+from .spec import SEQ_CLS_HEADS, AdapterSpec
+from .store import Adapter, site_key
+from .targets import output_head_paths, resolve_targets, select_layers
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
+
+
+def as_spec(spec: Any) -> AdapterSpec:
+    """A registered method's spec (a dict in adapter_config.json form is read through its peft_type)."""
+    if isinstance(spec, dict):
+        spec = spec_from_config(spec, source="spec dict")
+    if not isinstance(spec, AdapterSpec):
+        raise SpecError(f"spec must be a peftc spec (e.g. peftc.LoRA(r=8)) or a dict in adapter_config.json form, "
+                        f"got {type(spec).__name__}")
+    method = method_of(spec)
+    if method.build is None or method.rewrite is None:
+        ready = [m.name for m in METHODS.values() if m.build is not None and m.rewrite is not None]
+        raise SpecError(f"method {method.name} is registered without build and rewrite functions, so it cannot be "
+                        f"compiled; methods that compile: {ready}")
+    return spec
+
+
+def check_adapter_name(name: Any) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == "__base__":
+        raise SpecError(f"adapter_name must be letters, digits, '_' or '-' (and not '__base__'), got {name!r}")
+    return name
+
+
+def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, spec: AdapterSpec, *,
+                  loading: bool = False) -> Adapter:
+    """Resolve `spec` against the graph's sites and make its weights through its method.
+
+    A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type and PEFT's layer
+    selection (layers_to_transform, exclude_modules, ...)."""
+    method = method_of(spec)
+    task_type = getattr(spec, "task_type", None)
+    optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
+    saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
+    heads = output_head_paths(model, output_heads(gm, sites), task_type)
+    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved))
+    wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
+    if wrong:
+        site = sites[wrong[0]]
+        raise SpecError(f"{method.name} cannot serve {wrong[0]} ({site.module_type or site.kind}: the "
+                        f"{site.spec.ops[0]} op, site kind {site.kind!r}); it adapts {list(method.site_kinds)}; "
+                        "leave that layer out of the targets")
+    overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
+    if overlap:
+        raise SpecError(f"{sorted(overlap)} are both adapter targets and modules_to_save; pick one for each layer")
+    if method.check is not None:
+        method.check(spec, sites, chosen, loading)
+    adapter = Adapter(spec, chosen, saved)
+    for path in chosen:
+        site = sites[path]
+        adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))
+    for path in saved:
+        adapter.saved[site_key(path)] = saved_copies(gm, path)
+    return adapter
+
+
+def resolve_paths(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, targets: Any) -> list[str]:
+    """Module paths of the sites `targets` (LoRA's target syntax) selects in the graph, in graph order."""
+    return resolve_targets(targets, sites, output_head_paths(model, output_heads(gm, sites), None))
