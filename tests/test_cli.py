@@ -281,6 +281,7 @@ def test_export_bad_out(llama, tmp_path):
 
 
 # --- demo ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_demo(tmp_path):
     """`peftc demo` (the README's main job) end to end, then `peftc merge` of its adapter onto the real MiniLM gives
     the same weights as the demo's own export."""

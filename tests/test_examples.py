@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow      # each runs a whole example (about a minute together)
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

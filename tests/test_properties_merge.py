@@ -10,6 +10,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -18,6 +19,8 @@ from peftc.pipeline import BASE_PASSES, run_passes
 from peftc.store import STORE
 from tests.models import inputs, main_output
 from tests.test_properties import D, base, compile_, fresh, specs
+
+pytestmark = pytest.mark.slow      # a merge and an export per example: minutes on 2 cores
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -71,6 +71,7 @@ def test_readme_commands_are_all_accounted_for():
     assert all(any(skip in c for skip in NOT_RUN_HERE) for c in _commands() if c not in cheap)
 
 
+@pytest.mark.slow
 def test_readme_shell_commands_run(tmp_path):
     """The cheap commands, in README order, in a fresh directory (examples/ linked in), with this venv's peftc."""
     (tmp_path / "examples").symlink_to(ROOT / "examples")
