@@ -7,7 +7,7 @@ from peft.tuners.lora import LoraLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 import peftc
-from tests.models import DECODERS, inputs, main_output
+from tests.models import DECODERS, inputs, main_output, make
 
 # Largest allowed max |ours - ref| of the main output and the loss, per method, in fp32.
 TOL: dict[type, float] = {
@@ -112,3 +112,18 @@ def randomize_peft_(model, seed: int, std: float = STD, name: str = "default") -
         elif isinstance(m, ModulesToSaveWrapper):
             for p in m.modules_to_save[name].parameters():
                 p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+def assert_loads_and_merges(ref, directory, arch: str, tol: float = TOL[peftc.LoRA]):
+    """peftc.load_adapter of PEFT model `ref`'s adapter saved in `directory` onto a fresh `arch`: the same tensors,
+    an output the adapter moves, and `ref`'s outputs unmerged and merged at parity_inputs' shapes. Returns it."""
+    base = make(arch)
+    ours = peftc.load_adapter(base, directory)
+    assert_same_weights(ours, ref)
+    xs = parity_inputs(arch)
+    assert max_diff(ours, base, xs[0]) > MOVED * tol, "the loaded adapter left the output unchanged"
+    merged = ours.merge()
+    for x in xs:
+        assert_parity(ours, ref, x, tol)
+        assert_parity(merged, ref, x, tol)
+    return ours

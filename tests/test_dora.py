@@ -16,7 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 import peftc
 from peftc.passes.lora_ops import DoraScale
 from tests.models import inputs, main_output, make
-from tests.parity import MOVED, TOL, assert_parity, assert_same_weights, max_diff, parity_inputs, randomize_peft_
+from tests.parity import (MOVED, TOL, assert_loads_and_merges, assert_parity, assert_same_weights, max_diff,
+                          parity_inputs, randomize_peft_)
 from tests.recompiles import fresh_dynamo, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning")]   # PEFT warns about GPT-2's Conv1D
@@ -56,16 +57,8 @@ def random_ours_(pm, seed: int = 5) -> None:
 def test_peft_dora_adapter_loads_and_merges(arch, tmp_path):
     ref = peft_dora(arch)
     ref.save_pretrained(tmp_path)
-    base = make(arch)
-    ours = peftc.load_adapter(base, tmp_path)
-    assert_same_weights(ours, ref)
+    ours = assert_loads_and_merges(ref, tmp_path, arch)
     assert any(k.endswith("lora_magnitude_vector") for k in ours.store.peft_state_dict("default"))
-    xs = parity_inputs(arch)
-    assert max_diff(ours, base, xs[0]) > MOVED * tol
-    merged = ours.merge()
-    for x in xs:
-        assert_parity(ours, ref, x, tol)
-        assert_parity(merged, ref, x, tol)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "vit"])
