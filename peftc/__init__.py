@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 
+from .blocks import Block
 from .compiler import compile, load_adapter
 from .errors import (CheckpointError, ExportError, InputError, MergeError, PassError, PeftcError, SpecError,
                      TargetNotFound, TraceError)
@@ -16,7 +17,8 @@ from .store import Capacity
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
-           "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method"]
+           "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method",
+           "Block"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

@@ -4,11 +4,14 @@ from __future__ import annotations
 import copy
 import inspect
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
+from torch.fx import GraphModule
+
+from .blocks import Block, install_blocks, structure
 from .errors import InputError
 from .loss import compute_loss
 from .trace import Traced
@@ -25,8 +28,10 @@ class GraphModel(nn.Module):
     def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
                  base_name: str | None = None):
         super().__init__()
-        self.graph_module = traced.gm
+        self.graph_module = traced.gm            # the module tree every form's code runs against
         self._traced = traced
+        self._blocks = install_blocks(traced.gm, traced.blocks)
+        self._codes: dict[str, Callable] = {}    # form -> its generated top-level code (peftc.blocks)
         self.config = copy.deepcopy(config)      # never the user's object: losses may set config.problem_type
         self.loss_type = loss_type
         self.model_class = model_class
@@ -34,7 +39,19 @@ class GraphModel(nn.Module):
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
         self.forward = types.MethodType(_forward_with_signature(type(self), self.input_names), self)
         self.fresh_compile_cache()
+        if "graph" in self.forms:
+            self._structure("graph", traced.gm)
         _mark_eager_frames(type(self))
+
+    def _structure(self, form: str, flat: GraphModule) -> None:
+        """Make `form`'s code from its flat graph: the model's blocks called as modules (peftc.blocks)."""
+        self._codes[form] = structure(flat, self.graph_module, self._blocks, form)
+
+    def blocks(self) -> dict[str, Block]:
+        """{path: Block}: the model's repeated blocks (e.g. "model.layers.0"), each called as a module by every
+        form's code, so hooks, `fully_shard` and activation-checkpoint wrappers put on them take effect. They live in
+        this module's tree at `graph_module.<path>`."""
+        return dict(self._blocks)
 
     def fresh_compile_cache(self) -> None:
         """Give each of this module's graph calls (one per form) its own code object: torch.compile caches (at most
@@ -52,24 +69,25 @@ class GraphModel(nn.Module):
     # skipped, so that frame is one of _runs: the graph call proper, a function of tensors only. forward stays free
     # to turn Python values (PeftModule's adapter_names) into the call's data before the compiled graph runs.
     def forward(self, *args, **kwargs):
-        return self._runs["graph"](self.graph_module, None, *args, **kwargs)
+        return self._runs["graph"](self._codes["graph"], None, *args, **kwargs)
 
-    def _run_graph(self, gm, route, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
+    def _run_graph(self, code, route, *args, labels: torch.Tensor | None = None, return_dict: bool | None = None,
                    num_items_in_batch: Any = None, **kwargs):
-        """Call graph `gm` with the model's inputs and, when given, the call's route (passes.route)."""
+        """Run a form's `code` (on this module's tree) with the model's inputs and, when given, the call's route
+        (passes.route)."""
         t = self._traced
         extra = {"peftc_route": route} if route else {}     # a graph with nothing routed takes no route
         if t.positional:
             if kwargs:
                 raise InputError(f"this module was traced with positional inputs; got keyword inputs {sorted(kwargs)}")
-            out = gm(*args, **extra)
+            out = code(self.graph_module, *args, **extra)
         else:
             if args:
                 if len(args) > len(t.input_names):
                     raise InputError(f"expected at most {len(t.input_names)} positional inputs "
                                      f"({', '.join(t.input_names)}), got {len(args)}")
                 kwargs.update(zip(t.input_names, args))
-            out = gm(**self._complete(kwargs), **extra)
+            out = code(self.graph_module, **self._complete(kwargs), **extra)
         if labels is not None:
             loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
             out = self._with_loss(out, labels, loss_kwargs)

@@ -49,13 +49,18 @@ class PeftModule(GraphModel):
 
     def __init__(self, traced: Traced, *, base_model: nn.Module, sites: dict, loss_type: str | None = None,
                  base_name: str | None = None, base_passes: list[str] | None = None):
-        super().__init__(traced, config=getattr(base_model, "config", None), loss_type=loss_type,
-                         model_class=type(base_model).__name__, base_name=base_name)
+        # graph_module: the module tree every form's code runs against (its graph: the plain form's, flat). It
+        # stays the same object for the module's life, so hooks and wrappers put on its blocks survive rebuilds.
+        root = GraphModule(traced.gm, copy.deepcopy(traced.gm.graph))
+        super().__init__(dataclasses.replace(traced, gm=root), config=getattr(base_model, "config", None),
+                         loss_type=loss_type, model_class=type(base_model).__name__, base_name=base_name)
         self.sites = sites
         self.base_passes = base_passes or []      # passes already applied to the base graph
         self.active_adapter: str | None = None
-        # The graph before any adapter (mode passes applied): every rebuild starts from a copy of it.
-        self.base_graph_module = traced.gm
+        # The graph before any adapter (mode passes applied): every rebuild starts from a copy of it. Not a
+        # submodule: its tensors are the root's.
+        object.__setattr__(self, "base_graph_module", traced.gm)
+        self._structure("base", traced.gm)
         object.__setattr__(self, "_store", AdapterStore().to(_device_of(traced.gm)))
         object.__setattr__(self, "_mixed_gm", None)    # built on the first mixed call; not a submodule (shared weights)
         self._routes_changed()
@@ -76,9 +81,12 @@ class PeftModule(GraphModel):
         """Rewrite a fresh copy of the base graph with every adapter in the store (plain form); the gathered form
         is rebuilt on its next use."""
         gm = self._build("single")
-        self.graph_module = gm
-        self._traced = dataclasses.replace(self._traced, gm=gm)
+        root = self.graph_module
+        self._structure("single", gm)        # gives the root what the new graph reads, first
+        root.graph = gm.graph
+        root.train(self.training)
         object.__setattr__(self, "_mixed_gm", None)
+        self._codes.pop("mixed", None)
         self.store.banks = torch.nn.ModuleDict()
         self._routes_changed()
         self.fresh_compile_cache()   # the old graph's compiled entries are not reused
@@ -97,19 +105,22 @@ class PeftModule(GraphModel):
                 gm = self._mixed_gm
                 if gm is None:
                     gm = self._build("mixed")
+                    self._structure("mixed", gm)
                     object.__setattr__(self, "_mixed_gm", gm)
         return gm
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if getattr(self, "_mixed_gm", None) is not None:
-            self._mixed_gm.train(mode)
+        for gm in (getattr(self, "base_graph_module", None), getattr(self, "_mixed_gm", None)):
+            if gm is not None:
+                gm.train(mode)
         return self
 
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
-        if getattr(self, "_mixed_gm", None) is not None:
-            self._mixed_gm._apply(fn, *args, **kwargs)
+        for gm in (getattr(self, "base_graph_module", None), getattr(self, "_mixed_gm", None)):
+            if gm is not None:        # graphs that are not submodules (their buffers are copies of the root's)
+                gm._apply(fn, *args, **kwargs)
         self._routes_changed()      # buffers (scales, zeros) may be new tensors now
         return out
 
@@ -298,8 +309,8 @@ class PeftModule(GraphModel):
         This frame runs eagerly under torch.compile (see GraphModel): the names become this call's own route (the
         graph to run and its inputs) here, and the compiled graphs read only that data, so no list of names and no
         adapter switch ever recompiles. Nothing of the call is written anywhere another call could read it."""
-        form, gm, route = self._plan(args, kwargs, adapter_names, adapter_index)
-        return self._runs[form](gm, route, *args, **kwargs)
+        form, _, route = self._plan(args, kwargs, adapter_names, adapter_index)
+        return self._runs[form](self._codes[form], route, *args, **kwargs)
 
     def _plan(self, args, kwargs, adapter_names, adapter_index) -> tuple[str, GraphModule, list | None]:
         """(form, graph, route) for one call, checked: a bad adapter_names/adapter_index raises here, before any

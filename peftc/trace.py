@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from .blocks import block_paths
 from .errors import TraceError
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ class Traced:
     positional: bool = False
     example: tuple = ((), {})              # (args, kwargs) the graph was traced with, constants included
     dynamic: Any = None                    # their dynamic_shapes spec
+    blocks: dict[str, str] = field(default_factory=dict)   # the model's repeated blocks: path -> class name
 
 
 def _is_hf(model: nn.Module) -> bool:
@@ -243,7 +245,7 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     names = tuple(kwargs) if not positional else ()
     log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
     return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional,
-                  example=(args, kwargs), dynamic=dyn)
+                  example=(args, kwargs), dynamic=dyn, blocks=block_paths(model))
 
 
 def export_with_fallback(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:

@@ -289,18 +289,18 @@ def test_reserve_grows_with_one_rebuild_and_keeps_weights():
     before = out(pm)
     pm.reserve(adapters=3, rank=16, targets=["k_proj"])
     assert pm.capacity == peftc.Capacity(3, 16, ["k_proj"]) and close(out(pm), before)
-    graph = pm.graph_module
+    graph = pm.graph_module.graph
     pm.add_adapter("k", peftc.LoRA(r=16, targets=["k_proj"], init=False))    # a reserved site: no new graph
-    assert pm.graph_module is graph
+    assert pm.graph_module.graph is graph
 
 
 def test_new_targets_or_modules_to_save_rebuild_the_graph():
     _, pm = capped(adapters=3)
-    graph = pm.graph_module
+    graph, code = pm.graph_module.graph, pm._codes["single"]
     pm.add_adapter("same", peftc.LoRA(r=2, targets=["v_proj"]))
-    assert pm.graph_module is graph
+    assert pm.graph_module.graph is graph and pm._codes["single"] is code
     pm.add_adapter("wider", peftc.LoRA(r=2, targets=["up_proj"], init=False))
-    assert pm.graph_module is not graph
+    assert pm.graph_module.graph is not graph and pm._codes["single"] is not code
     pm.set_adapter("wider")
     with pm.disable_adapters():
         base = out(pm)
