@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from peftc.errors import MergeError, SpecError
+from peftc.errors import InputError, MergeError, SpecError
 from peftc.inits import changes_base_weight
 from peftc.methods import Method, register_method
 from peftc.targets import check_rank
@@ -336,7 +336,8 @@ def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
                 for i in range(1, len(slots)):
                     store.lane_weights(i, key, _zeros(site, capacity.rank, w))
-        made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, hasattr(store.banks[key], "dropout"))
+        made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, hasattr(store.banks[key], "dropout"),
+                             _batch_dim(site, _input_of(site, node), first))
         new += made
         outs.add(out)
     for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
@@ -344,12 +345,51 @@ def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
     return len(calls)
 
 
-def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[list[Node], Node]:
-    """Insert the routed subgraph after the site call `node`; returns (the new nodes, the site's new output)."""
+_ALIASES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default)
+
+
+def _exact(val, b) -> list[int]:
+    """The dims of a traced value that are the batch symbol `b`."""
+    if not hasattr(val, "shape") or not isinstance(b, torch.SymInt):
+        return []
+    return [i for i, d in enumerate(val.shape) if isinstance(d, torch.SymInt) and d.node.expr == b.node.expr]
+
+
+def _batch_dim(site: Site, x: Node, first: Node) -> int:
+    """Which dim of the site's input is the batch (the first input's dim 0, by its symbol): not dim 0 where the
+    model moves it (a sequence-first layer). An input whose dim 0 folds the batch with other dims ((B * T, in), as
+    GPT-2's Conv1D reads) is routed when the batch is the outer factor (read off the reshape that made it), and
+    refused otherwise (nn.MultiheadAttention's out_proj reads (T * B, E)): rows are never routed wrong."""
+    val, b = x.meta.get("val"), first.meta["val"].shape[0]
+    if not hasattr(val, "shape") or not isinstance(b, torch.SymInt):
+        return 0
+    hits = _exact(val, b)
+    if hits:
+        return 0 if 0 in hits else hits[0]
+    src = x
+    while src.op == "call_function" and src.target in _ALIASES and isinstance(src.args[0], Node):
+        src = src.args[0]
+        dims = _exact(src.meta.get("val"), b)
+        if dims:
+            if dims[0] == 0:
+                return 0
+            break
+    else:
+        if val.dim() and isinstance(val.shape[0], torch.SymInt) and b.node.expr in val.shape[0].node.expr.free_symbols:
+            return 0
+    raise InputError(f"the input of {site.fqn} (shape {tuple(val.shape)}) does not keep the batch as an outer "
+                     "dimension, so its rows cannot take different adapters; run each adapter's rows in a batch of "
+                     "their own")
+
+
+def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout, bdim: int = 0) -> tuple[list[Node], Node]:
+    """Insert the routed subgraph after the site call `node`; returns (the new nodes, the site's new output).
+    `bdim`: the batch dim of the site's input and output, moved to the front and back."""
     g = gm.graph
     bank = f"{STORE}.banks.{key}"
     x = _input_of(site, node)
     made: list[Node] = []
+    base = node
 
     def call(target, *args):
         made.append(g.call_function(target, args))
@@ -361,6 +401,8 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
 
     with_bias = lora_bias_at(store, site.fqn)
     with g.inserting_before(node.next):
+        if bdim:
+            x, node = call(aten.movedim.int, x, bdim, 0), call(aten.movedim.int, node, bdim, 0)
         a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
         c_list = [attr(f"{bank}.empty.c")] if with_bias else []
         for i, a in enumerate(store.slots()[1:], start=1):
@@ -399,13 +441,15 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout) -> tuple[li
             c_rows = call(aten.index.Tensor, call(aten.stack.default, c_list), [rows])          # (batch, out)
             c_rows = call(aten.mul.Tensor, c_rows, call(aten.view.default, s_rows, [-1, 1]))
             y3 = call(aten.add_.Tensor, y3, call(aten.unsqueeze.default, c_rows, 1))
-        shape = [call(aten.sym_size.int, node, i) for i in range(len(node.meta["val"].shape))] \
-            if "val" in node.meta else [-1, site.out_features]
+        shape = [call(aten.sym_size.int, node, i) for i in range(len(base.meta["val"].shape))] \
+            if "val" in base.meta else [-1, site.out_features]
         y = call(aten.reshape.default, y3, shape)
+        if bdim:
+            y = call(aten.movedim.int, y, 0, bdim)
     mine = set(made)
-    node.replace_all_uses_with(y, delete_user_cb=lambda u: u not in mine)
+    base.replace_all_uses_with(y, delete_user_cb=lambda u: u not in mine)
     for n in made:
-        n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        n.meta["nn_module_stack"] = base.meta.get("nn_module_stack", {})
     return made, y
 
 
@@ -545,6 +589,10 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
         check_rank(spec, sites, chosen)
     for path in chosen:
         site = sites[path]
+        if site.module_type == "MultiheadAttention" and (spec.use_dora or spec.init not in (True, False, "gaussian")):
+            raise SpecError(f"{'use_dora' if spec.use_dora else f'init={spec.init!r}'} on {path} "
+                            "(nn.MultiheadAttention) is not supported (as in PEFT); leave it out of targets "
+                            "(exclude_modules) or drop the option")
         if site.linear_like:
             if spec.init == "olora" and site.kind == "conv1d":
                 raise SpecError(f"init 'olora' on {path} (a GPT-2 Conv1D layer) is not supported: PEFT's OLoRA "

@@ -131,8 +131,9 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
     else:                        # Conv1D [in, out]; embedding [num, dim]
         in_f, out_f = shape
     fqn, typ = module_path(node)
-    if not fqn:
-        fqn = w.target.rsplit(".", 1)[0]
+    owner = w.target.rsplit(".", 1)[0]
+    if not fqn or owner.startswith(fqn + "."):   # a submodule whose forward its parent bypasses: MHA's out_proj
+        fqn, typ = owner, ""
     return Site(fqn, kind.name, in_f, out_f, weight=w.target, module_type=typ, weight_shape=shape, params=params)
 
 

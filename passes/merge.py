@@ -3,7 +3,8 @@
     Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
              y' = y + s * B @ A @ d   (the LoRA pass's subgraph, either form; its route inputs)
     After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
-             (the adapter's nodes are gone; its modules_to_save copies become plain constants again)
+             (the adapter's nodes are gone; its modules_to_save and trained-bias copies become plain constants;
+             a trained bias is the base of lora_bias's fold there)
 
 The pass works on a copy of the graph (`merge_graph_module`): the PeftModule it came from is not changed, so going
 back to the unmerged model is exact.
@@ -17,9 +18,10 @@ from torch.fx import GraphModule
 
 from peftc.errors import MergeError
 from peftc.methods import METHODS, method_of, method_tagged
-from peftc.store import STORE, Adapter, site_key
+from peftc.store import STORE, Adapter
 
 from .match import Site, tensor_at
+from .modules_to_save import copy_of
 from .route import drop_route_inputs
 
 
@@ -84,9 +86,30 @@ def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
     mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
 
 
+def _fold_copies(gm: GraphModule, adapter: Adapter) -> None:
+    """Every read of a copied tensor (modules_to_save, a trained bias) reads the adapter's copy as a constant, or
+    the original where this adapter has no copy of it. First, so that a site's bias fold starts from the trained
+    bias."""
+    g = gm.graph
+    for n in list(g.nodes):
+        info = n.meta.get("peftc") or {}
+        if info.get("method") != "modules_to_save" or info.get("role") != "out":
+            continue
+        orig = target = info["saved_from"]
+        found = copy_of(adapter, orig)
+        if found is not None:
+            if any(m.op == "get_attr" and m.target == orig and m.users for m in g.nodes):
+                target = f"{orig}_saved"   # a tied weight read elsewhere too (GPT-2's wte) keeps the original
+            _set_attr(gm, target, found[0].detach())
+        with g.inserting_before(next(m for m in g.nodes if m.op != "placeholder")):
+            plain = g.get_attr(target)
+        n.replace_all_uses_with(plain)
+
+
 def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> int:
     """Fold `adapter` into gm's weights in place (gm must be a copy) and delete its nodes; returns the fold count."""
     g = gm.graph
+    _fold_copies(gm, adapter)
     count = 0
     for path in adapter.targets:
         site = sites[path]
@@ -115,7 +138,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                     else:
                         node.update_arg(arg, new_b)
         count += 1
-    # y' = y + delta: users of y' read y again; saved modules read the adapter's copy (or the original)
+    # y' = y + delta: users of y' read y again
     for n in list(g.nodes):
         info = n.meta.get("peftc") or {}
         method = method_tagged(info.get("method", ""))
@@ -124,17 +147,6 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                 raise MergeError(f"method {method.name} names no base_output for its subgraph, so merge() cannot "
                                  "remove it")
             n.replace_all_uses_with(method.base_output(n))
-        elif info.get("method") == "modules_to_save" and info.get("role") == "out":
-            orig = target = info["saved_from"]
-            path = next((p for p in adapter.saved_modules if orig.startswith(p + ".")), None)
-            if path is not None:
-                leaf = orig[len(path) + 1:].replace(".", "-")
-                if any(m.op == "get_attr" and m.target == orig and m.users for m in g.nodes):
-                    target = f"{orig}_saved"   # a tied weight read elsewhere too (GPT-2's wte) keeps the original
-                _set_attr(gm, target, adapter.saved[site_key(path)].get_parameter(leaf).detach())
-            with g.inserting_before(next(m for m in g.nodes if m.op != "placeholder")):
-                plain = g.get_attr(target)
-            n.replace_all_uses_with(plain)
     for n in reversed(list(g.nodes)):
         if "peftc" in n.meta and not n.users:
             g.erase_node(n)

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 from .errors import SpecError
 from .methods import METHODS, method_of, spec_from_config
 from .passes.match import Site, output_heads, tensor_at
-from .passes.modules_to_save import resolve_modules_to_save, saved_copies
+from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
 from .spec import SEQ_CLS_HEADS, AdapterSpec
 from .store import Adapter, site_key
 from .targets import output_head_paths, resolve_targets, select_layers
@@ -49,8 +49,9 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
                   loading: bool = False) -> Adapter:
     """Resolve `spec` against the graph's sites and make its weights through its method.
 
-    A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type and PEFT's layer
-    selection (layers_to_transform, exclude_modules, ...)."""
+    A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
+    copies of the model's biases, kept beside the modules_to_save copies) and PEFT's layer selection
+    (layers_to_transform, exclude_modules, ...)."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
@@ -68,12 +69,15 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
         raise SpecError(f"{sorted(overlap)} are both adapter targets and modules_to_save; pick one for each layer")
     if method.check is not None:
         method.check(spec, sites, chosen, loading)
-    adapter = Adapter(spec, chosen, saved)
+    biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
+    adapter = Adapter(spec, chosen, saved + biases)
     for path in chosen:
         site = sites[path]
         adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
+    for path in biases:
+        adapter.saved[site_key(path)] = saved_copies(gm, path, ("bias",))
     return adapter
 
 

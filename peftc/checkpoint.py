@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -14,10 +15,14 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError
 from .methods import spec_from_config, spec_to_config
 from .passes.match import tensor_at
+from .passes.modules_to_save import copy_of
+from .store import site_key
 from .targets import peft_target_modules
 
 if TYPE_CHECKING:
     from .module import PeftModule
+
+log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -80,7 +85,8 @@ def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
         raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {pm.adapters}")
     directory = Path(directory)
     _prepare_dir(directory)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in pm.store.peft_state_dict(adapter_name).items()}
+    state = {**pm.store.peft_state_dict(adapter_name), **_bias_aliases(pm, adapter_name)}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     cfg = adapter_config(pm, adapter_name)
     _atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
@@ -132,6 +138,12 @@ def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Te
     expected = dict(pm.store.peft_parameters(adapter_name))
     tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
     tensors = _drop_embedding_copies(pm, adapter_name, tensors, source)
+    tensors = _drop_bias_aliases(pm, adapter_name, tensors, source)
+    kept = _trained_bias_keys(pm, adapter_name) - set(tensors)
+    if kept:      # as PEFT loads such a file (strict=False): those biases stay at the model's values
+        log.warning("%s: %d trained bias(es) of adapter %r are not in the checkpoint (e.g. %s); they start from "
+                    "the model's own", source, len(kept), adapter_name, sorted(kept)[0])
+        expected = {k: p for k, p in expected.items() if k not in kept}
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     if unexpected:
@@ -168,6 +180,62 @@ def _drop_embedding_copies(pm: PeftModule, adapter_name: str, tensors: dict, sou
                                   f"differs from this model's (shape {tuple(own.shape)}): the adapter was trained with "
                                   "a changed vocabulary or embedding; load a base model that has that embedding (e.g. "
                                   "resize_token_embeddings and load its weights) first")
+    return out
+
+
+def _trained_bias_keys(pm: PeftModule, adapter_name: str) -> set[str]:
+    """PEFT keys of the adapter's trained-bias copies (LoRA's bias; not its modules_to_save copies)."""
+    ad = pm.store[adapter_name]
+    paths = {p for p in ad.saved_modules if not getattr(ad.saved[site_key(p)], "whole", True)}
+    return {k for k, _ in pm.store.peft_parameters(adapter_name)
+            if k.removeprefix("base_model.model.").removesuffix(".bias").removesuffix(".base_layer") in paths}
+
+
+def _saved_bias_aliases(pm: PeftModule, adapter_name: str) -> Iterator[tuple[str, str, str]]:
+    """(copy alias, original alias, get_attr target) of each bias inside a modules_to_save module, for bias="all".
+
+    PEFT's bias="all" saves every state-dict key ending in ".bias", so a modules_to_save module's biases come twice
+    more, under its wrapper's names: <m>.modules_to_save.bias (the copy; the adapter name is stripped only when the
+    bias is the module's own, else it stays: <m>.modules_to_save.<name>.dense.bias) and <m>.original_module.bias
+    (the model's). PEFT's load ignores the first and writes the second into the model."""
+    ad = pm.store[adapter_name]
+    if getattr(ad.spec, "bias", "none") != "all":
+        return
+    for m in ad.saved_modules:
+        holder = ad.saved[site_key(m)]
+        if not getattr(holder, "whole", True):
+            continue
+        for leaf in holder._parameters:
+            sub = leaf.replace("-", ".")
+            if sub == "bias" or sub.endswith(".bias"):
+                copy = f"{m}.modules_to_save.{sub}" if sub == "bias" else f"{m}.modules_to_save.{adapter_name}.{sub}"
+                yield f"base_model.model.{copy}", f"base_model.model.{m}.original_module.{sub}", f"{m}.{sub}"
+
+
+def _bias_aliases(pm: PeftModule, adapter_name: str) -> dict[str, torch.Tensor]:
+    ad = pm.store[adapter_name]
+    out = {}
+    for copy, orig, target in _saved_bias_aliases(pm, adapter_name):
+        out[copy] = copy_of(ad, target)[0].detach().clone()     # its own storage: safetensors refuses shared ones
+        out[orig] = tensor_at(pm.base_graph_module, target).detach().clone()
+    return out
+
+
+def _drop_bias_aliases(pm: PeftModule, adapter_name: str, tensors: dict, source: Any) -> dict:
+    """Drop the modules_to_save aliases of bias="all" (see _saved_bias_aliases); an original_module bias that
+    differs from the model's is refused, since peftc never changes the model's weights from an adapter."""
+    out = dict(tensors)
+    for copy, orig, target in _saved_bias_aliases(pm, adapter_name):
+        wrapper = copy[:copy.index(".modules_to_save.") + len(".modules_to_save.")]
+        for k in [k for k in out if k.startswith(wrapper)]:    # with whichever adapter name PEFT saved it under
+            del out[k]
+        saved = out.pop(orig, None)
+        own = tensor_at(pm.base_graph_module, target)
+        if saved is not None and (tuple(saved.shape) != tuple(own.shape)
+                                  or not torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu())):
+            raise CheckpointError(f"{source}: {orig} (the model's own bias under a modules_to_save module) differs "
+                                  f"from this model's {target}: the adapter was saved from another base model, or "
+                                  "its original module was changed; peftc does not change the model's weights")
     return out
 
 

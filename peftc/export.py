@@ -79,8 +79,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 
 def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]:
-    """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight) or
-    ("saved", trained copy);
+    """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight),
+    ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
     adapter = pm.store[name]
     folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
@@ -109,8 +109,9 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     for k, v in state.items():
         if k not in keep:
             continue
+        v = saved.get(k, v)       # a trained bias is what lora_bias's fold starts from
         plan.append((k, ("fold", folded[k], v) if k in folded else ("fold_bias", biased[k], v) if k in biased
-                     else ("saved", saved[k]) if k in saved else v))
+                     else ("saved", v) if k in saved else v))
     return plan, untied
 
 

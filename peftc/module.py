@@ -379,8 +379,8 @@ class PeftModule(GraphModel):
                                      "in a batch of their own, or merge() it")
         saving = {a for a in set(adapter_names) - {BASE} if self.store[a].saved_modules}
         if saving and len(set(adapter_names)) > 1:
-            raise InputError(f"adapters {sorted(saving)} have modules_to_save; a mixed batch cannot route whole "
-                             "modules per row; run their rows in a batch of their own")
+            raise InputError(f"adapters {sorted(saving)} have modules_to_save or trained biases (bias != 'none'); "
+                             "a mixed batch cannot route those copies per row; run their rows in a batch of their own")
 
     def _batch_size(self, args, kwargs) -> int:
         first = args[0] if args else kwargs.get(self.main_input_name)
@@ -406,7 +406,11 @@ class PeftModule(GraphModel):
         """(trainable, all) parameter counts, counted as PEFT counts them (shared tensors once)."""
         trainable = sum(p.numel() for p in self.trainable_parameters())
         total = sum(p.numel() for p in self.parameters())
-        return trainable, total
+        # trained-bias copies (bias="all"/"lora_only") stand in for the model's own biases, which PEFT trains in
+        # place: counted once, as the model's
+        copies = {id(p): p.numel() for a in self.adapters for h in self.store[a].saved.values()
+                  if not getattr(h, "whole", True) for p in h.parameters()}
+        return trainable, total - sum(copies.values())
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

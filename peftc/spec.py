@@ -15,6 +15,7 @@ Targets = Union[None, str, Sequence[str]]
 
 # PEFT adds these to modules_to_save for task_type="SEQ_CLS" (whichever exists).
 SEQ_CLS_HEADS = ("classifier", "score")
+BIAS_MODES = ("none", "all", "lora_only")   # LoRA's `bias`: which of the model's biases an adapter trains
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
@@ -105,6 +106,10 @@ class LoRA(AdapterSpec):
     the weight's own norms, so a fresh DoRA adapter changes no output either. `lora_bias`: B gets a bias b_B too
     (y + s (B A x + b_B)), zero at first; merging adds s b_B to the layer's bias.
 
+    `bias` (PEFT's): which of the model's own biases the adapter trains, "none", "all" (every parameter named
+    `bias`) or "lora_only" (the adapted layers' biases). The adapter holds trainable copies of them (the model's
+    stay frozen and unchanged), read by its own calls only, saved under PEFT's keys and written by merging.
+
     `init` takes PEFT's data-free init_lora_weights: True (Kaiming-uniform A, zero B), False (both random),
     "gaussian", "orthogonal" (B A = 0 from orthogonal halves), "pissa" / "pissa_niter_N" (A, B from the top-r
     singular part of W) and "olora" (from W's QR). PiSSA and OLoRA start from W = residual + s B A: the compiled
@@ -127,6 +132,7 @@ class LoRA(AdapterSpec):
     exclude_modules: Union[None, str, tuple[str, ...]] = None
     use_dora: bool = False
     lora_bias: bool = False
+    bias: str = "none"
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
@@ -143,6 +149,8 @@ class LoRA(AdapterSpec):
         if self.use_dora and self.lora_bias:
             raise SpecError("lora_bias=True is not supported with DoRA (as in PEFT); pass use_dora=False or "
                             "lora_bias=False")
+        if self.bias not in BIAS_MODES:
+            raise SpecError(f"bias must be one of {BIAS_MODES} (PEFT's values), got bias={self.bias!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
         object.__setattr__(self, "targets", _normalize_targets(self.targets))
@@ -195,9 +203,9 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "task_type": "task_type", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
               "exclude_modules": "exclude_modules", "use_dora": "use_dora",
-              "lora_bias": "lora_bias"}
+              "lora_bias": "lora_bias", "bias": "bias"}
 # LoRA options and variants peftc does not implement, at the value that switches them off
-_NEUTRAL = {"bias": "none", "fan_in_fan_out": None, "layer_replication": None,
+_NEUTRAL = {"fan_in_fan_out": None, "layer_replication": None,
             "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
             "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
@@ -256,7 +264,7 @@ def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: 
     cfg.update({
         "peft_type": "LORA", "r": spec.r, "lora_alpha": spec.alpha, "lora_dropout": spec.dropout,
         "target_modules": target_modules, "use_rslora": spec.use_rslora, "use_dora": spec.use_dora,
-        "lora_bias": spec.lora_bias, "init_lora_weights": spec.init,
+        "lora_bias": spec.lora_bias, "bias": spec.bias, "init_lora_weights": spec.init,
         "modules_to_save": list(modules_to_save) if modules_to_save else None, "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "fan_in_fan_out": False,
         "revision": None, "auto_mapping": None, "rank_pattern": dict(spec.rank_pattern),

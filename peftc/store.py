@@ -30,7 +30,7 @@ class Adapter(nn.Module):
         super().__init__()
         self.spec = spec
         self.targets = list(targets)          # module paths of adapted sites, in graph order
-        self.saved_modules = list(saved_modules)  # module paths of modules_to_save
+        self.saved_modules = list(saved_modules)  # module paths of modules_to_save, then of trained biases
         self.sites = nn.ModuleDict()
         self.saved = nn.ModuleDict()          # site_key(module path) -> module holding trainable parameter copies
 
@@ -79,7 +79,7 @@ class AdapterStore(nn.Module):
     """Every adapter's state, and which adapter applies, as data.
 
     adapters[name].sites[site_key(path)] -> its method's weights at the site (passes.lora: LoraWeights);
-    adapters[name].saved[site_key(path)] -> modules_to_save param copies.
+    adapters[name].saved[site_key(path)] -> modules_to_save param copies (and trained bias copies, LoRA's bias).
     Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
     when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's rank: the adapter's own
     (the same module as in adapters[name].sites), or zeros where the slot is empty or its adapter does not target
@@ -199,8 +199,12 @@ class AdapterStore(nn.Module):
         ad = self.adapters[name]
         keys = method_of(ad.spec).peft_keys
         for path in ad.targets:
+            parent, _, leaf = path.rpartition(".")
+            # PEFT wraps a targeted attention module (nn.MultiheadAttention) and its out_proj inside it
+            at = f"{parent}.base_layer.{leaf}" if leaf == "out_proj" and parent in ad.targets else path
             for key, t in keys(path, ad.sites[site_key(path)]):
-                yield f"base_model.model.{path}.{key}", t
-        for path in ad.saved_modules:
+                yield f"base_model.model.{at}.{key}", t
+        for path in ad.saved_modules:   # an adapted layer's own tensors (a trained bias) sit at PEFT's base_layer
+            owner = f"{path}.base_layer" if path in ad.targets else path
             for pname, p in ad.saved[site_key(path)].named_parameters():
-                yield f"base_model.model.{path}.{pname.replace('-', '.')}", p
+                yield f"base_model.model.{owner}.{pname.replace('-', '.')}", p

@@ -51,7 +51,22 @@ def output_head_paths(model: nn.Module | None, graph_heads: set[str], task_type:
     return set()
 
 
+MHA = "MultiheadAttention"
+
+
+def mha_out_projs(sites: dict[str, Site], chosen: Sequence[str]) -> set[str]:
+    """The out_proj sites that come with each chosen nn.MultiheadAttention (PEFT adapts in_proj and out_proj
+    together when the attention module is targeted)."""
+    return {f"{f}.out_proj" for f in chosen if sites[f].module_type == MHA and f"{f}.out_proj" in sites}
+
+
 def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
+    chosen = _resolve_targets(targets, sites, heads, saved)
+    with_out = set(chosen) | mha_out_projs(sites, chosen)
+    return [f for f in sites if f in with_out]
+
+
+def _resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
     """Module paths of the sites selected by `targets`, in graph order ("all-linear" leaves out `heads` and the
     modules_to_save in `saved`)."""
     if not sites:
@@ -67,8 +82,10 @@ def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Seq
         return chosen
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
+            mha = [f for f, site in sites.items() if site.module_type == MHA]   # PEFT: not an nn.Linear
+            skip = set(heads) | set(mha) | mha_out_projs(sites, mha)
             return [f for f, site in sites.items() if site.linear_like   # as PEFT: nn.Linear and Conv1D only
-                    and f not in heads and not any(f == m or f.startswith(m + ".") for m in saved)]
+                    and f not in skip and not any(f == m or f.startswith(m + ".") for m in saved)]
         try:
             pattern = re.compile(targets)
         except re.error as e:
@@ -110,6 +127,7 @@ def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
 def peft_target_modules(targets, sites: dict[str, Site], chosen: Sequence[str]):
     """target_modules for adapter_config.json that makes PEFT select exactly `chosen`: the user's own form when it
     is PEFT-compatible, else the shortest unambiguous names."""
+    chosen = [f for f in chosen if f not in mha_out_projs(sites, chosen)]   # PEFT adds these itself
     chosen_set = set(chosen)
     if isinstance(targets, str) and targets.lower() != "all-linear":
         return targets

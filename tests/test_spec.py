@@ -120,7 +120,7 @@ def test_peft_written_config_to_spec(tmp_path):
 
 
 @pytest.mark.parametrize("key, value", [
-    ("use_qalora", True), ("bias", "all"), ("bias", "lora_only"),
+    ("use_qalora", True),
     ("velora_config", {"rank": 2}), ("kasa_config", {"k": 1}), ("monteclora_config", {"n": 2}),
 ])
 def test_unsupported_peft_features_are_refused(key, value):

@@ -1,0 +1,161 @@
+"""LoRA on nn.MultiheadAttention, as PEFT adapts it: targeting the attention module adapts its packed in_proj
+(W_in [3E, E], B [3E, r]) and its out_proj; checkpoints in PEFT's layout (<m>.lora_A, <m>.base_layer.out_proj.lora_A).
+
+PEFT 0.21.2 applies out_proj's delta twice in its forward and merge (peft PR #3774, open); peftc applies it once, as
+that fix does. So parity with PEFT is checked with out_proj's B at zero, and the full adapter against the reference
+formula: the plain module with W_in + s B A and W_out + s B A."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import nn
+
+import peftc
+from peftc.errors import SpecError
+
+TOL = 1e-5
+PEFT_KEYS = {"base_model.model.attn.lora_A.weight", "base_model.model.attn.lora_B.weight",
+             "base_model.model.attn.base_layer.out_proj.lora_A.weight",
+             "base_model.model.attn.base_layer.out_proj.lora_B.weight"}
+
+
+class Net(nn.Module):
+    def __init__(self, batch_first: bool = True, need_weights: bool = False):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+        self.head = nn.Linear(16, 3)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        h = self.emb(x)
+        a, _ = self.attn(h, h, h, need_weights=self.need_weights)
+        return self.head(a)
+
+
+def net(seed: int = 0, **kw) -> Net:
+    torch.manual_seed(seed)
+    return Net(**kw).eval()
+
+
+def x_of(batch: int = 2, seq: int = 5, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, seq, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def reference(model: Net, w_in, w_out) -> Net:
+    """The model with the deltas added to its weights (LoRA's formula, each delta once)."""
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        ref.attn.in_proj_weight += w_in
+        ref.attn.out_proj.weight += w_out
+    return ref
+
+
+def deltas(pm, name="default"):
+    ad = pm.store[name]
+    s = ad.spec.alpha / ad.spec.r
+    return tuple(s * ad.sites[k].B @ ad.sites[k].A for k in ("attn", "attn-out_proj"))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_adapts_in_proj_and_out_proj_once(batch_first, need_weights):
+    model = net(batch_first=batch_first, need_weights=need_weights)
+    x = x_of()
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x,))
+    assert pm.store["default"].targets == ["attn", "attn.out_proj"]
+    ref = reference(model, *deltas(pm))
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=TOL)
+        torch.testing.assert_close(pm.merge()(x), ref(x), rtol=0, atol=TOL)
+
+
+def test_peftc_saved_loads_in_peft(tmp_path):
+    model = net()
+    x = x_of()
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x,))
+    with torch.no_grad():
+        pm.store["default"].sites["attn-out_proj"].B.zero_()     # PEFT doubles out_proj's delta (see above)
+    pm.save_adapter(tmp_path)
+    assert set(load_file(tmp_path / "adapter_model.safetensors")) == PEFT_KEYS
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(x), pm(x), rtol=0, atol=TOL)
+
+
+def test_peft_saved_loads_in_peftc(tmp_path):
+    model = net()
+    x = x_of()
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["attn"],
+                                                             init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path)
+    pm = peftc.load_adapter(model, tmp_path, example_inputs=(x,))
+    sd = theirs.state_dict()
+    s = 4 / 2
+    w_in = s * sd["base_model.model.attn.lora_B.default.weight"] @ sd["base_model.model.attn.lora_A.default.weight"]
+    w_out = s * sd["base_model.model.attn.base_layer.out_proj.lora_B.default.weight"] \
+        @ sd["base_model.model.attn.base_layer.out_proj.lora_A.default.weight"]
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), reference(model, w_in, w_out)(x), rtol=0, atol=TOL)
+        sd["base_model.model.attn.base_layer.out_proj.lora_B.default.weight"].zero_()   # where PEFT is right
+        pm.store["default"].sites["attn-out_proj"].B.zero_()
+        torch.testing.assert_close(pm(x), theirs(x), rtol=0, atol=TOL)
+
+
+class SeqFirst(nn.Module):
+    """A linear layer on a sequence-first (L, N, E) activation: the batch is dim 1 of its input."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.mid = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x).transpose(0, 1)          # (L, N, E)
+        return self.head(torch.relu(self.mid(h)).transpose(0, 1))
+
+
+def test_mixed_batch_on_a_sequence_first_layer_routes_each_row():
+    torch.manual_seed(0)
+    model = SeqFirst().eval()
+    x = x_of(batch=3)
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["mid"], init=False), example_inputs=(x_of(),))
+    pm.add_adapter("b", peftc.LoRA(r=4, targets=["mid"], init=False))
+    rows = ["default", "b", "__base__"]
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=rows)
+        for i, name in enumerate(rows):
+            torch.testing.assert_close(mixed[i:i + 1], pm(x[i:i + 1], adapter_names=[name]), rtol=0, atol=TOL)
+
+
+def test_mixed_batch_through_attention_is_refused_clearly():
+    """MHA's out_proj reads (L * N, E), the rows interleaved with positions: refused, never routed wrong."""
+    pm = peftc.compile(net(), peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x_of(),))
+    pm.add_adapter("b", peftc.LoRA(r=4, targets=["attn"], init=False))
+    x = x_of(batch=3)
+    with torch.no_grad():
+        single = pm(x)
+        with pytest.raises(peftc.InputError, match=r"attn.out_proj .* does not keep the batch as an outer dimension"):
+            pm(x, adapter_names=["default", "b", "__base__"])
+        torch.testing.assert_close(pm(x), single, rtol=0, atol=0)      # nothing of the failed call is left
+
+
+def test_all_linear_leaves_attention_modules_out_as_peft_does():
+    pm = peftc.compile(net(), peftc.LoRA(r=2, targets="all-linear"), example_inputs=(x_of(),))
+    assert pm.store["default"].targets == ["emb"]      # head: the output layer; attn: not an nn.Linear
+
+
+@pytest.mark.parametrize("option", [{"use_dora": True}, {"init": "pissa"}])
+def test_unsupported_options_are_refused_naming_the_module(option):
+    model = net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SpecError, match=r"attn \(nn.MultiheadAttention\) is not supported"):
+        peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], **option), example_inputs=(x_of(),))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
