@@ -73,11 +73,12 @@ def resolve_biases(gm: GraphModule, bias: str, targets: list[str], saved: list[s
         raise SpecError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     if bias == "none":
         return []
-    read = set(_read_parameters(gm))
+    read = _read_parameters(gm)
     if bias == "all":
-        paths = [t.rpartition(".")[0] for t in _read_parameters(gm) if t.rpartition(".")[2] == "bias"]
+        paths = [t.rpartition(".")[0] for t in read if t.rpartition(".")[2] == "bias"]
     else:
-        paths = [p for p in targets if f"{p}.bias" in read]
+        have = set(read)
+        paths = [p for p in targets if f"{p}.bias" in have]
     return [p for p in paths if not any(p == s or p.startswith(s + ".") for s in saved)]
 
 

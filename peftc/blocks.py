@@ -17,6 +17,7 @@ neighbours do. A block whose nodes are not contiguous stays flat (logged).
 """
 from __future__ import annotations
 
+import itertools
 import linecache
 import logging
 import operator
@@ -207,14 +208,13 @@ def generate(graph: Graph, name: str) -> Callable:
         info = graph._codegen.pytree_info
         glb["_peftc_in_spec"], glb["_peftc_out_spec"] = info.in_spec, info.out_spec
         src = src.replace("self._in_spec", "_peftc_in_spec").replace("self._out_spec", "_peftc_out_spec")
-    key = f"<peftc generated: {name} #{len(_SOURCES)}>"
-    _SOURCES.append(key)
+    key = f"<peftc generated: {name} #{next(_NUMBER)}>"
     linecache.cache[key] = (len(src), None, src.splitlines(keepends=True), key)   # tracebacks show the code
     exec(compile(src, key, "exec"), glb)  # noqa: S102 - FX's generated code for our own graph
     return glb["forward"]
 
 
-_SOURCES: list[str] = []
+_NUMBER = itertools.count()     # a distinct file name per generated function
 
 
 def structure(flat: GraphModule, root: GraphModule, blocks: dict[str, Block], form: str) -> Callable:
