@@ -121,7 +121,7 @@ def failures(r: dict) -> list[str]:
         (r["loss_after"] <= MAX_LOSS_RATIO * r["loss_before"],
          f"held-out loss {r['loss_before']:.3f} -> {r['loss_after']:.3f} did not halve"),
         (r["base_unchanged"], "base model weights changed"),
-        (r["reload_diff"] <= 1e-5, f"reloaded adapter's loss differs by {r['reload_diff']:.1e}"),
+        (r["reload_diff"] == 0.0, f"reloaded adapter's loss differs by {r['reload_diff']:.1e} (must be bit for bit)"),
         (r["merged_diff"] <= 1e-4, f"merged model's loss differs by {r['merged_diff']:.1e}"),
     ] if not ok]
 

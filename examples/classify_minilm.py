@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         max_diff = (predict(reloaded, test) - logits).abs().max().item()
     print(f"adapter saved to {out}; reload max |logit diff| {max_diff:.2e}")
     return {"accuracy_before": acc_before, "accuracy_after": acc_after, "losses": losses,
-            "base_unchanged": not changed, "reload_same": max_diff < 1e-5, "reload_max_diff": max_diff,
+            "base_unchanged": not changed, "reload_same": max_diff == 0.0, "reload_max_diff": max_diff,
             "seconds": seconds}
 
 

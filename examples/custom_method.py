@@ -38,8 +38,6 @@ import peftc  # noqa: E402
 from peftc.passes.route import route_input  # noqa: E402
 from peftc.store import site_key  # noqa: E402
 
-TOL = 1e-5
-
 
 # --- the method: spec, config mapping, weights, rewrite, checkpoint keys, fold rule ----------------------------------
 @dataclass(frozen=True)
@@ -187,8 +185,8 @@ def failures(r: dict) -> list[str]:
     bad = []
     if not r["loss_after"] < 0.5 * r["loss_before"]:
         bad.append(f"loss did not halve: {r['loss_before']:.4f} -> {r['loss_after']:.4f}")
-    if not r["reload_diff"] <= TOL:
-        bad.append(f"reloaded adapter differs by {r['reload_diff']:.2e}")
+    if not r["reload_diff"] == 0.0:
+        bad.append(f"reloaded adapter differs by {r['reload_diff']:.2e} (must be bit for bit)")
     if not r["merged_diff"] <= 1e-4:
         bad.append(f"merged model differs by {r['merged_diff']:.2e}")
     if not r["moved"] > 1e-3:

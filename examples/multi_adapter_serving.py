@@ -107,7 +107,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def failures(r: dict) -> list[str]:
-    return [f"{k} = {v:.2e} > {TOL}" for k, v in r.items() if v > TOL]
+    """Every figure that is not within TOL (a NaN is not within it)."""
+    return [f"{k} = {v:.2e}, not <= {TOL}" for k, v in r.items() if not v <= TOL]
 
 
 if __name__ == "__main__":

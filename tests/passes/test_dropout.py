@@ -8,6 +8,7 @@ from torch import nn
 
 from peftc.passes.dropout import ModeAwareDropout, ModeAwareSDPA, make_dropout_mode_aware
 from peftc.trace import trace
+from tests.compare import assert_differs
 from tests.models import inputs, make
 
 aten = torch.ops.aten
@@ -60,7 +61,7 @@ def test_traced_graph_bakes_train_mode_dropout_in():
     assert model.training is False                              # traced in train mode, mode restored
     gm.eval()
     torch.manual_seed(0)
-    assert not torch.equal(gm(X), gm(X))                        # without the pass, eval() changes nothing
+    assert_differs(gm(X), gm(X))  # without the pass, eval() changes nothing
 
 
 def test_pass_structure():
@@ -93,7 +94,7 @@ def test_train_is_stochastic_and_matches_the_model_in_train_mode():
     gm.train()
     torch.manual_seed(0)
     a, b = gm(X), gm(X)
-    assert not torch.equal(a, b)
+    assert_differs(a, b)
     model.train()
     torch.manual_seed(0)
     ref = model(X)
@@ -108,7 +109,7 @@ def test_mode_aware_sdpa():
     assert torch.equal(m(q, q, q, None, 0.9), F.scaled_dot_product_attention(q, q, q))
     m.train()
     torch.manual_seed(0)
-    assert not torch.equal(m(q, q, q, None, 0.9), m(q, q, q, None, 0.9))
+    assert_differs(m(q, q, q, None, 0.9), m(q, q, q, None, 0.9))
 
 
 def test_graph_without_dropout_is_unchanged():
@@ -142,7 +143,7 @@ def test_gpt2_dropouts_and_sdpa_become_mode_aware():
         gm.train()
         torch.manual_seed(0)
         a, b = gm(**kw).logits, gm(**kw).logits
-    assert not torch.allclose(a, b)
+    assert_differs(a, b)
 
 
 @pytest.mark.parametrize("drop", [nn.Dropout2d(0.5), nn.Dropout(0.5, inplace=True),
