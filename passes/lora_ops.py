@@ -304,9 +304,33 @@ def _add_bias(u: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor
 
 
 def _dropout(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Inverted dropout at rate p (a 0-dim tensor: the adapter's rate is data); p = 0 returns x exactly."""
+    """Inverted dropout at rate p (a 0-dim tensor: the adapter's rate is data); p = 0 returns x exactly.
+
+    Run eagerly it is nn.Dropout's own call, F.dropout(x, p): the same draws from the same generator, in the same
+    rounding, x * (mask / (1 - p)), so with one seed a training step drops what PEFT's does (p = 0 draws nothing, as
+    PEFT's nn.Identity). Compiled or exported, the rate stays a tensor, so a new rate does not recompile."""
+    if not (torch.compiler.is_compiling() or torch.compiler.is_exporting()):
+        return torch.nn.functional.dropout(x, _rate(p), True)
     keep = (1.0 - p).to(x.dtype)
-    return x * torch.bernoulli(keep.expand_as(x)) / keep
+    return x * (torch.bernoulli(keep.expand_as(x)) / keep)
+
+
+_RATES: dict[int, tuple] = {}      # id(p) -> (weakref to p, p._version, the rate as a float)
+
+
+def _rate(p: torch.Tensor) -> float:
+    """A rate tensor as a Python number: the shortest decimal that rounds to it in its dtype, so 0.3 stored in
+    bfloat16 (0.30078125) reads as 0.3, the adapter's rate and PEFT's. Read once per tensor state, keyed as
+    DoraScale's cache is (identity and version): a read of a device tensor waits for the device."""
+    hit = _RATES.get(id(p))
+    if hit is None or hit[0]() is not p or hit[1] != p._version:
+        v = float(p)
+        rate = next((c for c in (float(f"{v:.{k}g}") for k in range(1, 18))
+                     if torch.tensor(c, dtype=p.dtype).item() == v), v)
+        if len(_RATES) > 4096:     # adapters come and go
+            _RATES.clear()
+        hit = _RATES[id(p)] = (weakref.ref(p), p._version, rate)
+    return hit[2]
 
 
 def lora_update(x, ys, As, Bs, scales, remake=None, srcs=()) -> tuple[torch.Tensor, ...]:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from torch import nn
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
 import peftc
-from peftc.passes.lora_ops import DoraScale
+from peftc.passes.lora_ops import DoraScale, _dropout
 from tests.models import inputs, main_output, make
 from tests.parity import (MOVED, TOL, assert_loads_and_merges, assert_parity, assert_same_weights, max_diff,
                           parity_inputs, randomize_peft_)
@@ -183,21 +184,48 @@ def test_zero_norm_row_gives_finite_outputs_and_gradients():
         assert torch.isfinite(pm(x)).all() and torch.isfinite(pm.merge()(x)).all()
 
 
-def test_dropout_form_equals_the_plain_form_when_nothing_is_dropped():
-    """DoraScale.dropped (training with dropout: the base product again on d(x)) is the same function as the
-    rescale of LoRA's output, given the same input."""
+class Proj(nn.Module):
+    def __init__(self, conv1d: bool):
+        super().__init__()
+        self.proj = Conv1D(5, 7) if conv1d else nn.Linear(7, 5)      # GPT-2's Conv1D: weight (in, out)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_form_equals_peft_with_a_real_mask(kind):
+    """DoraScale.dropped (training with dropout: the base product again on d(x)) against PEFT's DoRA layer in
+    training mode: from one seed peftc's dropout drops what PEFT's does, and the outputs agree; the mask really
+    drops, and with nothing dropped the form is the plain rescale of LoRA's output."""
     torch.manual_seed(0)
-    W, b, A, B = torch.randn(5, 7), torch.randn(5), torch.randn(3, 7), torch.randn(5, 3)
-    s, m, d = torch.tensor(0.7), torch.rand(5) + 0.5, torch.tensor(1.0)
-    x = torch.randn(4, 7)
-    y = x @ W.t() + b
-    u = y + s * (x @ A.t()) @ B.t()
-    for kind, Wk in (("linear", W), ("conv1d", W.t().contiguous())):
-        ds = DoraScale(kind)
-        want = ds.rescale(u.clone(), A, B, s, Wk, b, m, d)
-        torch.testing.assert_close(ds.dropped(y, x, A, B, s, Wk, b, m, d), want)
-        g = m / torch.linalg.norm(W + s * B @ A, dim=1)
-        torch.testing.assert_close(want, y + (g - 1) * (y - b) + g * (s * (x @ A.t()) @ B.t()))
+    ref = get_peft_model(Proj(kind == "conv1d"), LoraConfig(r=3, lora_alpha=5, target_modules=["proj"], use_dora=True,
+                                                            lora_dropout=0.5, init_lora_weights=False,
+                                                            fan_in_fan_out=kind == "conv1d"))
+    spread_magnitudes_(ref, 1)
+    layer = ref.base_model.model.proj
+    Wk, b = layer.base_layer.weight.detach(), layer.base_layer.bias.detach()
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    m, s = layer.lora_magnitude_vector["default"].weight.detach(), torch.tensor(layer.scaling["default"])
+    d = torch.tensor(1.0)
+    x = torch.randn(4, 6, 7)
+    ref.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        want = ref(x)
+    torch.manual_seed(1)
+    xd = _dropout(x, torch.tensor(0.5))
+    assert 0 < (xd == 0).float().mean() < 1, "nothing was dropped"
+    y = layer.base_layer(x).detach()
+    ds = DoraScale(kind)
+    got = ds.dropped(y, xd, A, B, s, Wk, b, m, d)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    plain = ds.rescale(y + s * (x @ A.t()) @ B.t(), A, B, s, Wk, b, m, d)
+    assert (got - plain).abs().max() > 100 * tol, "the dropped form is not far from the undropped one"
+    torch.testing.assert_close(ds.dropped(y, x, A, B, s, Wk, b, m, d), plain)
+    W = Wk.t() if kind == "conv1d" else Wk
+    g = m / torch.linalg.norm(W + s * B @ A, dim=1)
+    torch.testing.assert_close(plain, y + (g - 1) * (y - b) + g * (s * (x @ A.t()) @ B.t()))
 
 
 def test_dora_and_plain_adapters_switch_without_recompiling():
