@@ -3,57 +3,49 @@
     python benchmarks/blocks.py [--rounds 20] [--threads N] [--warmup 3]
 
 Setup as lora_overhead.py (Llama-shaped, hidden 512, 4 layers; LoRA r=16, alpha=32 on all seven projections;
-batch 4 x 128, fp32). Two contestants run the same adapted graph on the same weights: "blocks" is the PeftModule's
-call (its generated top-level code calls model.layers.0 ... as peftc.Block modules) and "flat" calls the same
-form's flat GraphModule directly with the same route. Their outputs are checked equal before timing. Modes:
-no_grad and inference (eval forward) and train (train mode, forward + backward of the logits' mean).
-The target is a ratio of 1.00 (the structure must cost nothing measurable).
+batch 4 x 128, fp32). Two contestants run the same adapted graph on the same weights (the same module in two modes):
+"blocks" is the PeftModule's call (its generated top-level code calls model.layers.0 ... as peftc.Block modules) and
+"flat" calls the same form's flat GraphModule directly with the same route. Their outputs are checked equal before
+timing (harness.check). Modes: no_grad and inference (eval forward) and train (train mode, forward + backward of the
+logits' mean). The target is a ratio of 1.00 (the structure must cost nothing measurable).
 """
 from __future__ import annotations
 
-import contextlib
+import os
+import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_overhead import ALPHA, BATCH, PROJ, R, SEQ, bench_parser, build_base, example_ids, report, setup
-from lora_modes import time_calls
+import torch  # noqa: E402
 
-import peftc
+import peftc  # noqa: E402
+import harness as H  # noqa: E402
 
 
-def contestants(pm, ids):
-    mask = torch.ones_like(ids)
-    inputs = {"input_ids": ids, "attention_mask": mask}
-
-    def blocks():
-        return pm(**inputs).logits
-
-    def flat():
-        route = pm._route_of(pm.graph_module, pm.active_adapter)
-        return pm.graph_module(**pm._complete(dict(inputs)), peftc_route=route).logits
-
-    return {"blocks": blocks, "flat": flat}
+def flat(pm, **inputs):
+    """The same form's flat GraphModule called directly, with the route the PeftModule would pass."""
+    route = pm._route_of(pm.graph_module, pm.active_adapter)
+    return pm.graph_module(**pm._complete(dict(inputs)), peftc_route=route)
 
 
 def main(argv=None) -> dict:
-    args = bench_parser(__doc__, rounds=20).parse_args(argv)
-    setup(args)
-    base = build_base()
-    pm = peftc.compile(base, peftc.LoRA(r=R, alpha=ALPHA, targets=list(PROJ), init=False))
-    ids = example_ids(base, BATCH, SEQ, torch.device("cpu"))
-    calls = contestants(pm.eval(), ids)
-    with torch.no_grad():
-        a, b = calls["blocks"](), calls["flat"]()
-    assert torch.equal(a, b), f"blocks and flat differ by {(a - b).abs().max()}"
+    args = H.parse(H.bench_parser(__doc__, rounds=20), argv)
+    H.setup(args)
+    base = H.build_base().to(args.device)
+    pm = peftc.compile(H.own_copy(base), peftc.LoRA(r=H.R, alpha=H.ALPHA, targets=list(H.PROJ), init=False)).eval()
     assert len(pm.blocks()) == base.config.num_hidden_layers
+    ids = H.example_inputs(base.config.vocab_size, device=args.device)["input_ids"]
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cs = [H.Contestant("blocks", pm), H.Contestant("flat", pm, call=flat)]
     out = {}
     for mode, ctx in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
-        t = time_calls(calls, args.rounds, args.warmup, torch.device("cpu"), ctx)
-        out[mode] = report(t, [("blocks", "flat")], f"eval forward, {mode}")
+        H.check(cs, inputs, ctx, agree=[("blocks", "flat", 0.0)])
+        t = H.time_contestants(cs, inputs, args.rounds, args.warmup, args.device, ctx)
+        out[mode] = H.report(t, [("blocks", "flat")], f"eval forward, {mode}: {H.header(args)}")
     pm.train()
-    train = {n: (lambda f=f: f().float().mean().backward()) for n, f in contestants(pm, ids).items()}
-    t = time_calls(train, args.rounds, args.warmup, torch.device("cpu"), contextlib.nullcontext)
-    out["train"] = report(t, [("blocks", "flat")], "training step (forward + backward)")
+    H.check(cs, inputs, train=True, agree=[("blocks", "flat", 0.0)])
+    t = H.time_contestants(cs, inputs, args.rounds, args.warmup, args.device, train=True)
+    out["train"] = H.report(t, [("blocks", "flat")], f"training step (forward + backward): {H.header(args)}")
     return out
 
 

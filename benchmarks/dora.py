@@ -4,36 +4,35 @@
 
 Setup as lora_overhead.py (Llama-shaped LlamaForCausalLM, random init, hidden 512, 4 layers, intermediate 1376,
 vocab 1024; r=16, alpha=32 on all seven projections; batch 4 x 128, fp32). Four contestants: peftc LoRA, peftc DoRA
-(`peftc.LoRA(..., use_dora=True)`), PEFT LoRA and PEFT DoRA (`LoraConfig(..., use_dora=True)`), each PEFT model on
-its own deepcopy of the base model. All four carry the same A and the same random non-zero B (lora_overhead's
-build_contestants, then copied into the DoRA pair); the DoRA pair also gets the same randomised magnitudes (peftc's,
-copied into PEFT's `lora_magnitude_vector`). Before anything is timed the script checks that peftc DoRA and PEFT DoRA
-agree on the logits (max |diff| < 1e-4), as do peftc LoRA and PEFT LoRA, and that DoRA differs from the base model;
-it refuses to time otherwise.
+(`peftc.LoRA(..., use_dora=True)`), PEFT LoRA and PEFT DoRA (`LoraConfig(..., use_dora=True)`), each on its own
+copy of the base model (harness rules). All four carry the same A and the same random non-zero B
+(harness.build_lora_pair, then copied into the DoRA pair); the DoRA pair also gets the same randomised magnitudes
+(peftc's, copied into PEFT's `lora_magnitude_vector`). Before anything is timed the script checks that peftc DoRA and
+PEFT DoRA agree on the logits (max |diff| < 1e-4), as do peftc LoRA and PEFT LoRA, and that DoRA differs from the base
+model; it refuses to time otherwise.
 
-Like for like: the HF models (PEFT's, and the base used in the check) are called with use_cache=False, since peftc's
-graph is traced without a KV cache; in the training step every contestant is in train mode, is called with
-labels=ids (the model's own loss) and runs backward, its gradients set to None before each step.
+Like for like (harness.py): no contestant builds a KV cache (every HF model is called with use_cache=False); in the
+training step every contestant is in train mode, is called with labels=ids (the model's own loss) and runs backward, its gradients set to None before each step.
 
 Modes:
   no_grad     eval forward under torch.no_grad()
   inference   eval forward under torch.inference_mode()
   train       one training step: zero grads, forward with labels, backward
-Each reports, as ratios of medians, of minimums and the median per-round ratio (lora_overhead.report):
+Each reports, as ratios of medians, of minimums and the median per-round ratio (harness.report):
 peftc DoRA / peftc LoRA (the cost of DoRA in peftc; targets: eval <= 1.05, training step <= 1.15),
 PEFT DoRA / PEFT LoRA (the same in PEFT, for reference) and peftc DoRA / PEFT DoRA.
 """
 from __future__ import annotations
 
-import copy
+import os
+import sys
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_overhead import (ALPHA, BATCH, PROJ, R, SEQ, build_base, build_contestants, example_ids,
-                           report, setup)
-from lora_modes import callers, parse_modes, time_calls, train_steps
+import torch  # noqa: E402
 
-import peftc
+import peftc  # noqa: E402
+import harness as H  # noqa: E402
 
 MODES = ("no_grad", "inference", "train")
 TARGETS = {"no_grad": 1.05, "inference": 1.05, "train": 1.15}   # peftc DoRA / peftc LoRA
@@ -41,13 +40,13 @@ PAIRS = [("peftc DoRA", "peftc LoRA"), ("PEFT DoRA", "PEFT LoRA"), ("peftc DoRA"
 
 
 def build_dora(base, lora_ours, seed: int = 3):
-    """peftc DoRA and PEFT DoRA over `base`, with lora_ours's A and B at every site and the same randomised
-    magnitudes in both (peftc's starting norms ||W + s B A|| scaled per channel by 1 + 0.2 N(0, 1), copied to PEFT)."""
+    """peftc DoRA and PEFT DoRA, each on its own copy of `base`, with lora_ours's A and B at every site and the same
+    randomised magnitudes in both (peftc's starting norms ||W + s B A|| scaled per channel by 1 + 0.2 N(0, 1))."""
     from peft import LoraConfig, get_peft_model
 
-    ours = peftc.compile(base, peftc.LoRA(r=R, alpha=ALPHA, targets=list(PROJ), use_dora=True)).eval()
-    theirs = get_peft_model(copy.deepcopy(base),
-                            LoraConfig(r=R, lora_alpha=ALPHA, target_modules=list(PROJ), use_dora=True)).eval()
+    ours = peftc.compile(H.own_copy(base), peftc.LoRA(r=H.R, alpha=H.ALPHA, targets=list(H.PROJ), use_dora=True)).eval()
+    theirs = get_peft_model(H.own_copy(base),
+                            LoraConfig(r=H.R, lora_alpha=H.ALPHA, target_modules=list(H.PROJ), use_dora=True)).eval()
     g = torch.Generator().manual_seed(seed)
     src = lora_ours.store[lora_ours.active_adapter]
     dst = ours.store[ours.active_adapter]
@@ -66,45 +65,35 @@ def build_dora(base, lora_ours, seed: int = 3):
     return ours, theirs
 
 
-def check_agree(contestants: dict, base, ids: torch.Tensor) -> None:
-    """peftc and PEFT agree, DoRA and LoRA alike, and DoRA differs from the base and from LoRA; else no timing."""
-    with torch.no_grad():
-        out = {k: f().logits for k, f in callers(dict(contestants, base=base), ids).items()}
-    d = lambda a, b: (out[a] - out[b]).abs().max().item()   # noqa: E731
-    d_dora, d_lora = d("peftc DoRA", "PEFT DoRA"), d("peftc LoRA", "PEFT LoRA")
-    d_base, d_vs_lora = d("peftc DoRA", "base"), d("peftc DoRA", "peftc LoRA")
-    print(f"check: max |peftc DoRA - PEFT DoRA| = {d_dora:.2e}; max |peftc LoRA - PEFT LoRA| = {d_lora:.2e}; "
-          f"max |peftc DoRA - base| = {d_base:.2e}, |peftc DoRA - peftc LoRA| = {d_vs_lora:.2e} (must differ)")
-    if not d_dora < 1e-4 or not d_lora < 1e-4 or not d_base > 1e-4 or not d_vs_lora > 1e-4:
-        raise SystemExit("outputs disagree; not timing")
-
-
 def main(argv: list[str] | None = None) -> dict:
-    args, modes = parse_modes(__doc__, argv, MODES, ",".join(MODES))
-    setup(args)
-    base = build_base().to(args.device)
-    lora_ours, lora_theirs = build_contestants(base)
+    args = H.parse(H.bench_parser(__doc__, rounds=20, modes=MODES), argv, MODES)
+    H.setup(args)
+    base = H.build_base().to(args.device)
+    lora_ours, lora_theirs = H.build_lora_pair(base)
     dora_ours, dora_theirs = build_dora(base, lora_ours)
-    contestants = {"peftc LoRA": lora_ours, "peftc DoRA": dora_ours, "PEFT LoRA": lora_theirs, "PEFT DoRA": dora_theirs}
-    ids = example_ids(base, BATCH, SEQ, args.device)
-    check_agree(contestants, base, ids)
+    cs = [H.Contestant("peftc LoRA", lora_ours), H.Contestant("peftc DoRA", dora_ours),
+          H.Contestant("PEFT LoRA", lora_theirs), H.Contestant("PEFT DoRA", dora_theirs)]
+    inputs = H.example_inputs(base.config.vocab_size, device=args.device)
+    H.check([*cs, H.Contestant("base", H.own_copy(base))], inputs, torch.no_grad,
+            agree=[("peftc DoRA", "PEFT DoRA", 1e-4), ("peftc LoRA", "PEFT LoRA", 1e-4)],
+            differ=[("peftc DoRA", "base", 1e-4), ("peftc DoRA", "peftc LoRA", 1e-4)])
 
-    head = (f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-            f"{args.rounds} rounds (+{args.warmup} warm-up)")
+    head = H.header(args)
     results: dict = {}
-    if "no_grad" in modes:
-        t = time_calls(callers(contestants, ids), args.rounds, args.warmup, ids.device, torch.no_grad)
-        results["no_grad"] = report(t, PAIRS, f"eval forward, torch.no_grad(): {head}")
-    if "inference" in modes:
-        t = time_calls(callers(contestants, ids), args.rounds, args.warmup, ids.device, torch.inference_mode)
-        results["inference"] = report(t, PAIRS, f"eval forward, torch.inference_mode(): {head}")
-    if "train" in modes:
-        for m in contestants.values():
-            m.train()
-        t = time_calls(train_steps(contestants, ids), args.rounds, args.warmup, ids.device)
-        results["train"] = report(t, PAIRS, f"training step (forward with labels + backward): {head}")
-        for m in contestants.values():
-            m.eval()
+    for mode, ctx in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
+        if mode in args.modes:
+            H.check(cs, inputs, ctx)
+            t = H.time_contestants(cs, inputs, args.rounds, args.warmup, args.device, ctx)
+            results[mode] = H.report(t, PAIRS, f"eval forward, torch.{mode}(): {head}")
+    if "train" in args.modes:
+        for c in cs:
+            c.model.train()
+        labelled = dict(inputs, labels=inputs["input_ids"])              # the same tensors, the ids as labels
+        H.check(cs, labelled, train=True, agree=[("peftc DoRA", "PEFT DoRA", 1e-4)])
+        t = H.time_contestants(cs, labelled, args.rounds, args.warmup, args.device, train=True)
+        results["train"] = H.report(t, PAIRS, f"training step (forward with labels + backward): {head}")
+        for c in cs:
+            c.model.eval()
     print()
     key = " / ".join(PAIRS[0])
     for mode, res in results.items():

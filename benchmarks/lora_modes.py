@@ -2,164 +2,161 @@
 
     python benchmarks/lora_modes.py [--rounds 20] [--threads N] [--modes no_grad,inference,train,saved,compiled]
 
-Setup as lora_overhead.py (Llama-shaped, hidden 512, 4 layers, LoRA r=16 on all seven projections, batch 4 x 128,
-fp32), with every contestant doing the same work: the base model and PEFT are called with use_cache=False, so no one
-builds a KV cache that the others do not (peftc's graph is traced without one).
+Setup as lora_overhead.py, under the harness's rules (harness.py): no KV cache for anyone, every contestant on its own
+copy of the weights, one dtype, the same inputs, outputs checked before timing. 'peftc off' is the same PeftModule
+with its adapters disabled: peftc's own base graph.
 
 Modes:
   no_grad     eval forward under torch.no_grad() (HF generate, Trainer.evaluate and most eval loops)
   inference   eval forward under torch.inference_mode()
-  train       one training step in train mode: forward with labels (the model's loss) + backward (peftc, PEFT)
-  saved       bytes autograd saves for backward in one training forward: distinct non-parameter storages seen by
-              torch.autograd.graph.saved_tensors_hooks (peftc, PEFT)
+  train       one training step in train mode: forward with labels (the model's loss) + backward, in two runs:
+                adapter  the adapter's cost and the base-graph difference. Every contestant in this run gets the
+                         same grad entry: the hidden state entering model.layers.0 is made a leaf that requires grad
+                         (harness.GradEntry), so a contestant with nothing to train (peftc off, the bare model)
+                         still backpropagates through every block, and the adapted ones do the same extra work.
+                         peftc / peftc off and PEFT / base are the adapter's cost; peftc off / base is what peftc's
+                         base-graph passes change, and 'peftc off -P' (compiled without base pass P) splits that
+                         difference pass by pass.
+                users    peftc / PEFT as users run them (no grad entry): the whole.
+  saved       bytes autograd saves for backward in one training forward (distinct non-parameter storages seen by
+              torch.autograd.graph.saved_tensors_hooks), for the same contestants and runs as train
   compiled    eval forward under no_grad of torch.compile(...) (inductor) of each contestant (slow to compile)
-Each timed mode reports ratios of medians, of minimums and the median per-round ratio (see lora_overhead.report).
+Each timed mode reports ratios of medians, of minimums and the median per-round ratio (harness.report).
 """
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import time
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lora_overhead import (BATCH, SEQ, bench_parser, build_base, build_contestants, example_ids, flop_share, report,
-                           setup, _sync)
+import torch  # noqa: E402
+
+import peftc  # noqa: E402
+import peftc.pipeline  # noqa: E402
+import harness as H  # noqa: E402
+from lora_overhead import flop_share  # noqa: E402
 
 MODES = ("no_grad", "inference", "train", "saved", "compiled")
+EVAL_PAIRS = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"), ("peftc", "peftc off"), ("peftc off", "base")]
+# base passes left out, one contestant each ('peftc off -gated', ...): they split peftc off / base pass by pass
+WITHOUT = (("gated",), ("sdpa_mask",), ("gated", "sdpa_mask"))
+ADAPTER_PAIRS = [("peftc", "peftc off"), ("PEFT", "base"), ("peftc off", "base")]
+ADAPTER_PAIRS += [("peftc off", f"peftc off -{' -'.join(w)}") for w in WITHOUT[:2]]
+ADAPTER_PAIRS += [(f"peftc off -{' -'.join(WITHOUT[2])}", "base")]
+USER_PAIRS = [("peftc", "PEFT")]
 
 
-def callers(contestants: dict, ids: torch.Tensor, labels: bool = False) -> dict:
-    """name -> zero-argument call; the HF models without a KV cache, as peftc's graph. "peftc off" is peftc with
-    its adapters disabled: its own base graph, the floor its adapted call is measured against."""
-    kw = {"labels": ids} if labels else {}
-    out = {}
-    for name, model in contestants.items():
-        if name == "peftc off":
-            def off(m=model):
-                with m.disable_adapters():
-                    return m(input_ids=ids, **kw)
-            out[name] = off
-            continue
-        extra = {} if name.startswith("peftc") else {"use_cache": False}
-        out[name] = (lambda m=model, e=extra: m(input_ids=ids, **e, **kw))
+@contextlib.contextmanager
+def base_passes_without(*names: str):
+    """peftc.compile has no argument for the base passes; this swaps the pipeline's table (BASE_PASSES) for one
+    without `names` while a model is compiled, and puts it back."""
+    table = peftc.pipeline.BASE_PASSES
+    unknown = set(names) - {n for n, _ in table}
+    if unknown:
+        raise ValueError(f"no base pass {sorted(unknown)}; the base passes are {[n for n, _ in table]}")
+    peftc.pipeline.BASE_PASSES = tuple(p for p in table if p[0] not in names)
+    try:
+        yield
+    finally:
+        peftc.pipeline.BASE_PASSES = table
+
+
+def base_graph_variants(base) -> list[H.Contestant]:
+    """'peftc off -P ...': peftc compiled without base passes P on its own copy, adapters disabled, in train mode."""
+    out = []
+    for names in WITHOUT:
+        with base_passes_without(*names):
+            pm = peftc.compile(H.own_copy(base), peftc.LoRA(r=H.R, alpha=H.ALPHA, targets=list(H.PROJ)))
+        assert not set(names) & set(pm.base_passes), pm.base_passes
+        out.append(H.Contestant(f"peftc off -{' -'.join(names)}", pm.train(), contexts=(pm.disable_adapters,)))
     return out
 
 
-def time_calls(calls: dict, rounds: int, warmup: int, device, ctx=contextlib.nullcontext) -> dict[str, list[float]]:
-    names = list(calls)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with ctx():
-        for _ in range(warmup):
-            for n in names:
-                calls[n]()
-        for i in range(rounds):
-            for n in names[i % len(names):] + names[:i % len(names)]:   # rotate the order each round
-                _sync(device)
-                t0 = time.perf_counter()
-                calls[n]()
-                _sync(device)
-                times[n].append(time.perf_counter() - t0)
-    return times
+def training_runs(base, ours, theirs, frozen_base) -> dict[str, list[H.Contestant]]:
+    """{"adapter": contestants with the grad entry, "users": peftc and PEFT as users run them}."""
+    hidden = base.config.hidden_size
+    peftc_c, peft_c = H.Contestant("peftc", ours), H.Contestant("PEFT", theirs)
+    base_c = H.Contestant("base", frozen_base)
+    adapter = [peftc_c, peftc_c.variant("peftc off", ours.disable_adapters), peft_c, base_c]
+    adapter += base_graph_variants(base)
+    adapter = [c.variant(c.name, H.GradEntry(c.model, hidden)) for c in adapter]
+    return {"adapter": adapter, "users": [peftc_c, peft_c]}
 
 
-def train_steps(contestants: dict, ids: torch.Tensor) -> dict:
-    """name -> one training step (zero grads, forward with labels, backward) of the adapters."""
-    calls = callers(contestants, ids, labels=True)
-
-    def step(model, call):
-        def run():
-            model.zero_grad(set_to_none=True)
-            call().loss.backward()
-        return run
-    return {n: step(contestants[n], calls[n]) for n in calls}
+def check_training(runs: dict, inputs: dict) -> None:
+    """One training step each (every grad entry must get its gradient); the adapted pair agrees, every base graph
+    agrees with the bare model, and the adapter changes the output."""
+    offs = [(c.name, "base", 1e-4) for c in runs["adapter"] if c.name.startswith("peftc off")]
+    H.check(runs["adapter"], inputs, train=True, agree=[("peftc", "PEFT", 1e-4), *offs],
+            differ=[("peftc", "peftc off", 1e-4)])
+    H.check(runs["users"], inputs, train=True, agree=[("peftc", "PEFT", 1e-4)])
 
 
-def saved_bytes(model: torch.nn.Module, call) -> tuple[int, int]:
-    """(bytes, count) of the distinct non-parameter storages autograd saves during one forward of `call`."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = call()
-    del out
-    return sum(seen.values()), len(seen)
-
-
-def parse_modes(doc: str, argv, known: tuple[str, ...], default: str, note: str = ""):
-    """(args, modes): bench_parser's flags plus --modes, a comma-separated subset of `known`."""
-    ap = bench_parser(doc, rounds=20)
-    ap.add_argument("--modes", default=default, help=f"comma-separated, of {', '.join(known)}{note}")
-    args = ap.parse_args(argv)
-    modes = args.modes.split(",")
-    unknown = sorted(set(modes) - set(known))
-    if unknown:
-        ap.error(f"unknown mode(s) {unknown}; choose from {', '.join(known)}")
-    return args, modes
+def saved(run: list[H.Contestant], inputs: dict, pairs, title: str) -> dict:
+    got = {c.name: H.saved_bytes(c, inputs) for c in run}
+    print(f"\nactivations saved for backward, {title} (one training forward, distinct non-parameter storages)")
+    for k, (b, n) in got.items():
+        print(f"  {k:28s} {b / 2**20:9.2f} MiB in {n} storages")
+    ratios = {f"{a} / {b}": got[a][0] / got[b][0] for a, b in pairs}
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.3f}")
+    return {"bytes": {k: v[0] for k, v in got.items()}, "ratios": ratios}
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args, modes = parse_modes(__doc__, argv, MODES, "no_grad,inference,train,saved",
-                              " (compiled takes minutes on a CPU)")
-    setup(args)
-    base = build_base().to(args.device)
-    ours, theirs = build_contestants(base)
-    contestants = {"base": base, "PEFT": theirs, "peftc": ours}
-    ids = example_ids(base, BATCH, SEQ, args.device)
-    with torch.no_grad():
-        out = {k: f().logits for k, f in callers(contestants, ids).items()}
-    d_peft, d_base = (out["peftc"] - out["PEFT"]).abs().max().item(), (out["peftc"] - out["base"]).abs().max().item()
-    print(f"check: max |peftc - PEFT| = {d_peft:.2e}; max |peftc - base| = {d_base:.2e} (B != 0, must differ)")
-    if not d_peft < 1e-4 or not d_base > 1e-4:
-        raise SystemExit("outputs disagree; not timing")
-    flops_base, flops_adapter = flop_share(base, BATCH * SEQ, SEQ)
+    args = H.parse(H.bench_parser(__doc__, rounds=20, modes=MODES, default_modes="no_grad,inference,train,saved",
+                                  note=" (compiled takes minutes on a CPU)"), argv, MODES)
+    modes = args.modes
+    H.setup(args)
+    base = H.build_base().to(args.device)
+    ours, theirs = H.build_lora_pair(base)
+    frozen_base = H.own_copy(base, frozen=True)
+    inputs = H.example_inputs(base.config.vocab_size, device=args.device)
+    evals = [H.Contestant("base", frozen_base), H.Contestant("PEFT", theirs), H.Contestant("peftc", ours)]
+    evals.append(evals[2].variant("peftc off", ours.disable_adapters))
+    agree, differ = [("peftc", "PEFT", 1e-4), ("peftc off", "base", 1e-4)], [("peftc", "base", 1e-4)]
+    H.check(evals, inputs, torch.no_grad, agree=agree, differ=differ)
+
+    flops_base, flops_adapter = flop_share(base, H.BATCH * H.SEQ, H.SEQ)
     ideal = 1 + flops_adapter / flops_base
-    head = (f"torch {torch.__version__}, {args.device}, {torch.get_num_threads()} threads, batch {BATCH}x{SEQ}, fp32, "
-            f"{args.rounds} rounds (+{args.warmup} warm-up); ideal eval ratio {ideal:.3f}")
+    head = H.header(args, extra=f"; ideal eval ratio {ideal:.3f}")
     results: dict = {"ideal": ideal}
-    pairs = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"), ("peftc", "peftc off"), ("peftc off", "base")]
-    evals = dict(contestants, **{"peftc off": ours})
-    if "no_grad" in modes:
-        t = time_calls(callers(evals, ids), args.rounds, args.warmup, ids.device, torch.no_grad)
-        results["no_grad"] = report(t, pairs, f"eval forward, torch.no_grad(): {head}")
-    if "inference" in modes:
-        t = time_calls(callers(evals, ids), args.rounds, args.warmup, ids.device, torch.inference_mode)
-        results["inference"] = report(t, pairs, f"eval forward, torch.inference_mode(): {head}")
-    trainees = {"PEFT": theirs, "peftc": ours}
+    for mode, ctx in (("no_grad", torch.no_grad), ("inference", torch.inference_mode)):
+        if mode in modes:
+            H.check(evals, inputs, ctx)
+            t = H.time_contestants(evals, inputs, args.rounds, args.warmup, args.device, ctx)
+            results[mode] = H.report(t, EVAL_PAIRS, f"eval forward, torch.{mode}(): {head}")
     if "train" in modes or "saved" in modes:
-        theirs.train()
-        ours.train()
-    if "train" in modes:
-        t = time_calls(train_steps(trainees, ids), args.rounds, args.warmup, ids.device)
-        results["train"] = report(t, [("peftc", "PEFT")], f"training step (forward + backward): {head}")
-    if "saved" in modes:
-        calls = callers(trainees, ids, labels=True)
-        got = {k: saved_bytes(trainees[k], calls[k]) for k in calls}
-        print("\nactivations saved for backward (one training forward, distinct non-parameter storages)")
-        for k, (b, n) in got.items():
-            print(f"  {k:6s} {b / 2**20:9.2f} MiB in {n} storages")
-        ratio = got["peftc"][0] / got["PEFT"][0]
-        print(f"  peftc / PEFT: {ratio:.3f}")
-        results["saved"] = {"bytes": {k: v[0] for k, v in got.items()}, "ratio": ratio}
-    theirs.eval()
-    ours.eval()
+        for m in (ours, theirs, frozen_base):
+            m.train()
+        runs = training_runs(base, ours, theirs, frozen_base)
+        labelled = dict(inputs, labels=inputs["input_ids"])              # the same tensors, the ids as labels
+        check_training(runs, labelled)
+        if "train" in modes:
+            t = H.time_contestants(runs["adapter"], labelled, args.rounds, args.warmup, args.device, train=True)
+            results["train_adapter"] = H.report(t, ADAPTER_PAIRS, "training step, every contestant with the grad "
+                                                f"entry at {H.FIRST_BLOCK}: {head}")
+            t = H.time_contestants(runs["users"], labelled, args.rounds, args.warmup, args.device, train=True)
+            results["train"] = H.report(t, USER_PAIRS, f"training step, as users run them: {head}")
+        if "saved" in modes:
+            results["saved_adapter"] = saved(runs["adapter"], labelled, ADAPTER_PAIRS,
+                                             f"every contestant with the grad entry at {H.FIRST_BLOCK}")
+            results["saved"] = saved(runs["users"], labelled, USER_PAIRS, "as users run them")
+        for m in (ours, theirs, frozen_base):
+            m.eval()
     if "compiled" in modes:
-        compiled = {k: torch.compile(m) for k, m in contestants.items()}
-        compiled["peftc off"] = compiled["peftc"]      # the same compiled module; its base form compiles once
-        calls = callers(compiled, ids)
-        with torch.no_grad():
-            for k, f in calls.items():
-                t0 = time.perf_counter()
-                f()
-                print(f"compiled {k} in {time.perf_counter() - t0:.1f} s")
-        t = time_calls(calls, args.rounds, args.warmup, ids.device, torch.no_grad)
-        results["compiled"] = report(t, pairs, f"torch.compile (inductor), eval forward, torch.no_grad(): {head}")
+        comp = {c.name: torch.compile(c.model) for c in evals[:3]}
+        compiled = [H.Contestant(n, m) for n, m in comp.items()]
+        compiled.append(compiled[2].variant("peftc off", ours.disable_adapters))   # its base form compiles once
+        t0 = time.perf_counter()
+        H.check(compiled, inputs, torch.no_grad, agree=[(x, y, 1e-3) for x, y, _ in agree], differ=differ)
+        print(f"compiled (first calls) in {time.perf_counter() - t0:.1f} s")
+        t = H.time_contestants(compiled, inputs, args.rounds, args.warmup, args.device, torch.no_grad)
+        results["compiled"] = H.report(t, EVAL_PAIRS,
+                                       f"torch.compile (inductor), eval forward, torch.no_grad(): {head}")
     print("\n'peftc off': peftc with disable_adapters(), its own base graph (what the adapter's cost is measured on)")
     return results
 

@@ -1,9 +1,12 @@
-"""Regenerate the figures table at the top of benchmarks/README.md: run lora_modes.py (every mode, compiled
-included) and mixed_batch.py in this process and write their ratios between the report markers.
+"""Regenerate every figures table in benchmarks/README.md and the figures in README.md: run each benchmark (through
+its main, in this process, under harness.py's rules) and write its table between that table's report markers
+(`<!-- report:NAME:start -->` ... `<!-- report:NAME:end -->`).
 
-    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run]
+    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick]
 
-Takes about 10 minutes on a 2-core CPU (most of it compiling). --dry-run prints the table instead of writing it.
+Takes about 15 minutes on a 2-core CPU (most of it compiling). --no-compiled skips the compiled mode and
+compile_speed.py (their tables are left as they are); --dry-run prints the tables instead of writing them; --quick
+runs 2 rounds after 1 warm-up (a smoke test: its figures are noise).
 """
 from __future__ import annotations
 
@@ -17,67 +20,180 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
+import blocks  # noqa: E402
+import compile_speed  # noqa: E402
+import dora  # noqa: E402
 import lora_modes  # noqa: E402
+import lora_overhead  # noqa: E402
+import merge_speed  # noqa: E402
 import mixed_batch  # noqa: E402
 
-README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "README.md")
-START, END = "<!-- report:start -->", "<!-- report:end -->"
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCH_README = os.path.join(HERE, "README.md")
+ROOT_README = os.path.join(os.path.dirname(HERE), "README.md")
+EVALS = (("no_grad", "eval, `torch.no_grad()`"), ("inference", "eval, `torch.inference_mode()`"),
+         ("compiled", "compiled (inductor), `no_grad`"))
 
 
-def row(what: str, r: dict, pair: str, target: str) -> str:
-    return (f"| {what} | {pair} | {r['ratios'][pair]:.3f} | {r['min_ratios'][pair]:.3f} | "
-            f"{r['paired_ratios'][pair]:.3f} | {target} |")
+def marker(name: str) -> tuple[str, str]:
+    return f"<!-- report:{name}:start -->", f"<!-- report:{name}:end -->"
 
 
-def table(modes: dict, mixed: dict, argv: list[str]) -> str:
-    lines = [f"Regenerated {datetime.date.today()} by `python benchmarks/report.py {' '.join(argv)}` "
-             f"(torch {torch.__version__}, {torch.get_num_threads()} threads). Ratios of medians, of minimums and the "
-             "median per-round ratio; ideal eval ratio "
-             f"{modes['ideal']:.3f}. 'peftc off' is peftc with its adapters disabled (its own base graph).", "",
-             "| mode | ratio | medians | minimums | per round | target |", "|---|---|---|---|---|---|"]
-    for mode, title in (("no_grad", "eval, `torch.no_grad()`"), ("inference", "eval, `torch.inference_mode()`"),
-                        ("compiled", "compiled (inductor), `no_grad`")):
-        if mode not in modes:
-            continue
-        r = modes[mode]
-        targets = {"peftc / base": "<= 1.06" if mode != "compiled" else "<= 1.08",
-                   "peftc / PEFT": "<= 0.98" if mode != "compiled" else "<= 1.00"}
-        for pair in ("peftc / base", "PEFT / base", "peftc / PEFT", "peftc / peftc off", "peftc off / base"):
-            lines.append(row(title, r, pair, targets.get(pair, "")))
-    if "train" in modes:
-        lines.append(row("training step", modes["train"], "peftc / PEFT", "<= 0.95 (goal 0.90)"))
-    if "saved" in modes:
-        b = modes["saved"]["bytes"]
-        lines.append(f"| activations saved for backward | peftc / PEFT | {modes['saved']['ratio']:.3f} | | | "
-                     f"<= 1.00 (goal 0.75); {b['peftc'] / 2**20:.2f} vs {b['PEFT'] / 2**20:.2f} MiB |")
+def three(r: dict, pair: str) -> tuple[str, str, str]:
+    return f"{r['ratios'][pair]:.3f}", f"{r['min_ratios'][pair]:.3f}", f"{r['paired_ratios'][pair]:.3f}"
+
+
+def row(*cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def stamp(argv: list[str]) -> str:
+    return (f"Regenerated {datetime.date.today()} by `python benchmarks/report.py {' '.join(argv)}`".rstrip() +
+            f" (torch {torch.__version__}, {torch.get_num_threads()} threads).")
+
+
+def modes_table(m: dict, mixed: dict, argv) -> str:
+    head = row("mode", "ratio", "medians", "minimums", "per round", "target")
+    lines = [f"{stamp(argv)} Ratios of medians, of minimums and the median per-round ratio; ideal eval ratio "
+             f"{m['ideal']:.3f}. 'peftc off' is peftc with its adapters disabled (its own base graph); 'grad entry': "
+             "the hidden state entering `model.layers.0` requires grad in every contestant of those rows; "
+             "'peftc off -P': peftc compiled without base pass P.", "", head, "|---|---|---|---|---|---|"]
+    for mode, title in EVALS:
+        if mode in m:
+            eager = mode != "compiled"
+            targets = {"peftc / base": "<= 1.06" if eager else "<= 1.08",
+                       "peftc / PEFT": "<= 0.98" if eager else "<= 1.00"}
+            lines += [row(title, p, *three(m[mode], p), targets.get(p, "")) for p, _ in
+                      ((" / ".join(x), 0) for x in lora_modes.EVAL_PAIRS)]
+    if "train" in m:
+        lines.append(row("training step, as users run them", "peftc / PEFT", *three(m["train"], "peftc / PEFT"),
+                         "<= 0.95 (goal 0.90)"))
+        for a, b in lora_modes.ADAPTER_PAIRS:
+            what = ("adapter cost" if b in ("peftc off", "base") and a in ("peftc", "PEFT") else "base graph")
+            lines.append(row(f"training step, {what} (grad entry)", f"{a} / {b}",
+                             *three(m["train_adapter"], f"{a} / {b}"), ""))
+    if "saved" in m:
+        s, sa = m["saved"], m["saved_adapter"]
+        mib = lambda d, k: f"{d['bytes'][k] / 2**20:.2f}"   # noqa: E731
+        lines.append(row("activations saved for backward, as users run them", "peftc / PEFT",
+                         f"{s['ratios']['peftc / PEFT']:.3f}", "", "",
+                         f"<= 1.00 (goal 0.75); {mib(s, 'peftc')} vs {mib(s, 'PEFT')} MiB"))
+        for a, b in lora_modes.ADAPTER_PAIRS:
+            what = ("adapter cost" if b in ("peftc off", "base") and a in ("peftc", "PEFT") else "base graph")
+            lines.append(row(f"activations saved, {what} (grad entry)", f"{a} / {b}",
+                             f"{sa['ratios'][f'{a} / {b}']:.3f}", "", "", f"{mib(sa, a)} vs {mib(sa, b)} MiB"))
     for pair, target in (("peftc 8 / peftc 1", "<= 1.05"), ("PEFT 8 / PEFT 1", ""), ("peftc 8 / PEFT 8", "")):
-        lines.append(row("8-adapter mixed batch (mixed_batch.py)", mixed, pair, target))
+        lines.append(row("8-adapter mixed batch (mixed_batch.py)", pair, *three(mixed, pair), target))
     return "\n".join(lines)
 
 
-def main() -> None:
+def ratio_table(r: dict, pairs, argv, note: str = "") -> str:
+    """One benchmark's ratios: medians, minimums, per round."""
+    lines = [f"{stamp(argv)}{note}", "", row("ratio", "medians", "minimums", "per round"), "|---|---|---|---|"]
+    return "\n".join(lines + [row(" / ".join(p), *three(r, " / ".join(p))) for p in pairs])
+
+
+def modes_by_mode(res: dict, pairs, argv, titles) -> str:
+    lines = [stamp(argv) + " Ratios of medians (minimums, median per-round ratio).", "",
+             row("mode", *(" / ".join(p) for p in pairs)), "|---" * (len(pairs) + 1) + "|"]
+    for mode, title in titles:
+        if mode in res:
+            lines.append(row(title, *("{} ({}, {})".format(*three(res[mode], " / ".join(p))) for p in pairs)))
+    return "\n".join(lines)
+
+
+def summary(m: dict, merge: dict, mixed: dict, argv) -> str:
+    """The figures in README.md."""
+    cell = lambda r, p: "{} / {}".format(*(three(r, p)[i] for i in (0, 2)))   # noqa: E731
+    lines = [f"{stamp(argv)} Medians / median per-round ratio; ideal eval ratio {m['ideal']:.3f}.", "",
+             row("mode", "peftc / base", "PEFT / base", "peftc / PEFT"), "|---|---|---|---|"]
+    for mode, title in EVALS:
+        if mode in m:
+            lines.append(row(title, *(cell(m[mode], p) for p in ("peftc / base", "PEFT / base", "peftc / PEFT"))))
+    if "train" in m:
+        t = m["train_adapter"]
+        lines.append(row("training step (forward + backward)", "", "", cell(m["train"], "peftc / PEFT")))
+        lines.append(row("training step, adapter alone (grad entry)", f"{cell(t, 'peftc / peftc off')} (/ peftc off)",
+                         cell(t, "PEFT / base"), ""))
+    if "saved" in m:
+        s, sa = m["saved"], m["saved_adapter"]["ratios"]
+        lines.append(row("activations saved for backward", f"{sa['peftc / peftc off']:.3f} (/ peftc off)",
+                         f"{sa['PEFT / base']:.3f}", f"{s['ratios']['peftc / PEFT']:.3f} "
+                         f"({s['bytes']['peftc'] / 2**20:.1f} vs {s['bytes']['PEFT'] / 2**20:.1f} MiB)"))
+    lines += ["", "A merged adapter (`benchmarks/merge_speed.py`): merged / base "
+              f"{merge['ratios']['merged / base']:.3f} by medians, {merge['paired_ratios']['merged / base']:.3f} per round. A batch with 8 different adapters "
+              f"(`benchmarks/mixed_batch.py`): {mixed['ratios']['peftc 8 / peftc 1']:.3f} x (medians; "
+              f"{mixed['paired_ratios']['peftc 8 / peftc 1']:.3f} per round) the same batch on one adapter; PEFT "
+              f"{mixed['ratios']['PEFT 8 / PEFT 1']:.3f} x."]
+    if "train" in m:
+        t = m["train_adapter"]["ratios"]
+        lines += ["", f"peftc's base graph against the HF model in a training step (grad entry): "
+                  f"{t['peftc off / base']:.3f} x the time, {m['saved_adapter']['ratios']['peftc off / base']:.3f} x "
+                  "the saved activations; the base passes `gated` and `sdpa_mask` account for it (rows 'peftc off -P' "
+                  "in benchmarks/README.md)."]
+    return "\n".join(lines)
+
+
+def write(path: str, blocks_: dict[str, str], dry_run: bool) -> None:
+    with open(path) as f:
+        doc = f.read()
+    for name, text in blocks_.items():
+        start, end = marker(name)
+        if start not in doc or end not in doc:
+            raise SystemExit(f"{path} has no {start} ... {end} markers for the {name} table")
+        if dry_run:
+            print(f"\n== {os.path.relpath(path)}: {name}\n{text}")
+        doc = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{text}\n{end}", doc, flags=re.S)
+    if not dry_run:
+        with open(path, "w") as f:
+            f.write(doc)
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--no-compiled", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
-    args = ap.parse_args()
-    common = ["--rounds", str(args.rounds)] + (["--threads", str(args.threads)] if args.threads else [])
+    ap.add_argument("--quick", action="store_true", help="2 rounds after 1 warm-up (a smoke test)")
+    argv = sys.argv[1:] if argv is None else argv
+    args = ap.parse_args(argv)
+    rounds, warmup = (2, 1) if args.quick else (args.rounds, args.warmup)
+    common = ["--rounds", str(rounds), "--warmup", str(warmup)]
+    common += ["--threads", str(args.threads)] if args.threads else []
     modes = "no_grad,inference,train,saved" + ("" if args.no_compiled else ",compiled")
     got = lora_modes.main(common + ["--modes", modes])
+    overhead = lora_overhead.main(common)
+    merge = merge_speed.main(common)
     mixed = mixed_batch.main(common)
-    text = table(got, mixed, sys.argv[1:])
-    if args.dry_run:
-        print(text)
-        return
-    with open(README) as f:
-        doc = f.read()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{README} has no {START} ... {END} markers")
-    doc = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{text}\n{END}", doc, flags=re.S)
-    with open(README, "w") as f:
-        f.write(doc)
-    print(text)
+    dora_r = dora.main(common)
+    blocks_r = blocks.main(common)
+    bench = {
+        "modes": modes_table(got, mixed, argv),
+        "lora_overhead": ratio_table(overhead, lora_overhead.PAIRS, argv, f" `torch.inference_mode()`; ideal "
+                                     f"{overhead['ideal']:.3f}."),
+        "merge_speed": ratio_table(merge, merge_speed.PAIRS, argv, " `torch.inference_mode()`."),
+        "mixed_batch": ratio_table(mixed, [("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"),
+                                           ("peftc 1x8", "peftc 1"), ("peftc 8", "PEFT 8")], argv,
+                                   " `torch.inference_mode()`."),
+        "dora": modes_by_mode(dora_r, dora.PAIRS, argv, (("no_grad", "eval, `torch.no_grad()`"),
+                                                         ("inference", "eval, `torch.inference_mode()`"),
+                                                         ("train", "training step"))),
+        "blocks": modes_by_mode(blocks_r, [("blocks", "flat")], argv, (("no_grad", "eval, `torch.no_grad()`"),
+                                                                       ("inference", "eval, `torch.inference_mode()`"),
+                                                                       ("train", "training step"))),
+    }
+    if not args.no_compiled:
+        comp = compile_speed.main(common + ["--compile-base"])
+        bench["compile_speed"] = ratio_table(comp, [("peftc compiled", "peftc"), ("peftc compiled", "PEFT compiled"),
+                                                    ("peftc compiled", "base compiled"), ("base compiled", "base"),
+                                                    ("PEFT compiled", "PEFT"), ("peftc", "base")], argv,
+                                             " `torch.inference_mode()`, `--compile-base`.")
+    write(BENCH_README, bench, args.dry_run)
+    write(ROOT_README, {"summary": summary(got, merge, mixed, argv)}, args.dry_run)
+    if not args.dry_run:
+        print("\n\n".join(bench.values()))
 
 
 if __name__ == "__main__":
