@@ -44,7 +44,7 @@ from peftc.targets import check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
 from peftc.store import STORE, Adapter, AdapterStore, site_key, slot_writer
 
-from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
+from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, work_dtype, zero_weights
 from .match import Site, tensor_at
 from .route import route_input
 
@@ -546,11 +546,13 @@ def base_output(out: Node) -> Node:
 
 def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tensor:
     """LoRA's fold rule for merge(), in the layout of the site's weight (linear [out, in], Conv1D [in, out],
-    embedding [num, dim], convolution [out, in, *kernel]), in float32: s B A; with DoRA g (V + s B A) - W, where g =
-    m / ||V + s B A|| per output channel (1 where the norm is 0, as the unmerged graph has it) and V is the weight
-    the adapter runs on: W, or its PiSSA / OLoRA residual (which the delta then replaces W by)."""
+    embedding [num, dim], convolution [out, in, *kernel]), in work_dtype (float32; float64 for float64 weights):
+    s B A; with DoRA g (V + s B A) - W, where g = m / ||V + s B A|| per output channel (1 where the norm is 0, as the
+    unmerged graph has it) and V is the weight the adapter runs on: W, or its PiSSA / OLoRA residual (which the
+    delta then replaces W by)."""
     w = adapter.sites[site_key(site.fqn)]
-    A, B = w.A_r.detach().float(), w.B_r.detach().float()
+    dt = work_dtype(weight.dtype, w.A_r.dtype)
+    A, B = w.A_r.detach().to(dt), w.B_r.detach().to(dt)
     if site.kind == "conv" and w.groups > 1:
         raise MergeError(f"{site.fqn} is a convolution with groups={w.groups}: its LoRA update (a dense A conv) is "
                          "not a grouped weight, so it cannot be merged (PEFT refuses it too); use the unmerged module")
@@ -563,10 +565,10 @@ def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tens
     if not w.dora and w.residual is None:
         return delta
     base = weight if w.residual is None else w.residual
-    W, V = weight.detach().float(), base.detach().float()
+    W, V = weight.detach().to(dt), base.detach().to(dt)
     if w.dora:
         n = dora_norm(base, w.A_r, w.B_r, w.scale, site.kind)
-        m = w.magnitude.detach().float().flatten()
+        m = w.magnitude.detach().to(dt).flatten()
         g = torch.where(n > 0, m / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
         channel = 1 if site.kind in ("embedding", "conv1d") else 0                # the output channels' axis
         shape = [1] * W.dim()
@@ -576,9 +578,12 @@ def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tens
 
 
 def lora_bias_delta(adapter: Adapter, site: Site, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """s b_B, what merge() adds to the layer's bias for lora_bias (None without it), in float32."""
+    """s b_B, what merge() adds to the layer's bias for lora_bias (None without it), in work_dtype."""
     w = adapter.sites[site_key(site.fqn)]
-    return None if w.B_bias is None else w.scale * w.B_bias.detach().float()
+    if w.B_bias is None:
+        return None
+    dt = work_dtype(w.B_bias.dtype, *(() if bias is None else (bias.dtype,)))
+    return w.scale * w.B_bias.detach().to(dt)
 
 
 def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: bool) -> None:
@@ -593,6 +598,12 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
             raise SpecError(f"{'use_dora' if spec.use_dora else f'init={spec.init!r}'} on {path} "
                             "(nn.MultiheadAttention) is not supported (as in PEFT); leave it out of targets "
                             "(exclude_modules) or drop the option")
+        if site.module_type == "MultiheadAttention" and spec.lora_bias:
+            # PEFT 0.21.2 makes and saves the packed in_proj's lora_B.bias but never applies it (its forward adds
+            # only s B A to in_proj_weight): an adapter with that bias would mean one thing here and another there
+            raise SpecError(f"lora_bias on {path} (nn.MultiheadAttention) is not supported: PEFT keeps a bias for "
+                            "its packed in_proj but never applies it, so the adapter would not carry over between "
+                            "peftc and PEFT; leave it out of targets (exclude_modules) or pass lora_bias=False")
         if site.linear_like:
             if spec.init == "olora" and site.kind == "conv1d":
                 raise SpecError(f"init 'olora' on {path} (a GPT-2 Conv1D layer) is not supported: PEFT's OLoRA "
@@ -615,8 +626,8 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
 def build_lora(spec: LoRA, site: Site, weight: torch.Tensor) -> LoraWeights:
     """LoRA's weights at one site: A and B by the spec's init (PiSSA / OLoRA from the weight, with the residual the
     adapter runs on), and DoRA's magnitude m = ||W + s B A|| per output channel, so that it starts as the identity."""
-    path = site.fqn
-    lw = LoraWeights(spec.rank_at(path), site.in_features, site.out_features, spec.scale_at(path), spec.dropout,
+    at = site.pattern_path        # an nn.MultiheadAttention's out_proj: its attention module's r and alpha
+    lw = LoraWeights(spec.rank_at(at), site.in_features, site.out_features, spec.scale_at(at), spec.dropout,
                      spec.init, dtype=weight.dtype, device=weight.device, dora=spec.use_dora, bias=spec.lora_bias,
                      **_shape_of(site))
     if changes_base_weight(spec.init):
@@ -644,7 +655,7 @@ def lora_keys(path: str, w: LoraWeights):
 
 def lora_param_count(spec: LoRA, site: Site) -> int:
     """A [r, in, *kernel] + B [out, r / groups, 1...] + a magnitude (DoRA) or B's bias (lora_bias) per channel."""
-    r = spec.rank_at(site.fqn)
+    r = spec.rank_at(site.pattern_path)
     kernel = math.prod(site.weight_shape[2:]) if site.kind == "conv" else 1
     groups = site.params.get("groups", 1) if site.kind == "conv" else 1
     return r * site.in_features * kernel + site.out_features * (r // groups) + \

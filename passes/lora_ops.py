@@ -208,19 +208,29 @@ class LoraGroup(nn.Module):
                 + (f", dora={self.dora}" if any(self.dora) else ""))
 
 
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype merges and DoRA norms are computed in: float32 for fp16 / bf16 / float32 weights, float64 for
+    float64 ones (never narrower than the weights)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
 def dora_norm(W, A, B, s, kind: str = "linear") -> torch.Tensor:
-    """||W + s B A|| per output channel, in float32, without forming B A: W is [out, in] ("conv1d": [in, out]), A
-    [r, in], B [out, r], s a number or 0-dim tensor. An embedding's W [num, dim] is laid out as Conv1D's (its output
-    channels are the columns, PEFT's norm runs over the vocabulary); a convolution's [out, in, *k] with A [r, in, *k]
-    and B [out, r, 1, ...] flattens to the linear case. A fresh adapter's magnitude is this same function of its
-    weights, so it starts as the identity exactly."""
+    """||W + s B A|| per output channel, in work_dtype (float32; float64 for float64 weights), without forming B A:
+    W is [out, in] ("conv1d": [in, out]), A [r, in], B [out, r], s a number or 0-dim tensor. An embedding's W
+    [num, dim] is laid out as Conv1D's (its output channels are the columns, PEFT's norm runs over the vocabulary); a
+    convolution's [out, in, *k] with A [r, in, *k] and B [out, r, 1, ...] flattens to the linear case. A fresh
+    adapter's magnitude is this same function of its weights, so it starts as the identity exactly."""
     if kind == "embedding":
         kind = "conv1d"
     elif kind == "conv":
         W, A, B, kind = W.flatten(1), A.flatten(1), B.flatten(1), "linear"
     # detached inputs rather than no_grad(): the same code traces into an exported graph as plain ops
-    Wf, Af, Bf = W.detach().float(), A.detach().float(), B.detach().float()
-    sf = s.detach().float() if isinstance(s, torch.Tensor) else float(s)
+    dt = work_dtype(W.dtype, A.dtype, B.dtype)
+    Wf, Af, Bf = W.detach().to(dt), A.detach().to(dt), B.detach().to(dt)
+    sf = s.detach().to(dt) if isinstance(s, torch.Tensor) else float(s)
     if kind == "conv1d":
         w2, wa = Wf.pow(2).sum(0), (Af @ Wf).t()                             # (out,), (out, r)
     else:

@@ -76,6 +76,13 @@ class Site:
     module_type: str = ""
     weight_shape: tuple = ()
     params: dict = field(default_factory=dict)    # the op's other arguments (SiteKind.args_of)
+    parent: str = ""             # the nn.MultiheadAttention whose forward reads this weight (its out_proj), else ""
+
+    @property
+    def pattern_path(self) -> str:
+        """The path its rank_pattern / alpha_pattern keys are matched against: an nn.MultiheadAttention's out_proj
+        takes its attention module's r and alpha (PEFT builds it inside that module's layer, with its config)."""
+        return self.parent or self.fqn
 
     @property
     def name(self) -> str:
@@ -132,9 +139,12 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
         in_f, out_f = shape
     fqn, typ = module_path(node)
     owner = w.target.rsplit(".", 1)[0]
+    parent = ""
     if not fqn or owner.startswith(fqn + "."):   # a submodule whose forward its parent bypasses: MHA's out_proj
+        parent = fqn if typ == "MultiheadAttention" and owner == f"{fqn}.out_proj" else ""
         fqn, typ = owner, ""
-    return Site(fqn, kind.name, in_f, out_f, weight=w.target, module_type=typ, weight_shape=shape, params=params)
+    return Site(fqn, kind.name, in_f, out_f, weight=w.target, module_type=typ, weight_shape=shape, params=params,
+                parent=parent)
 
 
 def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:

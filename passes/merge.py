@@ -20,6 +20,7 @@ from peftc.errors import MergeError
 from peftc.methods import METHODS, method_of, method_tagged
 from peftc.store import STORE, Adapter
 
+from .lora_ops import work_dtype
 from .match import Site, tensor_at
 from .modules_to_save import copy_of
 from .route import drop_route_inputs
@@ -32,8 +33,9 @@ def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor)
         foldable = [m.name for m in METHODS.values() if m.fold is not None]
         raise MergeError(f"adapter {name!r} ({method.name}) cannot be merged into the weights: its method has no "
                          f"fold rule (methods that fold: {foldable}); use the unmerged module")
-    fold = method.fold
-    merged = (weight.detach().float() + fold(adapter, site, weight).to(weight.device)).to(weight.dtype)
+    delta = method.fold(adapter, site, weight).to(weight.device)
+    dt = work_dtype(weight.dtype, delta.dtype)                 # fp16/bf16 add in float32, float64 stays float64
+    merged = (weight.detach().to(dt) + delta.to(dt)).to(weight.dtype)
     if not torch.isfinite(merged).all():
         raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives non-finite weights (inf or NaN); "
                          "the adapter weights are broken (check training for divergence); nothing was merged")
@@ -48,7 +50,10 @@ def folded_bias(adapter: Adapter, name: str, site: Site, bias: torch.Tensor | No
     delta = fold_bias(adapter, site, bias) if fold_bias is not None else None
     if delta is None:
         return None
-    merged = (delta if bias is None else bias.detach().float() + delta).to(device=like.device, dtype=like.dtype)
+    if bias is not None:
+        dt = work_dtype(bias.dtype, delta.dtype)
+        delta = bias.detach().to(dt) + delta.to(device=bias.device, dtype=dt)
+    merged = delta.to(device=like.device, dtype=like.dtype)
     if not torch.isfinite(merged).all():
         raise MergeError(f"merging adapter {name!r} into layer {site.fqn} gives a non-finite bias; nothing was merged")
     return merged

@@ -15,11 +15,11 @@ from torch.fx import GraphModule
 
 from .errors import SpecError
 from .methods import METHODS, method_of, spec_from_config
-from .passes.match import Site, output_heads, tensor_at
+from .passes.match import Site, tensor_at
 from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
 from .spec import SEQ_CLS_HEADS, AdapterSpec
 from .store import Adapter, site_key
-from .targets import output_head_paths, resolve_targets, select_layers
+from .targets import output_head_paths, resolve_targets, select_layers, site_for
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
@@ -56,8 +56,8 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
-    heads = output_head_paths(model, output_heads(gm, sites), task_type)
-    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved))
+    heads = output_head_paths(model, task_type)
+    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -72,7 +72,7 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
     adapter = Adapter(spec, chosen, saved + biases)
     for path in chosen:
-        site = sites[path]
+        site = site_for(sites, path, chosen)
         adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
@@ -83,4 +83,4 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
 
 def resolve_paths(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, targets: Any) -> list[str]:
     """Module paths of the sites `targets` (LoRA's target syntax) selects in the graph, in graph order."""
-    return resolve_targets(targets, sites, output_head_paths(model, output_heads(gm, sites), None))
+    return resolve_targets(targets, sites, output_head_paths(model, None))

@@ -9,11 +9,11 @@ from typing import Any
 from torch import nn
 
 from .errors import SpecError, TargetNotFound
-from .passes.match import Site, find_sites, output_heads
+from .passes.match import Site, find_sites
 from .passes.modules_to_save import resolve_modules_to_save
 from .methods import method_of
 from .spec import SEQ_CLS_HEADS, LoRA
-from .targets import check_rank, name_matches, output_head_paths, resolve_targets, select_layers
+from .targets import check_rank, name_matches, output_head_paths, resolve_targets, select_layers, site_for
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class SitePlan:
 
     def lora_params(self, fqn: str) -> int:
         """The adapter's trainable parameters at site `fqn`, as its method counts them."""
-        return method_of(self.spec).param_count(self.spec, self.sites[fqn])
+        return method_of(self.spec).param_count(self.spec, site_for(self.sites, fqn, self.chosen))
 
     @property
     def trainable(self) -> int:
@@ -55,7 +55,7 @@ def plan_sites(model: nn.Module, spec: LoRA, *, example_inputs: Any = None) -> S
     sites = find_sites(gm)
     log.debug("%s: %d sites, %d with an attention role", type(model).__name__, len(sites),
               sum(bool(s.roles) for s in sites.values()))
-    heads = output_head_paths(model, output_heads(gm, sites), spec.task_type)
+    heads = output_head_paths(model, spec.task_type)
     plan = SitePlan(type(model).__name__, spec, sites,
                     all_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
@@ -76,7 +76,7 @@ def plan_sites(model: nn.Module, spec: LoRA, *, example_inputs: Any = None) -> S
             return plan
     try:
         plan.chosen = resolve_targets(targets, sites, heads, saved)
-        plan.chosen = select_layers(spec, plan.chosen)
+        plan.chosen = select_layers(spec, plan.chosen, sites)
     except (TargetNotFound, SpecError) as e:
         plan.unmatched.append(str(e))
         return plan

@@ -146,6 +146,10 @@ class LoRA(AdapterSpec):
         for flag in ("use_dora", "lora_bias", "use_rslora"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be True or False, got {flag}={getattr(self, flag)!r}")
+        if self.lora_bias and self.init not in (True, False):
+            raise SpecError(f"lora_bias=True is only supported with init=True or init=False (as in PEFT, which "
+                            f"would not load such an adapter), got init={self.init!r}; pass init=True or False, "
+                            "or lora_bias=False")
         if self.use_dora and self.lora_bias:
             raise SpecError("lora_bias=True is not supported with DoRA (as in PEFT); pass use_dora=False or "
                             "lora_bias=False")

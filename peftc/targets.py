@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 from torch import nn
@@ -34,13 +35,13 @@ def _linear_names(sites: dict[str, Site]) -> str:
     return linear + (f"; other layers: {other}" if other else "")
 
 
-def output_head_paths(model: nn.Module | None, graph_heads: set[str], task_type: str | None) -> set[str]:
-    """The output head that "all-linear" leaves out, as PEFT decides it for Hugging Face models: the output
-    embeddings (lm_head) if the model has them, else with task_type="SEQ_CLS" the classification head (classifier,
-    score). For any other module: the graph's final linear layer(s)."""
+def output_head_paths(model: nn.Module | None, task_type: str | None) -> set[str]:
+    """The output head that "all-linear" leaves out, as PEFT decides it: for a Hugging Face model the output
+    embeddings (lm_head) if it has them, else with task_type="SEQ_CLS" the classification head (classifier, score).
+    Any other module keeps every linear layer, its final one included (PEFT asks only get_output_embeddings)."""
     get_out = getattr(model, "get_output_embeddings", None)
     if not callable(get_out):
-        return set(graph_heads)
+        return set()
     head = get_out()
     if head is not None:
         return {n for n, m in model.named_modules() if m is head}
@@ -60,10 +61,22 @@ def mha_out_projs(sites: dict[str, Site], chosen: Sequence[str]) -> set[str]:
     return {f"{f}.out_proj" for f in chosen if sites[f].module_type == MHA and f"{f}.out_proj" in sites}
 
 
+def with_out_projs(sites: dict[str, Site], chosen: Sequence[str]) -> list[str]:
+    """`chosen` and the out_proj of each nn.MultiheadAttention in it, in graph order."""
+    keep = set(chosen) | mha_out_projs(sites, chosen)
+    return [f for f in sites if f in keep]
+
+
+def site_for(sites: dict[str, Site], path: str, chosen: Sequence[str]) -> Site:
+    """The site as an adapter over `chosen` sees it: an nn.MultiheadAttention's out_proj takes that module's r and
+    alpha (Site.pattern_path) only when it comes with it; targeted on its own it keeps its own path."""
+    site = sites[path]
+    return site if not site.parent or site.parent in chosen else replace(site, parent="")
+
+
 def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
-    chosen = _resolve_targets(targets, sites, heads, saved)
-    with_out = set(chosen) | mha_out_projs(sites, chosen)
-    return [f for f in sites if f in with_out]
+    """Module paths of the sites selected by `targets`, with each chosen attention module's out_proj."""
+    return with_out_projs(sites, _resolve_targets(targets, sites, heads, saved))
 
 
 def _resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
@@ -82,7 +95,10 @@ def _resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Se
         return chosen
     if isinstance(targets, str):
         if targets.lower() == "all-linear":
-            mha = [f for f, site in sites.items() if site.module_type == MHA]   # PEFT: not an nn.Linear
+            # nn.MultiheadAttention is left out with its out_proj: PEFT skips the attention module (not an
+            # nn.Linear) and wraps its out_proj as a linear layer whose LoRA never runs (the attention's forward
+            # reads out_proj.weight itself), so neither has an effect there
+            mha = [f for f, site in sites.items() if site.module_type == MHA]
             skip = set(heads) | set(mha) | mha_out_projs(sites, mha)
             return [f for f, site in sites.items() if site.linear_like   # as PEFT: nn.Linear and Conv1D only
                     and f not in skip and not any(f == m or f.startswith(m + ".") for m in saved)]
@@ -110,8 +126,8 @@ def _resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Se
 def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
     """Each chosen site's rank (spec.rank_at: r, or its rank_pattern entry) fits its layer."""
     for f in chosen:
-        s = sites[f]
-        r = spec.rank_at(f)
+        s = site_for(sites, f, chosen)
+        r = spec.rank_at(s.pattern_path)
         groups = s.params.get("groups", 1) if s.kind == "conv" else 1
         if r % groups:
             raise SpecError(f"LoRA rank r={r} at {f}, a convolution with groups={groups}: r must be a multiple of "
@@ -159,16 +175,19 @@ def _layer_index(path: str, layers_pattern) -> int | None:
     return int(m["idx"]) if m else None
 
 
-def select_layers(spec, chosen: list[str]) -> list[str]:
+def select_layers(spec, chosen: list[str], sites: dict[str, Site]) -> list[str]:
     """`chosen` less the spec's exclude_modules and the layers outside layers_to_transform (which, as in PEFT,
-    spares a target given as its exact path). Errors name the option that left nothing."""
-    out = list(chosen)
+    spares a target given as its exact path). An nn.MultiheadAttention's out_proj follows its attention module:
+    left out with it, kept with it (PEFT builds both in one layer). Errors name the option that left nothing."""
+    added = mha_out_projs(sites, chosen)
+    out = [p for p in chosen if p not in added]
     exclude = getattr(spec, "exclude_modules", None)
     if exclude:
-        out = [p for p in out if not _excluded(p, exclude)]
-        if not out:
-            raise TargetNotFound(f"exclude_modules={exclude!r} excludes every target ({len(chosen)} layers); "
+        kept = [p for p in out if not _excluded(p, exclude)]
+        if not kept:
+            raise TargetNotFound(f"exclude_modules={exclude!r} excludes every target ({len(out)} layers); "
                                  "narrow exclude_modules or widen targets")
+        out = kept
     layers = getattr(spec, "layers_to_transform", None)
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
@@ -181,10 +200,13 @@ def select_layers(spec, chosen: list[str]) -> list[str]:
                 f"{len(out)} targets; their layer indices are {found or 'not found (check layers_pattern)'}, "
                 f"e.g. {out[0]}")
         out = kept
+    out = with_out_projs(sites, out)
+    paths = {site_for(sites, p, out).pattern_path for p in out}
     for option in ("rank_pattern", "alpha_pattern"):
         for key, _ in getattr(spec, option, ()):
-            if not any(pattern_matches(key, p) for p in out):
+            if not any(pattern_matches(key, p) for p in paths):
                 raise SpecError(f"{option} key {key!r} matches none of the adapted layers (e.g. {out[0]}); a key is "
                                 "a regex matched against the end of a module path, e.g. 'q_proj' or "
-                                r"'layers\.0\.self_attn\.q_proj'")
+                                r"'layers\.0\.self_attn\.q_proj' (an nn.MultiheadAttention's out_proj takes its "
+                                "attention module's entry: key the attention module)")
     return out

@@ -8,14 +8,17 @@ checkpoint key: base_model.model.<path>.lora_magnitude_vector (no ".weight").
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
 from transformers.pytorch_utils import Conv1D
 
 import peftc
 from peftc.passes.lora_ops import DoraScale, _dropout
+from tests.compare import assert_differs
 from tests.models import inputs, main_output, make
 from tests.parity import (MOVED, TOL, assert_loads_and_merges, assert_parity, assert_same_weights, max_diff,
                           parity_inputs, randomize_peft_)
@@ -116,6 +119,31 @@ def test_gradients_equal_peft(arch, tmp_path):
         torch.testing.assert_close(p.grad, theirs[k].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
         count += 1
     assert count == 3 * len(ours.store["default"].targets)
+
+
+# Largest allowed |peftc - PEFT| per model dtype, unmerged and merged (same weights): the norms are taken in float64 for
+# a float64 model and in float32 for half precision (PEFT: in the weight's dtype), merges added in float32 there
+DTYPE_TOL = {torch.float64: 1e-12, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
+def test_equals_peft_in_float64_and_half_precision(dtype):
+    model = make("llama").to(dtype)
+    pm = peftc.compile(model, peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS["llama"], init=False, use_dora=True))
+    random_ours_(pm)
+    ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS["llama"],
+                                                          use_dora=True, init_lora_weights=False),
+                         autocast_adapter_dtype=False)         # adapters in the model's dtype, as peftc holds them
+    assert not set_peft_model_state_dict(ref, pm.store.peft_state_dict("default")).unexpected_keys
+    assert_same_weights(pm, ref.eval())
+    x = inputs("llama")
+    with torch.no_grad():
+        ours, theirs = main_output(pm(**x)), main_output(ref(**x))
+        assert_differs(theirs, main_output(model(**x)), atol=MOVED * DTYPE_TOL[dtype])
+        merged, theirs_merged = main_output(pm.merge()(**x)), main_output(ref.merge_and_unload()(**x))
+    assert ours.dtype == merged.dtype == dtype
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=DTYPE_TOL[dtype])
+    torch.testing.assert_close(merged, theirs_merged, rtol=0, atol=DTYPE_TOL[dtype])
 
 
 def test_no_grad_inference_mode_and_grad_enabled_eval_agree():

@@ -27,6 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import peftc
+from peftc.spec import lora_from_config
 from tests.models import make
 from tests.parity import MOVED, TOL, assert_parity, assert_same_weights, max_diff, parity_inputs, randomize_peft_
 
@@ -251,6 +252,24 @@ def test_lora_bias_with_dora_is_refused_as_in_peft():
         LoraConfig(r=R, target_modules=["q_proj"], use_dora=True, lora_bias=True)
     with pytest.raises(peftc.SpecError, match="lora_bias=True is not supported with DoRA"):
         peftc.LoRA(use_dora=True, lora_bias=True)
+
+
+@pytest.mark.parametrize("init", ["gaussian", "orthogonal", "pissa", "olora"])
+def test_lora_bias_with_an_init_other_than_true_or_false_is_refused_as_in_peft(init):
+    """PEFT's LoraConfig refuses lora_bias=True with any init but True / False, so it could not load such an adapter
+    saved by peftc: the spec refuses it, and so does the adapter_config.json mapping."""
+    with pytest.raises(ValueError, match="lora_bias=True is only supported with init_lora_weights=True or False"):
+        LoraConfig(r=R, target_modules=["q_proj"], init_lora_weights=init, lora_bias=True)
+    fix = r"lora_bias=True is only supported with init=True or init=False .*pass init=True or False, or lora_bias=False"
+    with pytest.raises(peftc.SpecError, match=rf"{fix}") as e:
+        peftc.LoRA(r=R, targets=["q_proj"], init=init, lora_bias=True)
+    assert f"init={init!r}" in str(e.value)
+    cfg = {"peft_type": "LORA", "r": R, "target_modules": ["q_proj"], "init_lora_weights": init, "lora_bias": True}
+    with pytest.raises(peftc.SpecError, match=rf"^adapter_config.json: {fix}"):
+        lora_from_config(cfg)
+    for ok in (True, False):
+        assert peftc.LoRA(r=R, init=ok, lora_bias=True).lora_bias
+        assert lora_from_config({**cfg, "init_lora_weights": ok}).init is ok
 
 
 # --- init_lora_weights that move the base weight (PiSSA, OLoRA) and "orthogonal" -------------------------------------

@@ -147,9 +147,123 @@ def test_mixed_batch_through_attention_is_refused_clearly():
         torch.testing.assert_close(pm(x), single, rtol=0, atol=0)      # nothing of the failed call is left
 
 
-def test_all_linear_leaves_attention_modules_out_as_peft_does():
-    pm = peftc.compile(net(), peftc.LoRA(r=2, targets="all-linear"), example_inputs=(x_of(),))
-    assert pm.store["default"].targets == ["emb"]      # head: the output layer; attn: not an nn.Linear
+def test_all_linear_leaves_attention_modules_out_as_peft_does(tmp_path):
+    """PEFT's all-linear wraps emb, head and attn.out_proj, but out_proj's LoRA never runs (the attention's forward
+    reads its weight itself): peftc adapts emb and head, with the same outputs."""
+    model = net()
+    x = x_of()
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets="all-linear", init=False), example_inputs=(x,))
+    assert pm.store["default"].targets == ["emb", "head"]
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=8, target_modules="all-linear",
+                                                             init_lora_weights=False)).eval()
+    pm.save_adapter(tmp_path / "ours")
+    with torch.no_grad():       # its saved config names "out_proj", which peftc then adapts for real: left at zero
+        theirs.base_model.model.attn.out_proj.lora_B.default.weight.zero_()
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours_in_peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    theirs_in_peftc = peftc.load_adapter(model, tmp_path / "theirs", example_inputs=(x,))
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(ours_in_peft(x), pm(x), rtol=0, atol=TOL)
+        torch.testing.assert_close(theirs_in_peftc(x), theirs(x), rtol=0, atol=TOL)
+
+
+class Blocks(nn.Module):
+    """Two residual self-attention blocks between an input and an output layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Linear(6, 16)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"attn": nn.MultiheadAttention(16, 4, batch_first=True)})
+                                    for _ in range(2))
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.emb(x)
+        for block in self.blocks:
+            h = h + block["attn"](h, h, h, need_weights=False)[0]
+        return self.head(h)
+
+
+def blocks(seed: int = 0) -> Blocks:
+    torch.manual_seed(seed)
+    return Blocks().eval()
+
+
+def zero_out_proj_B(pm):
+    with torch.no_grad():
+        for key, w in pm.store["default"].sites.items():
+            if key.endswith("out_proj"):
+                w.B.zero_()                                     # PEFT doubles out_proj's delta (see above)
+
+
+def assert_round_trips(model, x, spec: peftc.LoRA, config: LoraConfig, tmp_path):
+    """peftc's adapter loads in PEFT and PEFT's in peftc, with the same tensors and outputs (out_proj's B zero)."""
+    pm = peftc.compile(model, spec, example_inputs=(x,))
+    zero_out_proj_B(pm)
+    pm.save_adapter(tmp_path / "ours")
+    theirs = get_peft_model(copy.deepcopy(model), config).eval()
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "out_proj.lora_B" in name:
+                p.zero_()
+    theirs.save_pretrained(tmp_path / "theirs")
+    shapes = {k: v.shape for k, v in load_file(tmp_path / "theirs" / "adapter_model.safetensors").items()}
+    assert {k: v.shape for k, v in load_file(tmp_path / "ours" / "adapter_model.safetensors").items()} == shapes
+    ours_in_peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    theirs_in_peftc = peftc.load_adapter(model, tmp_path / "theirs", example_inputs=(x,))
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(ours_in_peft(x), pm(x), rtol=0, atol=TOL)
+        torch.testing.assert_close(theirs_in_peftc(x), theirs(x), rtol=0, atol=TOL)
+    return pm
+
+
+def test_excluding_an_attention_module_leaves_its_out_proj_out_too(tmp_path):
+    targets = r"(.*\.)?(head|emb|attn)"
+    pm = assert_round_trips(
+        blocks(), x_of(), peftc.LoRA(r=2, targets=targets, exclude_modules=("blocks.0.attn",), init=False),
+        LoraConfig(r=2, lora_alpha=8, target_modules=targets, exclude_modules=["blocks.0.attn"],
+                   init_lora_weights=False), tmp_path)
+    assert pm.store["default"].targets == ["emb", "blocks.1.attn", "blocks.1.attn.out_proj", "head"]
+
+
+def test_layers_to_transform_takes_out_proj_with_its_attention_module():
+    pm = peftc.compile(blocks(), peftc.LoRA(r=2, targets=["attn"], layers_to_transform=1, layers_pattern="blocks"),
+                       example_inputs=(x_of(),))
+    assert pm.store["default"].targets == ["blocks.1.attn", "blocks.1.attn.out_proj"]
+
+
+def test_rank_and_alpha_patterns_on_an_attention_module_reach_its_out_proj(tmp_path):
+    """PEFT builds the out_proj's LoRA inside the attention module's layer, with that module's r and alpha."""
+    pattern = {r"blocks\.1\.attn": 3}
+    pm = assert_round_trips(
+        blocks(), x_of(), peftc.LoRA(r=2, targets=["attn"], rank_pattern=pattern, alpha_pattern={"attn": 6},
+                                     init=False),
+        LoraConfig(r=2, lora_alpha=8, target_modules=["attn"], rank_pattern=pattern, alpha_pattern={"attn": 6},
+                   init_lora_weights=False), tmp_path)
+    sites = pm.store["default"].sites
+    assert {k: (w.A.shape[0], w.scale) for k, w in sites.items()} == {
+        "blocks-0-attn": (2, 3.0), "blocks-0-attn-out_proj": (2, 3.0),
+        "blocks-1-attn": (3, 2.0), "blocks-1-attn-out_proj": (3, 2.0)}
+
+
+def test_a_pattern_key_for_out_proj_alone_is_refused():
+    """In PEFT such a key reaches nothing (the out_proj takes its attention module's entry): refused, as any key
+    that matches no adapted layer."""
+    with pytest.raises(SpecError, match=r"rank_pattern key 'out_proj' matches none .*key the attention module"):
+        peftc.compile(net(), peftc.LoRA(r=2, targets=["attn"], rank_pattern={"out_proj": 1}),
+                      example_inputs=(x_of(),))
+
+
+def test_lora_bias_is_refused_naming_the_module():
+    """PEFT 0.21.2 keeps a lora_B bias for the packed in_proj but never applies it: an adapter with it cannot mean
+    the same in both, so peftc refuses it rather than disagree."""
+    with pytest.raises(SpecError, match=r"lora_bias on attn \(nn.MultiheadAttention\) is not supported: PEFT keeps "
+                                        r"a bias .* never applies it.*lora_bias=False"):
+        peftc.compile(net(), peftc.LoRA(r=2, targets=["attn"], lora_bias=True), example_inputs=(x_of(),))
+    pm = peftc.compile(net(), peftc.LoRA(r=2, targets=["emb"], lora_bias=True), example_inputs=(x_of(),))
+    assert pm.store["default"].targets == ["emb"]                # other layers keep it
 
 
 @pytest.mark.parametrize("option", [{"use_dora": True}, {"init": "pissa"}])

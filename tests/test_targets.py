@@ -11,7 +11,7 @@ from torch import nn
 import peftc
 from peftc import LoRA
 from peftc.errors import SpecError, TargetNotFound
-from peftc.passes.match import find_sites, output_heads
+from peftc.passes.match import find_sites
 from peftc.targets import check_rank, name_matches, output_head_paths, peft_target_modules, resolve_targets
 from peftc.trace import trace
 from tests.models import make
@@ -23,7 +23,7 @@ def resolved(arch: str, task_type=None):
     model = make(arch)
     gm = trace(model).gm
     sites = find_sites(gm)
-    return sites, output_head_paths(model, output_heads(gm, sites), task_type)
+    return sites, output_head_paths(model, task_type)
 
 
 def select(arch: str, targets, task_type=None) -> list[str]:
@@ -92,14 +92,15 @@ def test_all_linear_keeps_a_classification_head_without_seq_cls(arch):
 def test_all_linear_head_rules():
     cfg = tf.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                         vocab_size=64)
-    assert output_head_paths(tf.BertModel(cfg), {"pooler.dense"}, None) == set()     # bare encoder: nothing
+    assert output_head_paths(tf.BertModel(cfg), None) == set()                      # bare encoder: nothing
     seq_cls = tf.BertForSequenceClassification(cfg)
-    assert output_head_paths(seq_cls, {"classifier"}, "SEQ_CLS") == {"classifier"}
-    assert output_head_paths(seq_cls, {"classifier"}, None) == set()                # as PEFT without a task type
+    assert output_head_paths(seq_cls, "SEQ_CLS") == {"classifier"}
+    assert output_head_paths(seq_cls, None) == set()                                # as PEFT without a task type
     lm = tf.BertForMaskedLM(cfg)
-    assert output_head_paths(lm, set(), None) == {"cls.predictions.decoder"}        # the output embeddings
+    assert output_head_paths(lm, None) == {"cls.predictions.decoder"}               # the output embeddings
     mlp = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
-    assert output_head_paths(mlp, {"1"}, None) == {"1"}                             # plain module: the graph's head
+    assert output_head_paths(mlp, None) == set()                # plain module: PEFT keeps its final layer too
+    assert output_head_paths(mlp, "SEQ_CLS") == set()           # no classifier / score attribute
 
 
 @pytest.mark.parametrize("arch, expected", [
@@ -170,8 +171,19 @@ def test_rank_check_through_compile():
     with pytest.raises(SpecError, match=r"r=4 is larger than min\(in, out\)=3 of layer 2 "):
         peftc.compile(mlp, peftc.LoRA(r=4, targets=["0", "2"]),
                       example_inputs=(torch.randn(2, 8),))
-    pm = peftc.compile(mlp, peftc.LoRA(r=4, targets="all-linear"), example_inputs=(torch.randn(2, 8),))
-    assert pm.store["default"].targets == ["0"]                 # "all-linear" leaves the 8 -> 3 head out
+    with pytest.raises(SpecError, match=r"r=4 is larger than min\(in, out\)=3 of layer 2 "):
+        peftc.compile(mlp, peftc.LoRA(r=4, targets="all-linear"), example_inputs=(torch.randn(2, 8),))
+
+
+def test_all_linear_on_a_custom_module_keeps_its_final_layer():
+    """As PEFT: only a Hugging Face model's output embeddings (or, with SEQ_CLS, its classifier) are left out; a
+    plain module's last linear layer is adapted like the others."""
+    mlp = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.randn(2, 8)
+    pm = peftc.compile(mlp, peftc.LoRA(r=2, targets="all-linear"), example_inputs=(x,))
+    assert pm.store["default"].targets == ["0", "2"]
+    pm = peftc.compile(mlp, peftc.LoRA(r=2, targets="all-linear", task_type="SEQ_CLS"), example_inputs=(x,))
+    assert pm.store["default"].targets == ["0", "2"]
 
 
 def test_peft_target_modules_select_the_same_layers():

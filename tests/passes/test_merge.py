@@ -283,6 +283,25 @@ def test_modules_to_save_copies_become_the_merged_weights():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("opts", [{}, dict(lora_bias=True), dict(use_dora=True)], ids=["plain", "lora_bias", "dora"])
+def test_float64_model_merges_in_float64(opts):
+    """A float64 model's fold (s B A, s b_B, DoRA's norms) is computed in float64: merged == unmerged to float64
+    rounding (a float32 fold leaves ~1e-7 here)."""
+    model = make("llama").double()
+    pm = peftc.compile(model, LoRA(r=4, alpha=8, targets=["q_proj"], init=False, **opts))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for n, p in pm.named_trainable_parameters():      # magnitudes off the weight norms, b_B away from zero
+            p.mul_(1 + 0.3 * torch.randn_like(p)) if n.endswith("magnitude") else p.normal_(0, 0.2)
+    merged = pm.merge()
+    assert all(p.dtype == torch.float64 for p in merged.graph_module.parameters())
+    x = inputs("llama")
+    with torch.no_grad():
+        got, want = main_output(merged(**x)), main_output(pm(**x))
+    assert_differs(want, main_output(model(**x)), atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 # --- errors -----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_non_finite_adapter_is_refused_naming_adapter_and_layer(bad):
