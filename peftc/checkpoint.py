@@ -187,8 +187,7 @@ def _trained_bias_keys(pm: PeftModule, adapter_name: str) -> set[str]:
     """PEFT keys of the adapter's trained-bias copies (LoRA's bias; not its modules_to_save copies)."""
     ad = pm.store[adapter_name]
     paths = {p for p in ad.saved_modules if not getattr(ad.saved[site_key(p)], "whole", True)}
-    return {k for k, _ in pm.store.peft_parameters(adapter_name)
-            if k.removeprefix("base_model.model.").removesuffix(".bias").removesuffix(".base_layer") in paths}
+    return {k for k, _ in pm.store.peft_saved_parameters(adapter_name, paths)}
 
 
 def _saved_bias_aliases(pm: PeftModule, adapter_name: str) -> Iterator[tuple[str, str, str]]:

@@ -199,12 +199,25 @@ class AdapterStore(nn.Module):
         ad = self.adapters[name]
         keys = method_of(ad.spec).peft_keys
         for path in ad.targets:
-            parent, _, leaf = path.rpartition(".")
-            # PEFT wraps a targeted attention module (nn.MultiheadAttention) and its out_proj inside it
-            at = f"{parent}.base_layer.{leaf}" if leaf == "out_proj" and parent in ad.targets else path
             for key, t in keys(path, ad.sites[site_key(path)]):
-                yield f"base_model.model.{at}.{key}", t
-        for path in ad.saved_modules:   # an adapted layer's own tensors (a trained bias) sit at PEFT's base_layer
-            owner = f"{path}.base_layer" if path in ad.targets else path
+                yield f"base_model.model.{_peft_path(ad, path)}.{key}", t
+        yield from self.peft_saved_parameters(name)
+
+    def peft_saved_parameters(self, name: str, paths=None) -> Iterator[tuple[str, nn.Parameter]]:
+        """(PEFT's key, tensor) of the adapter's saved copies (modules_to_save, trained biases), of `paths` if given:
+        an adapted layer's own tensors (a trained bias) sit at PEFT's base_layer."""
+        ad = self.adapters[name]
+        for path in ad.saved_modules:
+            if paths is not None and path not in paths:
+                continue
+            at = _peft_path(ad, path)
+            owner = f"{at}.base_layer" if path in ad.targets else at
             for pname, p in ad.saved[site_key(path)].named_parameters():
                 yield f"base_model.model.{owner}.{pname.replace('-', '.')}", p
+
+
+def _peft_path(ad: Adapter, path: str) -> str:
+    """Where PEFT puts the layer at `path`: it wraps a targeted attention module (nn.MultiheadAttention) with its
+    out_proj inside, so that out_proj sits at <attention>.base_layer.out_proj."""
+    parent, _, leaf = path.rpartition(".")
+    return f"{parent}.base_layer.{leaf}" if leaf == "out_proj" and parent in ad.targets else path

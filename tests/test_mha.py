@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
 
@@ -273,3 +273,30 @@ def test_unsupported_options_are_refused_naming_the_module(option):
     with pytest.raises(SpecError, match=r"attn \(nn.MultiheadAttention\) is not supported"):
         peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], **option), example_inputs=(x_of(),))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_of_an_attention_module_use_peft_keys_both_ways(bias, tmp_path):
+    """bias='all'/'lora_only' on a targeted attention module: its out_proj's bias sits where PEFT wraps that layer,
+    <m>.base_layer.out_proj.base_layer.bias (and the packed in_proj's at <m>.base_layer.in_proj_bias)."""
+    model = net()
+    x = x_of()
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], bias=bias, init=False), example_inputs=(x,))
+    with torch.no_grad():
+        pm.store["default"].sites["attn-out_proj"].B.zero_()     # PEFT doubles out_proj's delta (see above)
+        for p in pm.store["default"].saved.parameters():
+            p.add_(torch.randn_like(p) * 0.5)                   # trained-looking biases
+    pm.save_adapter(tmp_path / "ours")
+    theirs_cfg = LoraConfig(r=2, lora_alpha=8, target_modules=["attn"], bias=bias, init_lora_weights=False)
+    peft_keys = set(get_peft_model_state_dict(get_peft_model(copy.deepcopy(model), theirs_cfg)))
+    ours_keys = set(load_file(tmp_path / "ours" / "adapter_model.safetensors"))
+    assert ours_keys == peft_keys, (sorted(ours_keys - peft_keys), sorted(peft_keys - ours_keys))
+    assert "base_model.model.attn.base_layer.out_proj.base_layer.bias" in ours_keys
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(theirs(x), pm(x), rtol=0, atol=TOL)
+    theirs.save_pretrained(tmp_path / "theirs")
+    again = peftc.load_adapter(model, tmp_path / "theirs", example_inputs=(x,))
+    with torch.no_grad():
+        assert torch.equal(again(x), pm(x))
