@@ -125,12 +125,14 @@ def summary(m: dict, merge: dict, mixed: dict, argv) -> str:
               f"(`benchmarks/mixed_batch.py`): {mixed['ratios']['peftc 8 / peftc 1']:.3f} x (medians; "
               f"{mixed['paired_ratios']['peftc 8 / peftc 1']:.3f} per round) the same batch on one adapter; PEFT "
               f"{mixed['ratios']['PEFT 8 / PEFT 1']:.3f} x."]
-    if "train" in m:
-        t = m["train_adapter"]["ratios"]
+    if "train" in m and "saved" in m:
+        t, sv = m["train_adapter"]["ratios"], m["saved_adapter"]["ratios"]
         lines += ["", f"peftc's base graph against the HF model in a training step (grad entry): "
-                  f"{t['peftc off / base']:.3f} x the time, {m['saved_adapter']['ratios']['peftc off / base']:.3f} x "
-                  "the saved activations; the base passes `gated` and `sdpa_mask` account for it (rows 'peftc off -P' "
-                  "in benchmarks/README.md)."]
+                  f"{t['peftc off / base']:.3f} x the time, {sv['peftc off / base']:.3f} x the saved activations; "
+                  f"without the gated-activation pass {sv['peftc off -gated -sdpa_mask / base']:.3f} x (with it "
+                  f"{sv['peftc off / peftc off -gated']:.3f} x, with `sdpa_mask` {sv['peftc off / peftc off -sdpa_mask']:.3f} x; "
+                  "rows 'peftc off -P' in benchmarks/README.md). One run on a noisy machine: the ranges over several "
+                  "runs are under \"Changes in the figures\" there."]
     return "\n".join(lines)
 
 
