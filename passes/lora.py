@@ -39,12 +39,12 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import InputError, MergeError, SpecError
 from peftc.inits import changes_base_weight
-from peftc.methods import Method, register_method
+from peftc.methods import Method, register_method, work_dtype
 from peftc.targets import check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
 from peftc.store import STORE, Adapter, AdapterStore, site_key, slot_writer
 
-from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, work_dtype, zero_weights
+from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
 from .match import Site, tensor_at
 from .route import route_input
 

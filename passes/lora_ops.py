@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from peftc.errors import SpecError
+from peftc.methods import work_dtype
 from peftc.inits import orthogonal_init, residual_init
 
 
@@ -206,15 +207,6 @@ class LoraGroup(nn.Module):
     def extra_repr(self) -> str:
         return (f"sites={self.paths}, dropout={self.live}" + (", x recomputed" if self.remake else "")
                 + (f", dora={self.dora}" if any(self.dora) else ""))
-
-
-def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The dtype merges and DoRA norms are computed in: float32 for fp16 / bf16 / float32 weights, float64 for
-    float64 ones (never narrower than the weights)."""
-    out = torch.float32
-    for dt in dtypes:
-        out = torch.promote_types(out, dt)
-    return out
 
 
 def dora_norm(W, A, B, s, kind: str = "linear") -> torch.Tensor:

@@ -17,10 +17,9 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError
-from peftc.methods import METHODS, method_of, method_tagged
+from peftc.methods import METHODS, method_of, method_tagged, work_dtype
 from peftc.store import STORE, Adapter
 
-from .lora_ops import work_dtype
 from .match import Site, tensor_at
 from .modules_to_save import copy_of
 from .route import drop_route_inputs

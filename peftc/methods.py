@@ -20,6 +20,15 @@ from .passes.route import add_route_value, remove_route_value, route_kinds
 from .spec import AdapterSpec
 
 
+def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype fold rules, merges and weight combinations compute in: float32 for fp16 / bf16 / float32 tensors,
+    float64 for float64 ones (never narrower than their inputs)."""
+    out = torch.float32
+    for dt in dtypes:
+        out = torch.promote_types(out, dt)
+    return out
+
+
 @dataclass(frozen=True)
 class Method:
     """One method's contract.

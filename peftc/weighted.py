@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable, NamedTuple
 import torch
 
 from .errors import InputError, SpecError
+from .methods import work_dtype
 from .spec import LoRA
 from .build import check_adapter_name
 from .passes.lora_ops import LoraWeights
@@ -67,14 +68,10 @@ def _equal_ranks(ranks: list[int], svd_rank: int | None) -> int:
     return ranks[0]
 
 
-def _work_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(t.dtype, torch.float32)   # fp16/bf16 adapters are combined in fp32
-
-
 @_combination("linear", _equal_ranks)
 def _linear(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
     # A += sign(c) sqrt|c| A_i, B += sqrt|c| B_i  (the sign goes on one side only, so it is not squared away)
-    dt = _work_dtype(parts[0].lora.A_r)
+    dt = work_dtype(parts[0].lora.A_r.dtype)
     A = torch.zeros(parts[0].lora.A_r.shape, dtype=dt, device=parts[0].lora.A_r.device)    # (r, in)
     B = torch.zeros(parts[0].lora.B_r.shape, dtype=dt, device=parts[0].lora.B_r.device)    # (out, r)
     for p in parts:
@@ -88,7 +85,7 @@ def _linear(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torc
 @_combination("cat", lambda ranks, svd_rank: sum(ranks))
 def _cat(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
     # the present adapters' ranks side by side, from rank 0 on; rows/columns of absent adapters stay zero at the end
-    dt = _work_dtype(parts[0].lora.A_r)
+    dt = work_dtype(parts[0].lora.A_r.dtype)
     A = torch.cat([p.weight * p.lora.scale * p.lora.A_r.to(dt) for p in parts], dim=0)  # (sum r_i, in)
     B = torch.cat([p.lora.B_r.to(dt) for p in parts], dim=1)                             # (out, sum r_i)
     return _pad(A, B, r)
@@ -96,7 +93,7 @@ def _cat(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.T
 
 @_combination("svd", lambda ranks, svd_rank: svd_rank or max(ranks))
 def _svd(parts: list[Part], r: int, opt: Options) -> tuple[torch.Tensor, torch.Tensor]:
-    dt = _work_dtype(parts[0].lora.A_r)
+    dt = work_dtype(parts[0].lora.A_r.dtype)
     delta = sum(p.weight * p.lora.scale * (p.lora.B_r.to(dt) @ p.lora.A_r.to(dt)) for p in parts)   # (out, in)
     U, S, Vh = torch.linalg.svd(delta, full_matrices=opt.svd_full_matrices, driver=opt.svd_driver)
     k = min(r, S.shape[0])                 # a rank above min(in, out) keeps every direction; the rest is zero

@@ -156,16 +156,9 @@ def test_all_linear_leaves_attention_modules_out_as_peft_does(tmp_path):
     assert pm.store["default"].targets == ["emb", "head"]
     theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=8, target_modules="all-linear",
                                                              init_lora_weights=False)).eval()
-    pm.save_adapter(tmp_path / "ours")
     with torch.no_grad():       # its saved config names "out_proj", which peftc then adapts for real: left at zero
         theirs.base_model.model.attn.out_proj.lora_B.default.weight.zero_()
-    theirs.save_pretrained(tmp_path / "theirs")
-    ours_in_peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
-    theirs_in_peftc = peftc.load_adapter(model, tmp_path / "theirs", example_inputs=(x,))
-    with torch.no_grad():
-        assert (pm(x) - model(x)).abs().max() > 1e-3
-        torch.testing.assert_close(ours_in_peft(x), pm(x), rtol=0, atol=TOL)
-        torch.testing.assert_close(theirs_in_peftc(x), theirs(x), rtol=0, atol=TOL)
+    assert_loads_both_ways(model, x, pm, theirs, tmp_path)
 
 
 class Blocks(nn.Module):
@@ -201,22 +194,28 @@ def assert_round_trips(model, x, spec: peftc.LoRA, config: LoraConfig, tmp_path)
     """peftc's adapter loads in PEFT and PEFT's in peftc, with the same tensors and outputs (out_proj's B zero)."""
     pm = peftc.compile(model, spec, example_inputs=(x,))
     zero_out_proj_B(pm)
-    pm.save_adapter(tmp_path / "ours")
     theirs = get_peft_model(copy.deepcopy(model), config).eval()
     with torch.no_grad():
         for name, p in theirs.named_parameters():
             if "out_proj.lora_B" in name:
                 p.zero_()
-    theirs.save_pretrained(tmp_path / "theirs")
+    assert_loads_both_ways(model, x, pm, theirs, tmp_path)
     shapes = {k: v.shape for k, v in load_file(tmp_path / "theirs" / "adapter_model.safetensors").items()}
     assert {k: v.shape for k, v in load_file(tmp_path / "ours" / "adapter_model.safetensors").items()} == shapes
+    return pm
+
+
+def assert_loads_both_ways(model, x, pm, theirs, tmp_path) -> None:
+    """pm (peftc) saved and loaded in PEFT equals pm, theirs (PEFT) saved and loaded in peftc equals theirs, and pm
+    moves the model's output."""
+    pm.save_adapter(tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "theirs")
     ours_in_peft = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "ours").eval()
     theirs_in_peftc = peftc.load_adapter(model, tmp_path / "theirs", example_inputs=(x,))
     with torch.no_grad():
         assert (pm(x) - model(x)).abs().max() > 1e-3
         torch.testing.assert_close(ours_in_peft(x), pm(x), rtol=0, atol=TOL)
         torch.testing.assert_close(theirs_in_peftc(x), theirs(x), rtol=0, atol=TOL)
-    return pm
 
 
 def test_excluding_an_attention_module_leaves_its_out_proj_out_too(tmp_path):
