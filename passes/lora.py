@@ -611,15 +611,12 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
                                 "'pissa' or another init there")
             continue
         what = {"embedding": "an embedding", "conv": "a convolution"}[site.kind]
-        grouped = site.kind == "conv" and site.params.get("groups", 1) > 1
-        unsupported = [o for o, on in (("use_dora", spec.use_dora and grouped),
-                                       ("lora_bias", spec.lora_bias and site.kind == "embedding")) if on]
+        unsupported = ["lora_bias"] if spec.lora_bias and site.kind == "embedding" else []
         if spec.init not in (True, False, "gaussian"):
             unsupported.append(f"init={spec.init!r}")
         if unsupported:
             raise SpecError(f"{', '.join(unsupported)} on {site.fqn} ({what}, {site.module_type or site.kind}) is "
-                            "not supported: peftc serves it on linear and Conv1D layers"
-                            + (", and DoRA on ungrouped convolutions" if grouped else "") + "; leave the layer out "
+                            "not supported: peftc serves it on linear and Conv1D layers; leave the layer out "
                             "of targets (exclude_modules) or drop the option")
 
 
