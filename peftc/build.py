@@ -53,6 +53,8 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     copies of the model's biases, kept beside the modules_to_save copies) and PEFT's layer selection
     (layers_to_transform, exclude_modules, ...)."""
     method = method_of(spec)
+    if method.resolve is not None:        # graph-dependent defaults made explicit (the adapter keeps this spec)
+        spec = method.resolve(spec, sites, model)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)

@@ -44,6 +44,9 @@ class Method:
                  where the layer has none), or None where the adapter leaves the bias alone
     param_count: (spec, site) -> the trainable parameters the method adds at a site (inspection, the README's
                  tables); None: counted from the built adapter only
+    resolve:     (spec, sites, model) -> the spec with its graph-dependent defaults made explicit (IA3's default
+                 targets and feedforward modules, found from the sites' roles), before its targets are resolved;
+                 the adapter keeps the returned spec, so its checkpoint names what was chosen. None: used as given
 
     What compiling needs (a method without build and rewrite registers its config mapping and fold rule only):
     check:       (spec, sites, chosen paths, loading) -> None; the method's own refusals before weights are made
@@ -73,6 +76,7 @@ class Method:
     fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
     fold_bias: Optional[Callable[[Any, Any, Optional[torch.Tensor]], Optional[torch.Tensor]]] = None
     param_count: Optional[Callable[[Any, Any], int]] = None
+    resolve: Optional[Callable[[Any, dict, Any], AdapterSpec]] = None
     check: Optional[Callable[[Any, dict, list, bool], None]] = None
     build: Optional[Callable[[Any, Any, torch.Tensor], Any]] = None
     rewrite: Optional[Callable[..., int]] = None
