@@ -120,6 +120,8 @@ class AdapterStore(nn.Module):
             del self._slots[slot]
         else:
             self._slots[slot] = None
+            if not adapter.padded:                 # its weights never took the lane (_fill_lane): nothing to empty
+                return slot
             lane = self._lane(slot)
             for key, w in adapter.sites.items():   # fresh zeros: the old weights stay the old adapter's alone
                 lane[key] = w.zeros(self.capacity.rank)
