@@ -278,7 +278,9 @@ def ia3_resolve(spec: IA3, sites: dict[str, Site], model: nn.Module | None) -> I
 # --- weights -------------------------------------------------------------------------------------------------
 class IA3Weights(nn.Module):
     """One IA3 site of one adapter: the vector l in PEFT's shape, (out, 1) or (1, in) for linear layers and Conv1D,
-    (1, n, 1, ...) for convolutions, and which side of the layer it scales."""
+    (1, n, 1, ...) for convolutions, and which side of the layer it scales. It has no rank and no padded() form, so
+    it never takes a capacity's lanes (AdapterStore): under a declared capacity, adding or deleting an IA3 adapter
+    rebuilds the graph once, while LoRA adapters keep coming and going as data."""
 
     def __init__(self, n: int, feedforward: bool, kind: str, dims: int, init: bool, dtype, device):
         super().__init__()
@@ -299,12 +301,6 @@ class IA3Weights(nn.Module):
     @property
     def n(self) -> int:
         return self.l.numel()
-
-    def zeros(self, rank: int) -> "IA3Weights":
-        """The store's empty lane entry for this site (AdapterStore.remove): a frozen identity, l = 1 (IA3 has no
-        rank, so `rank` is not used)."""
-        w = IA3Weights(self.n, self.feedforward, self.kind, self.dims, True, self.l.dtype, self.l.device)
-        return w.requires_grad_(False)
 
 
 def ia3_check(spec: IA3, sites: dict[str, Site], chosen: list[str], loading: bool) -> None:
