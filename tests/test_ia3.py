@@ -56,15 +56,17 @@ def test_default_targets_are_peft_defaults(arch):
     assert diff(pm, make(arch), inputs(arch)) == 0.0           # l = 1: a fresh adapter is the identity
 
 
-def test_default_names_in_the_config_are_peft_names(tmp_path):
-    for arch, targets, ff in (("llama", ["down_proj", "k_proj", "v_proj"], ["down_proj"]),
-                              ("qwen2", ["down_proj", "q_proj", "v_proj"], ["down_proj"]),
-                              ("gpt2", ["attn.c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
-                              ("bert", ["output.dense", "self.key", "self.value"], ["output.dense"])):
-        peftc.compile(make(arch), peftc.IA3()).save_adapter(tmp_path / arch)
-        cfg = json.loads((tmp_path / arch / "adapter_config.json").read_text())
-        assert (cfg["peft_type"], cfg["target_modules"], cfg["feedforward_modules"]) == ("IA3", targets, ff)
-        assert cfg["init_ia3_weights"] is True and cfg["fan_in_fan_out"] is False
+@pytest.mark.parametrize("arch, targets, ff", [
+    ("llama", ["down_proj", "k_proj", "v_proj"], ["down_proj"]),
+    ("qwen2", ["down_proj", "q_proj", "v_proj"], ["down_proj"]),
+    ("gpt2", ["attn.c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    ("bert", ["output.dense", "self.key", "self.value"], ["output.dense"]),     # PEFT's: attention output too
+])
+def test_default_names_in_the_config_are_peft_names(arch, targets, ff, tmp_path):
+    peftc.compile(make(arch), peftc.IA3()).save_adapter(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["target_modules"], cfg["feedforward_modules"]) == ("IA3", targets, ff)
+    assert cfg["init_ia3_weights"] is True and cfg["fan_in_fan_out"] is False
 
 
 # --- checkpoints both ways -----------------------------------------------------------------------------------------
