@@ -253,12 +253,9 @@ def ia3_resolve(spec: IA3, sites: dict[str, Site], model: nn.Module | None) -> I
         return spec
     if spec.targets is None:
         chosen, ff = default_sites(sites, model)
-        if spec.feedforward is not None:
-            ff = [p for p in chosen if spec.is_feedforward(p)]
+        extra = set(spec.feedforward) if isinstance(spec.feedforward, tuple) else set()   # PEFT: ff within targets
         for k in range(1, max(p.count(".") for p in chosen) + 2):
-            names = _tails(chosen, k)
-            extra = list(spec.feedforward) if isinstance(spec.feedforward, tuple) else []
-            names = sorted(set(names) | set(extra))
+            names = sorted(set(_tails(chosen, k)) | extra)
             if _selects(names, sites, True) == set(chosen):
                 targets = tuple(names)
                 break

@@ -69,6 +69,21 @@ def test_default_names_in_the_config_are_peft_names(arch, targets, ff, tmp_path)
     assert cfg["init_ia3_weights"] is True and cfg["fan_in_fan_out"] is False
 
 
+@pytest.mark.parametrize("spec, ff", [
+    (peftc.IA3(feedforward=["k_proj"]), {"k_proj"}),                           # default targets, own feedforward
+    (peftc.IA3(targets=r".*\.(k_proj|v_proj|down_proj)"), {"down_proj"}),      # regex targets, default feedforward
+    (peftc.IA3(targets=["k_proj", "v_proj", "down_proj"]), {"down_proj"}),
+    (peftc.IA3(targets="all-linear", feedforward=".*mlp.*"), {"gate_proj", "up_proj", "down_proj"}),
+    (peftc.IA3(exclude_modules=["down_proj"]), set()),
+])
+def test_explicit_forms_select_the_same_layers_in_peft(spec, ff, tmp_path):
+    pm = peftc.compile(make("llama"), spec)
+    layers = ours_layers(pm)
+    assert {p.rsplit(".", 1)[1] for p, f in layers.items() if f} == ff
+    pm.save_adapter(tmp_path)
+    assert peft_layers(PeftModel.from_pretrained(make("llama"), tmp_path)) == layers
+
+
 # --- checkpoints both ways -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
 def test_peft_checkpoint_loads_into_peftc_and_merges(arch, tmp_path):
