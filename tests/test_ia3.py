@@ -15,6 +15,7 @@ from peftc.errors import SpecError
 from peftc.methods import method_of
 from tests.models import inputs, main_output, make
 from tests.parity import parity_inputs, randomize_ours_
+from tests.recompiles import fresh_dynamo, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)
 
 TOL = 1e-5
 # PEFT has no IA3 default for ViT: it is given the layers peftc picks from the graph
@@ -190,6 +191,31 @@ def test_mixed_batch_of_ia3_and_lora_rows_equals_each_alone(arch):
             alone = out(pm, x)
         assert (mixed[i] - alone[i]).abs().max().item() <= TOL, n
         assert n == "__base__" or (alone[i] - out(make(arch), x)[i]).abs().max() > 100 * TOL
+
+
+@pytest.mark.slow
+def test_switching_and_mixing_ia3_adapters_never_recompiles():
+    pm = peftc.compile(make("llama"), peftc.IA3(init_ia3_weights=False), adapter_name="a").eval()
+    pm.add_adapter("b", peftc.IA3(targets=["q_proj", "down_proj"], feedforward=[], init_ia3_weights=False))
+    pm.add_adapter("c", peftc.LoRA(r=4))
+    randomize_ours_(pm, 1, name="c")
+    compiled = torch.compile(pm, backend="eager", fullgraph=True)
+    x = inputs("llama")
+    want = {}
+    for n in ("a", "b", "c"):
+        pm.set_adapter(n)
+        want[n] = out(pm, x)
+    pm.set_adapter("a")
+    routes = (["a", "b", "c"], ["c", "a", "b"])
+    out(compiled, x)                                                 # each form compiles once
+    out(lambda **k: compiled(**k, adapter_names=routes[0]), x)
+    with no_recompiles():
+        for n in ("b", "c", "a"):
+            pm.set_adapter(n)
+            assert (out(compiled, x) - want[n]).abs().max() <= TOL
+        for names in routes:
+            got = out(lambda **k: compiled(**k, adapter_names=names), x)
+            assert all((got[i] - want[n][i]).abs().max() <= TOL for i, n in enumerate(names))
 
 
 def test_capacity_takes_and_frees_an_ia3_adapter():
