@@ -208,9 +208,9 @@ def default_sites(sites: dict[str, Site], model: nn.Module | None) -> tuple[list
     attn = [p for p, s in sites.items() if s.roles & roles]
     if not attn:
         raise TargetNotFound("IA3 targets=None selects the key and value projections found from the attention "
-                             "pattern and the MLP's down projections, but the graph has no scaled_dot_product_attention "
-                             "fed by linear layers; pass targets (and feedforward) explicitly, e.g. "
-                             "peftc.IA3(targets=['fc1', 'fc2'], feedforward=['fc2'])")
+                             "pattern and the MLP's down projections, but the graph has no "
+                             "scaled_dot_product_attention fed by linear layers; pass targets (and feedforward) "
+                             "explicitly, e.g. peftc.IA3(targets=['fc1', 'fc2'], feedforward=['fc2'])")
     ff = feedforward_sites(sites, model)
     if not ff:
         log.warning("IA3 targets=None: no MLP down projection found in the graph; only the attention projections "

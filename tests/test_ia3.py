@@ -91,7 +91,6 @@ def test_peft_checkpoint_loads_into_peftc_and_merges(arch, tmp_path):
     ref = random_peft(arch)
     ref.save_pretrained(tmp_path)
     ours = peftc.load_adapter(make(arch), tmp_path)
-    theirs = ref.get_base_model()
     sd = {k: v for k, v in ref.state_dict().items() if "ia3_l" in k}
     mine = ours.store.peft_state_dict("default")
     assert {k.replace(".ia3_l.default", ".ia3_l") for k in sd} == set(mine)
@@ -101,7 +100,6 @@ def test_peft_checkpoint_loads_into_peftc_and_merges(arch, tmp_path):
         assert diff(ours, ref, x) <= TOL and diff(merged, ref, x) <= TOL
         assert diff(merged, ours, x) <= TOL
     assert diff(ours, make(arch), parity_inputs(arch)[0]) > 100 * TOL, "the adapter left the output unchanged"
-    del theirs
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
@@ -303,7 +301,8 @@ def test_layers_ia3_does_not_serve_are_refused():
     with pytest.raises(SpecError, match=r"IA3 cannot serve model.embed_tokens .*'embedding'.*\['linear', 'conv1d'"):
         peftc.compile(make("llama"), peftc.IA3(targets=["embed_tokens"], feedforward=[]))
     with pytest.raises(SpecError, match=r"IA3 cannot serve attn \(nn.MultiheadAttention"):
-        peftc.compile(Attn().eval(), peftc.IA3(targets=["attn"], feedforward=[]), example_inputs=(torch.randn(2, 3, 8),))
+        peftc.compile(Attn().eval(), peftc.IA3(targets=["attn"], feedforward=[]),
+                      example_inputs=(torch.randn(2, 3, 8),))
     with pytest.raises(SpecError, match=r"use_dora=True is an IA3 option peftc does not know"):
         peftc.load_adapter(make("llama"), _config_dir({"use_dora": True}))
 

@@ -155,7 +155,7 @@ def test_convolutions_scale_channels(form):
     assert (gm(x, peftc_route=route) - want).abs().max() < 1e-5
 
 
-def _fold(site_kind, weight, bias, w, site):
+def _fold(weight, bias, w, site):
     ad = Adapter(IA3(targets=[site.fqn]), [site.fqn], [])
     ad.sites[site_key(site.fqn)] = w
     return weight + ia3_delta(ad, site, weight), ia3_bias_delta(ad, site, bias)
@@ -168,7 +168,7 @@ def test_fold_rule_linear_and_grouped_conv(feedforward):
     s = sites["down"]
     w = IA3Weights(s.in_features if feedforward else s.out_features, feedforward, "linear", 2, False,
                    torch.float32, torch.device("cpu"))
-    W, db = _fold("linear", m.down.weight, m.down.bias, w, s)
+    W, db = _fold(m.down.weight, m.down.bias, w, s)
     x = torch.randn(4, F_)
     l = w.l.detach().flatten()
     want = m.down(x * l) if feedforward else m.down(x) * l
@@ -179,7 +179,7 @@ def test_fold_rule_linear_and_grouped_conv(feedforward):
     xs = torch.randn(2, 3, 6, 6)
     cs = find_sites(trace(c, (xs,)).gm)["c2"]
     wc = IA3Weights(8, feedforward, "conv", 4, False, torch.float32, torch.device("cpu"))
-    Wc, dbc = _fold("conv", c.c2.weight, c.c2.bias, wc, cs)
+    Wc, dbc = _fold(c.c2.weight, c.c2.bias, wc, cs)
     h = torch.randn(2, 8, 6, 6)
     want = c.c2(h * wc.l) if feedforward else c.c2(h) * wc.l
     got = F.conv2d(h, Wc, c.c2.bias + (dbc if dbc is not None else 0), groups=2)
