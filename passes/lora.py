@@ -42,7 +42,7 @@ from peftc.inits import changes_base_weight
 from peftc.methods import Method, form_module, register_method, work_dtype
 from peftc.targets import MHA, check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
-from peftc.store import STORE, Adapter, AdapterStore, Capacity, site_key
+from peftc.store import STORE, Adapter, AdapterStore, Capacity, lane_target, site_key
 
 from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
 from .match import Site, tensor_at
@@ -315,7 +315,7 @@ def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                                                            w.device, _live(store, [site.fqn])), "bank")
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
                 for i in range(1, len(slots)):
-                    store.lane_weights(i, key, _zeros(site, capacity.rank, w))
+                    store.lane_weights(i, "lora", key, _zeros(site, capacity.rank, w))
         bank = banks[key]
         _rewrite(gm, site, node, key, store, rank, rows, batch, bank, hasattr(gm.get_submodule(bank), "dropout"),
                  _batch_dim(site, _input_of(site, node), first))
@@ -386,14 +386,14 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         c_list = [attr(f"{bank}.empty.c")] if with_bias else []
         for i, a in enumerate(store.slots()[1:], start=1):
             if store.capacity is not None:        # the slot's lane, whoever fills it
-                a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
-                b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
-                s_list.append(attr(f"{STORE}.lanes.{i}.{key}.scale_t"))
+                a_list.append(attr(f"{lane_target(i, 'lora', key)}.A"))
+                b_list.append(attr(f"{lane_target(i, 'lora', key)}.B"))
+                s_list.append(attr(f"{lane_target(i, 'lora', key)}.scale_t"))
                 if dropout:
-                    p_list.append(attr(f"{STORE}.lanes.{i}.{key}.p_t"))
+                    p_list.append(attr(f"{lane_target(i, 'lora', key)}.p_t"))
                 if with_bias:
-                    lane = store.lanes[str(i)][key]
-                    c_list.append(attr(f"{STORE}.lanes.{i}.{key}.B_bias") if lane.B_bias is not None else c_list[0])
+                    lane = store.lanes[str(i)]["lora"][key]
+                    c_list.append(attr(f"{lane_target(i, 'lora', key)}.B_bias") if lane.B_bias is not None else c_list[0])
                 continue
             w = _weights(store, a, site.fqn)
             if w is None:
@@ -481,8 +481,8 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                 anchor = node
                 for i, a in enumerate(slots[1:], start=1):
                     if store.capacity is not None:
-                        lw = store.lane_weights(i, key, _zeros(site, store.capacity.rank, w))
-                        prefix = f"{STORE}.lanes.{i}.{key}"
+                        lw = store.lane_weights(i, "lora", key, _zeros(site, store.capacity.rank, w))
+                        prefix = f"{lane_target(i, 'lora', key)}"
                     elif _weights(store, a, site.fqn) is not None:
                         lw, prefix = _weights(store, a, site.fqn), f"{STORE}.adapters.{a}.sites.{key}"
                     else:
