@@ -11,6 +11,7 @@ from peft.tuners.ia3 import IA3Layer
 from torch import nn
 
 import peftc
+from tests.compare import assert_differs
 from peftc.errors import SpecError
 from peftc.methods import method_of
 from tests.models import inputs, main_output, make
@@ -222,7 +223,7 @@ def test_capacity_takes_and_frees_an_ia3_adapter():
     randomize_ours_(pm, 1)
     x = inputs("llama")
     lora = out(pm, x)
-    pm.add_adapter("ia3", peftc.IA3(init_ia3_weights=False))       # no padded form: one rebuild
+    pm.add_adapter("ia3", peftc.IA3(init_ia3_weights=False))       # IA3 sites new to the graph: one rebuild
     assert pm.store.slots() == ["__base__", "default", "ia3", None]
     pm.set_adapter("ia3")
     alone = out(pm, x)
@@ -240,6 +241,36 @@ def test_capacity_takes_and_frees_an_ia3_adapter():
     mixed = out(lambda **k: pm(**k, adapter_names=["default", "b", "__base__"]), x)
     assert (mixed[0] - lora[0]).abs().max() <= TOL and (mixed[1] - b[1]).abs().max() <= TOL
     assert (mixed[2] - out(make("llama"), x)[2]).abs().max() <= TOL
+
+
+def test_capacity_takes_ia3_adapters_as_data_once_the_graph_serves_them():
+    """Once the graph scales IA3's sites, further IA3 adapters fill and leave slots as data (the graph object stays):
+    each slot's IA3 lane is the adapter's vector, or frozen ones when it leaves; outputs equal each adapter alone."""
+    x = inputs("llama")
+    pm = peftc.compile(make("llama"), peftc.IA3(init_ia3_weights=False), capacity=peftc.Capacity(3)).eval()
+    graph = pm.graph_module.graph
+    pm.add_adapter("b", peftc.IA3(init_ia3_weights=False))
+    pm.add_adapter("c", peftc.IA3(init_ia3_weights=False))
+    assert pm.graph_module.graph is graph and pm.store.slots() == ["__base__", "default", "b", "c"]
+    alone = {}
+    for name in ("default", "b", "c"):
+        pm.set_adapter(name)
+        alone[name] = out(pm, x)
+    mixed = out(lambda **k: pm(**k, adapter_names=["c", "default", "b"]), x)
+    for i, name in enumerate(("c", "default", "b")):
+        assert (mixed[i] - alone[name][i]).abs().max() <= TOL
+    assert_differs(alone["b"], alone["c"])
+    pm.set_adapter("default")
+    pm.delete_adapter("b")                                          # its lane gets ones: slot 2 is the identity
+    base = out(make("llama"), x)
+    mixed = out(lambda **k: pm(**k, adapter_names=["c", "default", "__base__"]), x)
+    assert (mixed[0] - alone["c"][0]).abs().max() <= TOL and (mixed[2] - base[2]).abs().max() <= TOL
+    pm.add_adapter("d", peftc.IA3(init_ia3_weights=False))
+    assert pm.graph_module.graph is graph and pm.store.slots() == ["__base__", "default", "d", "c"]
+    pm.set_adapter("d")
+    d = out(pm, x)
+    mixed = out(lambda **k: pm(**k, adapter_names=["d", "c", "default"]), x)
+    assert (mixed[0] - d[0]).abs().max() <= TOL and (mixed[1] - alone["c"][1]).abs().max() <= TOL
 
 
 # --- training, counts ----------------------------------------------------------------------------------------------
