@@ -8,6 +8,7 @@ what it checks first, is its Method's `check` and `build` (passes/lora.py for Lo
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -19,6 +20,7 @@ from .passes.match import Site, tensor_at
 from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
 from .spec import SEQ_CLS_HEADS, AdapterSpec
 from .store import Adapter, site_key
+from .param_targets import all_linear_exclusions, expand_all_linear, resolve_parameters
 from .targets import output_head_paths, resolve_targets, select_layers, site_for
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -51,13 +53,21 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
 
     A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
     copies of the model's biases, kept beside the modules_to_save copies) and PEFT's layer selection
-    (layers_to_transform, exclude_modules, ...)."""
+    (layers_to_transform, exclude_modules, ...), and target_parameters (peftc.param_targets: on a fused-MoE model
+    targets="all-linear" adds the router and the experts, which the adapter's spec then records)."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
-    heads = output_head_paths(model, task_type)
-    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
+    if hasattr(spec, "target_parameters"):
+        spec = expand_all_linear(spec, model)
+    heads = output_head_paths(model, task_type) | all_linear_exclusions(sites, model)
+    modules = resolve_targets(getattr(spec, "targets", None), sites, heads, saved)
+    params = resolve_parameters(gm, sites, model, spec, modules) if hasattr(spec, "target_parameters") else {}
+    chosen = select_layers(spec, modules, sites, [p for p, _ in params.values()])
+    chosen = [f for f in sites if f in set(chosen) | set(params)]          # graph order
+    # a layer chosen by target_parameters carries its parameter's name (Site.key: rank / alpha patterns match it)
+    sites = {f: replace(s, key=params[f][0]) if f in params else s for f, s in sites.items()}
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -71,6 +81,7 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
         method.check(spec, sites, chosen, loading)
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
     adapter = Adapter(spec, chosen, saved + biases)
+    adapter.peft_paths = {f: peft_path for f, (_, peft_path) in params.items()}
     for path in chosen:
         site = site_for(sites, path, chosen)
         adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))
