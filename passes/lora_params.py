@@ -34,15 +34,24 @@ from .route import route_input
 
 
 class ExpertLoraWeights(LoraWeights):
-    """One adapter at an expert weight: A [r E, in], B [out, r E] (PEFT's layout), r per expert. A_r and B_r are
-    A and B (what checkpoints and merging read). No padded form: a declared capacity leaves it as it is."""
+    """One adapter at an expert weight: A [r E, in], B [out, r E] (PEFT's layout), r per expert (its rank, as a
+    capacity's rank is compared with). A_r and B_r are A and B (what checkpoints and merging read). No padded
+    form: a declared capacity leaves it as it is (adding or deleting such an adapter rebuilds the graph)."""
 
     def __init__(self, r: int, experts: int, in_features: int, out_features: int, scale: float, init, dtype,
                  device, kind: str):
         super().__init__(0, in_features, out_features, scale, 0.0, True, dtype=dtype, device=device,
                          rank=r * experts, kind=kind)
-        self.r, self.expert_r, self.experts = r * experts, r, experts
+        self.r, self.experts = r, experts
         self.reset(init)
+
+    @property
+    def A_r(self) -> torch.Tensor:
+        return self.A
+
+    @property
+    def B_r(self) -> torch.Tensor:
+        return self.B
 
     @property
     def padded(self):     # no padded copy (Adapter.padded is then False)
@@ -52,10 +61,10 @@ class ExpertLoraWeights(LoraWeights):
     def reset(self, init=True) -> None:
         """PEFT's ParamWrapper inits: True (Kaiming-uniform A over `in`, zero B), "gaussian" (A ~ N(0, 1/r), r per
         expert), False (both as nn.Linear initialises them)."""
-        if not getattr(self, "expert_r", 0):
+        if not getattr(self, "experts", 0):      # LoraWeights.__init__ (r = 0): nothing to draw yet
             return
         if init == "gaussian":
-            nn.init.normal_(self.A, std=1 / self.expert_r)
+            nn.init.normal_(self.A, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         if init is False:
@@ -64,7 +73,7 @@ class ExpertLoraWeights(LoraWeights):
             nn.init.zeros_(self.B)
 
     def zeros(self, rank: int) -> "ExpertLoraWeights":
-        w = ExpertLoraWeights(self.expert_r, self.experts, self.A.shape[1], self.B.shape[0], 0.0, True,
+        w = ExpertLoraWeights(self.r, self.experts, self.A.shape[1], self.B.shape[0], 0.0, True,
                               self.A.dtype, self.A.device, self.kind)
         return w.requires_grad_(False)
 
