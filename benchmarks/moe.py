@@ -16,6 +16,9 @@ s (x A_e^T) B_e^T on each expert's own tokens (two skinny grouped products per w
 O(tokens r (in + out)) instead of O(E in out) per call.
 
 Modes:
+Contestants: base (the bare model), PEFT, peftc and "peftc off" (the same PeftModule, adapters disabled: its base
+graph), so that peftc / peftc off is the adapter's own cost.
+
   no_grad   eval forward under torch.no_grad()
   train     one training step: zero grads, forward with labels (the model's loss), backward
 Each reports ratios of medians, of minimums and the median per-round ratio (harness.report).
@@ -32,7 +35,7 @@ import torch  # noqa: E402
 import harness as H  # noqa: E402
 
 MODES = ("no_grad", "train")
-PAIRS = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT")]
+PAIRS = [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT"), ("peftc", "peftc off")]
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
@@ -69,8 +72,11 @@ def main(argv: list[str] | None = None) -> dict:
     H.setup(args)
     base = build_moe().to(args.device)
     ours, theirs = build_pair(base)
-    cs = [H.Contestant("base", H.own_copy(base, frozen=True)), H.Contestant("PEFT", theirs),
-          H.Contestant("peftc", ours)]
+    peftc_c = H.Contestant("peftc", ours)
+    # "peftc off": the same module with its adapter disabled (its base graph): peftc / peftc off is the adapter's
+    # own cost; the traced graph runs transformers' grouped_mm_fallback op where the eager model may run torch's kernel
+    cs = [H.Contestant("base", H.own_copy(base, frozen=True)), H.Contestant("PEFT", theirs), peftc_c,
+          peftc_c.variant("peftc off", ours.disable_adapters)]
     inputs = H.example_inputs(base.config.vocab_size, device=args.device)
     H.check(cs, inputs, torch.no_grad, agree=[("peftc", "PEFT", 1e-4)], differ=[("peftc", "base", 1e-4)])
 
@@ -81,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
         t = H.time_contestants(cs, inputs, args.rounds, args.warmup, args.device, torch.no_grad)
         results["no_grad"] = H.report(t, PAIRS, f"eval forward, torch.no_grad(): {head}")
     if "train" in args.modes:
-        trained = cs[1:]                           # the frozen base has nothing to train
+        trained = cs[1:3]                          # the frozen base (and peftc off) have nothing to train
         for c in trained:
             c.model.train()
         labelled = dict(inputs, labels=inputs["input_ids"])
