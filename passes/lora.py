@@ -39,12 +39,15 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import InputError, MergeError, SpecError
 from peftc.inits import changes_base_weight
+from peftc.param_targets import expand_all_linear
 from peftc.methods import Method, form_module, register_method, work_dtype
 from peftc.targets import MHA, check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
 from peftc.store import STORE, Adapter, AdapterStore, Capacity, lane_target, site_key
 
 from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
+from .lora_params import (build_expert_lora, check_parameter_targets, expert_delta, expert_param_count,
+                          insert_param_lora, param_targets_refusal)
 from .match import Site, tensor_at
 from .route import route_input
 
@@ -140,9 +143,11 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, fo
     by_name = {n.name: n for n in gm.graph.nodes}
     calls = [(sites[p], by_name[n.name]) for p in paths for n in sites[p].nodes]   # this copy's site calls
     matmuls = [c for c in calls if c[0].linear_like]
-    others = [c for c in calls if not c[0].linear_like]          # embeddings, convolutions: LoraBranch
-    if form == "single":
-        return _insert_plain(gm, matmuls, store) + _insert_branches(gm, others, store, None)
+    others = [c for c in calls if not c[0].linear_like and not c[0].param]   # embeddings, convolutions: LoraBranch
+    params = [c for c in calls if c[0].param]    # stacked expert weights: passes.lora_params (plain form only; an
+    if form == "single":                         # adapter with parameter targets never joins a mixed batch)
+        return _insert_plain(gm, matmuls, store) + _insert_branches(gm, others, store, None) + \
+            insert_param_lora(gm, params, store, lambda p: max(w.A.shape[0] for w in _all_weights(store, p)))
     rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
     return (_insert_gathered(gm, matmuls, store, rows) if matmuls else 0) + _insert_branches(gm, others, store, rows)
 
@@ -522,6 +527,8 @@ def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tens
     s B A; with DoRA g (V + s B A) - W, where g = m / ||V + s B A|| per output channel (1 where the norm is 0, as the
     unmerged graph has it) and V is the weight the adapter runs on: W, or its PiSSA / OLoRA residual (which the
     delta then replaces W by)."""
+    if site.param:                         # a stacked expert weight: passes.lora_params
+        return expert_delta(adapter, site, weight)
     w = adapter.sites[site_key(site.fqn)]
     dt = work_dtype(weight.dtype, w.A_r.dtype)
     A, B = w.A_r.detach().to(dt), w.B_r.detach().to(dt)
@@ -562,10 +569,13 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
     """LoRA's own rules before any weight is made: ranks that fit (PEFT accepts r > min(in, out), so checkpoints
     it wrote must load: not checked when loading) and options only some layer kinds serve (refused by name, as PEFT
     refuses them)."""
+    check_parameter_targets(spec, sites, chosen)
     if not loading:
         check_rank(spec, sites, chosen)
     for path in chosen:
         site = sites[path]
+        if site.param:
+            continue
         if site.module_type == "MultiheadAttention" and (spec.use_dora or spec.init not in (True, False, "gaussian")):
             raise SpecError(f"{'use_dora' if spec.use_dora else f'init={spec.init!r}'} on {path} "
                             "(nn.MultiheadAttention) is not supported (as in PEFT); leave it out of targets "
@@ -595,6 +605,8 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
 def build_lora(spec: LoRA, site: Site, weight: torch.Tensor) -> LoraWeights:
     """LoRA's weights at one site: A and B by the spec's init (PiSSA / OLoRA from the weight, with the residual the
     adapter runs on), and DoRA's magnitude m = ||W + s B A|| per output channel, so that it starts as the identity."""
+    if site.param:
+        return build_expert_lora(spec, site, weight)
     at = site.pattern_path        # an nn.MultiheadAttention's out_proj: its attention module's r and alpha
     p = 0.0 if site.module_type == MHA or site.parent else spec.dropout   # PEFT runs MHA on merged weights
     lw = LoraWeights(spec.rank_at(at), site.in_features, site.out_features, spec.scale_at(at), p,
@@ -625,6 +637,8 @@ def lora_keys(path: str, w: LoraWeights):
 
 def lora_param_count(spec: LoRA, site: Site) -> int:
     """A [r, in, *kernel] + B [out, r / groups, 1...] + a magnitude (DoRA) or B's bias (lora_bias) per channel."""
+    if site.param:
+        return expert_param_count(spec, site)
     r = spec.rank_at(site.pattern_path)
     kernel = math.prod(site.weight_shape[2:]) if site.kind == "conv" else 1
     groups = site.params.get("groups", 1) if site.kind == "conv" else 1
@@ -634,7 +648,9 @@ def lora_param_count(spec: LoRA, site: Site) -> int:
 
 def lora_mixed_refusal(adapter: Adapter) -> str | None:
     """Why a LoRA adapter cannot join a mixed batch (the gathered form has no DoRA rescale and routes no residual
-    weights), or None."""
+    weights, nor parameter targets), or None."""
+    if param_targets_refusal(adapter):
+        return param_targets_refusal(adapter)
     if adapter.spec.use_dora:
         return "it uses DoRA, whose per-channel rescale the per-row form does not have yet (PEFT refuses " \
                "adapter_names with DoRA too)"
@@ -667,7 +683,8 @@ def lora_room(adapter: Adapter, capacity: Capacity) -> str | None:
 
 register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, build=build_lora, rewrite=insert_lora,
                        peft_keys=lora_keys, route_values={"lora": _lora_value, "residual": _residual_value},
-                       site_kinds=("linear", "conv1d", "embedding", "conv"), check=check_lora,
+                       site_kinds=("linear", "conv1d", "embedding", "conv", "grouped_mm", "batched_mm"), check=check_lora,
                        fold=lora_delta, fold_bias=lora_bias_delta, mixed_refusal=lora_mixed_refusal,
                        pad=lambda w, cap: w.padded(cap.rank), empty=lambda w, cap: w.zeros(cap.rank),
-                       room=lora_room, fits_graph=lora_fits_graph, param_count=lora_param_count))
+                       room=lora_room, fits_graph=lora_fits_graph, param_count=lora_param_count,
+                       resolve=lambda spec, sites, model: expand_all_linear(spec, model)))

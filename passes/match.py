@@ -41,7 +41,7 @@ class SiteKind:
     bias_arg: int | None         # None: the op takes no bias
     matmul: bool
     module_type: str = ""        # required module type name ("" for any)
-
+    param: bool = False          # a parameter read, not a module's layer op: matched by passes.param_sites
     def args_of(self, node: Node) -> dict:
         """The op's arguments past input, weight and bias, by name, defaults filled in (conv: stride, padding,
         dilation, groups; embedding: padding_idx)."""
@@ -61,8 +61,13 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("conv1d", (aten.addmm.default,), 2, 1, 0, True, "Conv1D"),         # GPT-2's Conv1D: addmm(b, x, W)
     SiteKind("embedding", (aten.embedding.default,), 0, 1, None, False),
     SiteKind("conv", (aten.conv1d.default, aten.conv2d.default, aten.conv3d.default), 1, 0, 2, False),
+    # stacked expert weights W [E, out, in] (or [E, in, out]) of transformers 5 MoE layers (passes.param_sites):
+    # grouped_mm(x, W^T, offs) over tokens sorted by expert; bmm(W[ids], x[..., None]) per token
+    SiteKind("grouped_mm", ("transformers::grouped_mm_fallback", "aten::_grouped_mm"), 1, 0, None, False,
+             param=True),
+    SiteKind("batched_mm", ("aten::bmm",), 0, 1, None, False, param=True),
 )}
-_BY_OP = {op: k for k in KINDS.values() for op in k.ops}
+_BY_OP = {op: k for k in KINDS.values() if not k.param for op in k.ops}
 
 
 @dataclass
@@ -84,12 +89,24 @@ class Site:
     params: dict = field(default_factory=dict)    # the op's other arguments (SiteKind.args_of)
     parent: str = ""             # the nn.MultiheadAttention whose forward reads this weight (its out_proj), else ""
     rows: dict = field(default_factory=dict)      # call node name -> (a, b): it reads W[a:b] only (a row block)
+    key: str = ""                # the parameter name a target_parameters entry chose it by, else ""
 
     @property
     def pattern_path(self) -> str:
         """The path its rank_pattern / alpha_pattern keys are matched against: an nn.MultiheadAttention's out_proj
-        takes its attention module's r and alpha (PEFT builds it inside that module's layer, with its config)."""
-        return self.parent or self.fqn
+        takes its attention module's r and alpha (PEFT builds it inside that module's layer, with its config); a
+        layer chosen through target_parameters, its parameter's name (PEFT's key for it)."""
+        return self.key or self.parent or self.fqn
+
+    @property
+    def param(self) -> bool:
+        """A parameter site (passes.param_sites): its fqn is the parameter's name, not a module's."""
+        return KINDS[self.kind].param
+
+    @property
+    def state_key(self) -> str:
+        """The model's state-dict key of the weight: <module>.weight, or a parameter site's own name."""
+        return self.fqn if self.param else f"{self.fqn}.weight"
 
     @property
     def name(self) -> str:
@@ -204,6 +221,8 @@ def find_sites(gm: GraphModule) -> dict[str, Site]:
         site.nodes.append(node)
         site.rows.update(found.rows)
     _assign_roles(gm, sites)
+    from .param_sites import find_param_sites    # parameter sites (stacked expert weights), after the modules'
+    sites.update(find_param_sites(gm))
     return sites
 
 

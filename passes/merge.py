@@ -103,13 +103,14 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         names = {s.name for s in site.nodes}
         # the model's own key, so the merged module's state dict has the model's names; a fresh one if the weight
         # is also read outside the site (a tied embedding keeps the unmerged weight)
-        target = f"{path}.weight"
-        if any(u.name not in names for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+        target = site.state_key    # <path>.weight; a parameter site's own name (its every read is the site)
+        if not site.param and any(u.name not in names
+                                  for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
             target = f"{path}.weight_merged"
         _set_attr(gm, target, folded_weight(adapter, name, site, weight))
         bias = _folded_bias(gm, adapter, name, site)
         new_w = new_b = None
-        for node in g.nodes:
+        for node in g.nodes if not site.param else ():     # a parameter site's reads now read W' by name
             if node.op == "call_function" and node.name in names:
                 reader, arg = weight_reader(site, node)      # the call, or the chunk of W a row block comes from
                 if new_w is None:

@@ -8,7 +8,8 @@ what it checks first, is its Method's `check` and `build` (passes/lora.py for Lo
 from __future__ import annotations
 
 import re
-from typing import Any
+from dataclasses import replace
+from typing import Any, NamedTuple
 
 from torch import nn
 from torch.fx import GraphModule
@@ -19,6 +20,7 @@ from .passes.match import Site, tensor_at
 from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
 from .spec import SEQ_CLS_HEADS, AdapterSpec
 from .store import Adapter, site_key
+from .param_targets import all_linear_exclusions, resolve_parameters
 from .targets import output_head_paths, resolve_targets, select_layers, site_for
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
@@ -52,16 +54,31 @@ def resolved(spec: AdapterSpec, sites: dict[str, Site], model: nn.Module | None)
     return method.resolve(spec, sites, model) if method.resolve is not None else spec
 
 
-def choose_sites(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None,
-                 spec: AdapterSpec) -> tuple[list[str], list[str]]:
-    """(module paths `spec` adapts, its modules_to_save paths): LoRA's target syntax on spec.targets (after its
-    method's resolve, `resolved`) with PEFT's layer selection, checked against the site kinds the method serves."""
+class Choice(NamedTuple):
+    """What a spec adapts: module paths (graph order), modules_to_save paths, the sites (a layer chosen by
+    target_parameters carries its parameter's name, Site.key) and PEFT's path of each parameter target."""
+
+    chosen: list[str]
+    saved: list[str]
+    sites: dict[str, Site]
+    peft_paths: dict[str, str]
+
+
+def choose_sites(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, spec: AdapterSpec) -> Choice:
+    """What `spec` (after its method's resolve, `resolved`) adapts: LoRA's target syntax on spec.targets with PEFT's
+    layer selection, and a spec's target_parameters (peftc.param_targets), checked against the site kinds the method
+    serves."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
-    heads = output_head_paths(model, task_type)
-    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
+    heads = output_head_paths(model, task_type) | all_linear_exclusions(sites, model)
+    modules = resolve_targets(getattr(spec, "targets", None), sites, heads, saved)
+    params = resolve_parameters(gm, sites, model, spec, modules) if hasattr(spec, "target_parameters") else {}
+    chosen = select_layers(spec, modules, sites, [p for p, _ in params.values()])
+    chosen = [f for f in sites if f in set(chosen) | set(params)]          # graph order
+    # a layer chosen by target_parameters carries its parameter's name (Site.key: rank / alpha patterns match it)
+    sites = {f: replace(s, key=params[f][0]) if f in params else s for f, s in sites.items()}
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -71,7 +88,7 @@ def choose_sites(gm: GraphModule, sites: dict[str, Site], model: nn.Module | Non
     overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
     if overlap:
         raise SpecError(f"{sorted(overlap)} are both adapter targets and modules_to_save; pick one for each layer")
-    return chosen, saved
+    return Choice(chosen, saved, sites, {f: peft_path for f, (_, peft_path) in params.items()})
 
 
 def count_parameters(gm: GraphModule, sites: dict[str, Site], spec: AdapterSpec, chosen: list[str]) -> dict[str, int]:
@@ -98,11 +115,12 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     (layers_to_transform, exclude_modules, ...)."""
     method = method_of(spec)
     spec = resolved(spec, sites, model)
-    chosen, saved = choose_sites(gm, sites, model, spec)
+    chosen, saved, sites, peft_paths = choose_sites(gm, sites, model, spec)
     if method.check is not None:
         method.check(spec, sites, chosen, loading)
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
     adapter = Adapter(spec, chosen, saved + biases)
+    adapter.peft_paths = peft_paths
     for path in chosen:
         site = site_for(sites, path, chosen)
         adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))

@@ -63,7 +63,8 @@ def adapter_config(pm: PeftModule, adapter_name: str) -> dict:
     spec = ad.spec
     task = getattr(spec, "task_type", None) or ("CAUSAL_LM" if pm.loss_type == "ForCausalLM" else None)
     return spec_to_config(
-        spec, target_modules=peft_target_modules(getattr(spec, "targets", None), pm.sites, ad.targets),
+        spec, target_modules=peft_target_modules(getattr(spec, "targets", None), pm.sites,
+                                                 [t for t in ad.targets if t not in ad.peft_paths]),
         base_model_name_or_path=pm.base_name, task_type=task, modules_to_save=getattr(spec, "modules_to_save", ()),
     )
 

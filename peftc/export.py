@@ -83,7 +83,7 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
     adapter = pm.store[name]
-    folded = {f"{p}.weight": pm.sites[p] for p in adapter.targets}
+    folded = {pm.sites[p].state_key: pm.sites[p] for p in adapter.targets}
     state = pm.base_model.state_dict()
     biased = {}
     for p in adapter.targets:

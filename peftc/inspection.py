@@ -70,7 +70,7 @@ def plan_sites(model: nn.Module, spec: AdapterSpec, *, example_inputs: Any = Non
             return plan
         spec = replace(spec, targets=tuple(found))
     try:
-        plan.chosen, saved = choose_sites(gm, sites, model, spec)
+        plan.chosen, saved, plan.sites, _ = choose_sites(gm, sites, model, spec)
     except TargetNotFound as e:
         plan.unmatched.append(str(e))
         return plan
@@ -84,7 +84,7 @@ def plan_sites(model: nn.Module, spec: AdapterSpec, *, example_inputs: Any = Non
     except SpecError as e:
         plan.problems.append(str(e))
     try:
-        plan.counts = count_parameters(gm, sites, spec, plan.chosen)
+        plan.counts = count_parameters(gm, plan.sites, spec, plan.chosen)
     except SpecError as e:
         plan.problems.append(str(e))
         plan.chosen = []

@@ -37,6 +37,16 @@ def _normalize_targets(targets: Any) -> Targets:
     )
 
 
+def _parameter_names(value: Any) -> Union[None, tuple[str, ...]]:
+    """target_parameters as a tuple of names (None for None or []); a string is refused, as PEFT refuses it."""
+    if value is None or (isinstance(value, (list, tuple, set, frozenset)) and not value):
+        return None
+    if isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) and v for v in value):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(dict.fromkeys(value))
+    raise SpecError(f"target_parameters must be a list of parameter names (e.g. ['mlp.experts.gate_up_proj']), got "
+                    f"{value!r}")
+
+
 def _pairs(name: str, value: Any, kind: type) -> tuple:
     """A pattern dict (regex key -> value) as ordered pairs: PEFT takes the first key that matches."""
     if value is None:
@@ -114,7 +124,16 @@ class LoRA(AdapterSpec):
     "gaussian", "orthogonal" (B A = 0 from orthogonal halves), "pissa" / "pissa_niter_N" (A, B from the top-r
     singular part of W) and "olora" (from W's QR). PiSSA and OLoRA start from W = residual + s B A: the compiled
     module reads the residual at those layers, its own copy, when this adapter runs; the user's model is not
-    changed (PEFT overwrites its weights)."""
+    changed (PEFT overwrites its weights).
+
+    `target_parameters` (PEFT's): parameter names (matched as the whole name or its dotted tail) adapted as weights
+    in their own right, notably the stacked expert weights of transformers 5 MoE layers (`["mlp.experts.gate_up_proj",
+    "mlp.experts.down_proj"]`) and the router's `gate.weight`. An expert weight W [E, out, in] gets per-expert A_e
+    [r, in] and B_e [out, r] (saved as PEFT's A [r E, in] and B [out, r E]), W_e -> W_e + s B_e A_e; as PEFT does,
+    peftc refuses dropout, DoRA and lora_bias there. With targets=[] only the parameters are adapted. On a model
+    whose MoE layers transformers 5 fused (Mixtral, Qwen3-MoE, ...) targets="all-linear" also adapts the router and
+    the experts, as PEFT does: the adapter's spec then records target_parameters=[down_proj, gate.weight,
+    gate_up_proj] and rank r * 2 / alpha * 2 for gate_up_proj (what were two layers, gate and up)."""
 
     peft_type: ClassVar[str] = "LORA"
     r: int = 8
@@ -133,6 +152,7 @@ class LoRA(AdapterSpec):
     use_dora: bool = False
     lora_bias: bool = False
     bias: str = "none"
+    target_parameters: Union[None, tuple[str, ...]] = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
@@ -157,7 +177,11 @@ class LoRA(AdapterSpec):
             raise SpecError(f"bias must be one of {BIAS_MODES} (PEFT's values), got bias={self.bias!r}")
         if self.task_type is not None and self.task_type not in TASK_TYPES:
             raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
-        object.__setattr__(self, "targets", _normalize_targets(self.targets))
+        object.__setattr__(self, "target_parameters", _parameter_names(self.target_parameters))
+        if self.target_parameters and isinstance(self.targets, (list, tuple)) and not self.targets:
+            object.__setattr__(self, "targets", ())      # parameters only (PEFT: target_modules=[])
+        else:
+            object.__setattr__(self, "targets", _normalize_targets(self.targets))
         object.__setattr__(self, "rank_pattern", _pairs("rank_pattern", self.rank_pattern, int))
         object.__setattr__(self, "alpha_pattern", _pairs("alpha_pattern", self.alpha_pattern, (int, float)))
         object.__setattr__(self, "layers_to_transform", _layers(self.layers_to_transform))
@@ -207,15 +231,15 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "task_type": "task_type", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
               "exclude_modules": "exclude_modules", "use_dora": "use_dora",
-              "lora_bias": "lora_bias", "bias": "bias"}
+              "lora_bias": "lora_bias", "bias": "bias", "target_parameters": "target_parameters"}
 # LoRA options and variants peftc does not implement, at the value that switches them off
 _NEUTRAL = {"fan_in_fan_out": None, "layer_replication": None,
-            "target_parameters": None, "trainable_token_indices": None, "use_qalora": False,
+            "trainable_token_indices": None, "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
             "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
             "monteclora_config": None, "arrow_config": None, "kasa_config": None,
             "ensure_weight_tying": False}
-_NEUTRAL_ALT = {"fan_in_fan_out": (False, True), "loftq_config": (None,), "target_parameters": ([],)}
+_NEUTRAL_ALT = {"fan_in_fan_out": (False, True), "loftq_config": (None,)}
 # Keys that describe the checkpoint, not the adapter's function (or only matter with a refused option switched on).
 _METADATA = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
              "megatron_core", "qalora_group_size"}
@@ -277,6 +301,7 @@ def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: 
         "layers_pattern": list(spec.layers_pattern) if spec.layers_pattern else None,
         "exclude_modules": list(spec.exclude_modules) if isinstance(spec.exclude_modules, tuple)
         else spec.exclude_modules,
+        "target_parameters": list(spec.target_parameters) if spec.target_parameters else None,
     })
     return dict(sorted(cfg.items()))
 

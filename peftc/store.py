@@ -33,6 +33,7 @@ class Adapter(nn.Module):
         self.saved_modules = list(saved_modules)  # module paths of modules_to_save, then of trained biases
         self.sites = nn.ModuleDict()
         self.saved = nn.ModuleDict()          # site_key(module path) -> module holding trainable parameter copies
+        self.peft_paths: dict[str, str] = {}  # target -> PEFT's module path, for targets chosen by target_parameters
 
     @property
     def method(self):
@@ -215,6 +216,9 @@ def lane_target(slot: int, tag: str, key: str) -> str:
 
 def _peft_path(ad: Adapter, path: str) -> str:
     """Where PEFT puts the layer at `path`: it wraps a targeted attention module (nn.MultiheadAttention) with its
-    out_proj inside, so that out_proj sits at <attention>.base_layer.out_proj."""
+    out_proj inside, so that out_proj sits at <attention>.base_layer.out_proj; a parameter target's wrapper is its
+    module's, nested once per later targeted parameter of that module (peftc.param_targets)."""
+    if path in ad.peft_paths:
+        return ad.peft_paths[path]
     parent, _, leaf = path.rpartition(".")
     return f"{parent}.base_layer.{leaf}" if leaf == "out_proj" and parent in ad.targets else path

@@ -74,8 +74,14 @@ def site_for(sites: dict[str, Site], path: str, chosen: Sequence[str]) -> Site:
     return site if not site.parent or site.parent in chosen else replace(site, parent="")
 
 
+def module_sites(sites: dict[str, Site]) -> dict[str, Site]:
+    """The sites module targets choose from: all but parameter sites (those only target_parameters choose)."""
+    return {f: s for f, s in sites.items() if not s.param}
+
+
 def resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Sequence[str] = ()) -> list[str]:
     """Module paths of the sites selected by `targets`, with each chosen attention module's out_proj."""
+    sites = module_sites(sites)
     return with_out_projs(sites, _resolve_targets(targets, sites, heads, saved))
 
 
@@ -124,9 +130,12 @@ def _resolve_targets(targets, sites: dict[str, Site], heads: set[str], saved: Se
 
 
 def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
-    """Each chosen site's rank (spec.rank_at: r, or its rank_pattern entry) fits its layer."""
+    """Each chosen site's rank (spec.rank_at: r, or its rank_pattern entry) fits its layer (not checked for
+    parameter targets, which PEFT takes at any rank)."""
     for f in chosen:
         s = site_for(sites, f, chosen)
+        if s.key:
+            continue
         r = spec.rank_at(s.pattern_path)
         groups = s.params.get("groups", 1) if s.kind == "conv" else 1
         if r % groups:
@@ -143,6 +152,7 @@ def check_rank(spec, sites: dict[str, Site], chosen: Sequence[str]) -> None:
 def peft_target_modules(targets, sites: dict[str, Site], chosen: Sequence[str]):
     """target_modules for adapter_config.json that makes PEFT select exactly `chosen`: the user's own form when it
     is PEFT-compatible, else the shortest unambiguous names."""
+    sites = module_sites(sites)
     chosen = [f for f in chosen if f not in mha_out_projs(sites, chosen)]   # PEFT adds these itself
     chosen_set = set(chosen)
     if isinstance(targets, str) and targets.lower() != "all-linear":
@@ -175,21 +185,23 @@ def _layer_index(path: str, layers_pattern) -> int | None:
     return int(m["idx"]) if m else None
 
 
-def select_layers(spec, chosen: list[str], sites: dict[str, Site]) -> list[str]:
+def select_layers(spec, chosen: list[str], sites: dict[str, Site], param_paths: Sequence[str] = ()) -> list[str]:
     """`chosen` less the spec's exclude_modules and the layers outside layers_to_transform (which, as in PEFT,
     spares a target given as its exact path). An nn.MultiheadAttention's out_proj follows its attention module:
-    left out with it, kept with it (PEFT builds both in one layer). Errors name the option that left nothing."""
+    left out with it, kept with it (PEFT builds both in one layer). Errors name the option that left nothing.
+    `param_paths`: the parameter names target_parameters chose (PEFT applies neither option to them, but their
+    rank / alpha patterns match them)."""
     added = mha_out_projs(sites, chosen)
     out = [p for p in chosen if p not in added]
     exclude = getattr(spec, "exclude_modules", None)
-    if exclude:
+    if exclude and out:
         kept = [p for p in out if not _excluded(p, exclude)]
         if not kept:
             raise TargetNotFound(f"exclude_modules={exclude!r} excludes every target ({len(out)} layers); "
                                  "narrow exclude_modules or widen targets")
         out = kept
     layers = getattr(spec, "layers_to_transform", None)
-    if layers is not None:
+    if layers is not None and out:
         wanted = {layers} if isinstance(layers, int) else set(layers)
         exact = set(spec.targets or ())
         kept = [p for p in out if p in exact or _layer_index(p, spec.layers_pattern) in wanted]
@@ -201,11 +213,12 @@ def select_layers(spec, chosen: list[str], sites: dict[str, Site]) -> list[str]:
                 f"e.g. {out[0]}")
         out = kept
     out = with_out_projs(sites, out)
-    paths = {site_for(sites, p, out).pattern_path for p in out}
+    paths = {site_for(sites, p, out).pattern_path for p in out} | set(param_paths)
     for option in ("rank_pattern", "alpha_pattern"):
         for key, _ in getattr(spec, option, ()):
             if not any(pattern_matches(key, p) for p in paths):
-                raise SpecError(f"{option} key {key!r} matches none of the adapted layers (e.g. {out[0]}); a key is "
+                raise SpecError(f"{option} key {key!r} matches none of the adapted layers (e.g. "
+                                f"{(out or list(param_paths) or ['none'])[0]}); a key is "
                                 "a regex matched against the end of a module path, e.g. 'q_proj' or "
                                 r"'layers\.0\.self_attn\.q_proj' (an nn.MultiheadAttention's out_proj takes its "
                                 "attention module's entry: key the attention module)")

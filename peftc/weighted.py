@@ -155,6 +155,9 @@ def weighted_adapter(store: AdapterStore, sites: dict, adapters: list[str], weig
         if ad.spec.use_dora:
             raise SpecError(f"adapter {name!r} uses DoRA; its magnitudes have no weighted combination; combine "
                             "plain LoRA adapters (or merge() the DoRA adapter)")
+        if ad.peft_paths:
+            raise SpecError(f"adapter {name!r} adapts parameters (target_parameters, e.g. {next(iter(ad.peft_paths))})"
+                            "; they have no weighted combination (PEFT refuses them too); combine adapters without")
         if ad.spec.rank_pattern or ad.spec.alpha_pattern:
             raise SpecError(f"adapter {name!r} has per-layer ranks or alphas (rank_pattern/alpha_pattern); weighted "
                             "combinations need one rank per adapter; combine adapters without them")

@@ -10,6 +10,7 @@ import transformers as tf
 VOCAB = 128
 ARCHS = ("llama", "qwen2", "mistral", "gpt2", "bert", "vit", "minilm")
 DECODERS = ("llama", "qwen2", "mistral", "gpt2")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")   # transformers 5 MoE layers: stacked expert weights (target_parameters)
 
 
 def _decoder_cfg(cls, **kw):
@@ -42,10 +43,33 @@ def make(arch: str, seed: int = 0) -> torch.nn.Module:
         m = tf.ViTForImageClassification(tf.ViTConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                                       intermediate_size=128, image_size=32, patch_size=8,
                                                       num_labels=5))
+    elif arch in MOE:
+        m = make_moe(arch)
     elif arch == "minilm":
         m = _minilm()
     else:
-        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS}")
+        raise ValueError(f"unknown arch {arch!r}; known: {ARCHS + MOE}")
+    return m.eval()
+
+
+def make_moe(arch: str, hidden: int = 32, layers: int = 2, experts: int = 4, inter: int = 48,
+             impl: str = "grouped_mm") -> torch.nn.Module:
+    """A tiny MoE causal LM of `arch` (MOE; random weights from the caller's seed), experts run by `impl`
+    ("grouped_mm", transformers' default, or "batched_mm")."""
+    common = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                  vocab_size=VOCAB, max_position_embeddings=128, num_experts_per_tok=2)
+    if arch == "mixtral":
+        m = tf.MixtralForCausalLM(tf.MixtralConfig(intermediate_size=inter, num_local_experts=experts, **common))
+    elif arch == "qwen3_moe":
+        m = tf.Qwen3MoeForCausalLM(tf.Qwen3MoeConfig(moe_intermediate_size=inter, intermediate_size=2 * inter,
+                                                     num_experts=experts, head_dim=hidden // 4, **common))
+    elif arch == "qwen2_moe":
+        m = tf.Qwen2MoeForCausalLM(tf.Qwen2MoeConfig(moe_intermediate_size=inter, intermediate_size=2 * inter,
+                                                     shared_expert_intermediate_size=40, num_experts=experts,
+                                                     **common))
+    else:
+        raise ValueError(f"unknown MoE arch {arch!r}; known: {MOE}")
+    m.set_experts_implementation(impl)
     return m.eval()
 
 
