@@ -3,8 +3,8 @@
     Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
              y' = y + s * B @ A @ d   (the LoRA pass's subgraph, either form; its route inputs)
     After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
-             (the adapter's nodes are gone; its modules_to_save and trained-bias copies become plain constants;
-             a trained bias is the base of lora_bias's fold there)
+             (the adapter's nodes are gone; its modules_to_save and trained-bias copies, and the embedding
+             with its trained token rows, become plain constants; a trained bias is the base of lora_bias's fold)
 
 The pass works on a copy of the graph (`merge_graph_module`): the PeftModule it came from is not changed, so going
 back to the unmerged model is exact.
@@ -23,6 +23,7 @@ from peftc.store import STORE, Adapter
 from .match import Site, tensor_at
 from .modules_to_save import copy_of
 from .route import drop_route_inputs
+from .trainable_tokens import fold_token_rows
 
 
 def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor) -> torch.Tensor:
@@ -114,6 +115,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     """Fold `adapter` into gm's weights in place (gm must be a copy) and delete its nodes; returns the fold count."""
     g = gm.graph
     _fold_copies(gm, adapter)
+    fold_token_rows(gm, adapter, name, _set_attr)   # before the sites' folds read (and replace) their weights
     count = 0
     for path in adapter.targets:
         site = sites[path]

@@ -240,8 +240,9 @@ def _drop_bias_aliases(pm: PeftModule, adapter_name: str, tensors: dict, source:
 
 def _strip_adapter_name(key: str, name: str) -> str:
     """PEFT strips the adapter name on save; tolerate keys that kept it (lora_A.<name>.weight)."""
-    return key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.") \
-              .replace(f".modules_to_save.{name}.", ".")
+    key = key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.") \
+             .replace(f".modules_to_save.{name}.", ".")
+    return key.removesuffix(f".{name}") if key.endswith(f".trainable_tokens_delta.{name}") else key
 
 
 def load_spec(directory):

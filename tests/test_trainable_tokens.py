@@ -1,0 +1,241 @@
+"""LoRA's trainable_token_indices (PEFT's): chosen embedding rows trained in full. Parity with PEFT both ways through
+checkpoints (list and dict forms; Llama, GPT-2 and a tied Llama), merged and exported, a training step (gradients,
+only the chosen rows move), adapter switching, and bad input."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import transformers as tf
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import peftc
+from peftc.errors import InputError, SpecError
+from tests.models import _decoder_cfg, inputs, main_output, make
+from tests.parity import TOL, assert_parity, assert_same_weights, parity_inputs, randomize_ours_, randomize_peft_
+
+TOL_TT = 1e-5
+LORA_KEY = "token_adapter.trainable_tokens_delta"
+
+
+def build(arch: str):
+    """make(arch), plus "tied_llama": the tiny Llama with tie_word_embeddings=True (lm_head reads embed_tokens)."""
+    if arch != "tied_llama":
+        return make(arch)
+    torch.manual_seed(0)
+    return tf.LlamaForCausalLM(_decoder_cfg(tf.LlamaConfig, tie_word_embeddings=True)).eval()
+
+
+def family(arch: str) -> str:
+    return "llama" if arch == "tied_llama" else arch
+
+
+# (arch, trainable_token_indices, LoRA targets, PEFT's saved token keys (module paths))
+CASES = [
+    ("llama", [3, 5, 7], None, ["model.embed_tokens"]),
+    ("gpt2", [1, 5, 7], ["c_attn"], ["transformer.wte"]),                         # lm_head tied: same rows
+    ("tied_llama", [3, 5, 7], None, ["model.embed_tokens"]),
+    ("tied_llama", {"embed_tokens": [2, 9]}, None, ["model.embed_tokens"]),
+    ("tied_llama", {"embed_tokens": [2, 9], "lm_head": [2, 9]}, None, ["model.embed_tokens"]),   # tied, one key
+    ("tied_llama", {"embed_tokens": [2, 9], "lm_head": [4]}, None, ["lm_head", "model.embed_tokens"]),  # untied
+    ("llama", {"embed_tokens": [1, 2], "lm_head": [4, 6]}, None, ["lm_head", "model.embed_tokens"]),
+    ("gpt2", {"lm_head": [4]}, ["c_attn"], ["lm_head"]),           # the head alone: the embedding reads W itself
+]
+IDS = ["llama-list", "gpt2-list", "tied-list", "tied-dict", "tied-dict-same", "tied-dict-other", "llama-dict",
+       "gpt2-head"]
+
+
+def peft_model(arch, tti, targets, seed=0):
+    ref = get_peft_model(build(arch), LoraConfig(r=4, target_modules=targets, trainable_token_indices=tti))
+    randomize_peft_(ref, seed)
+    return ref.eval()
+
+
+def ours(arch, tti, targets, seed=3):
+    pm = peftc.compile(build(arch), peftc.LoRA(r=4, targets=targets, trainable_token_indices=tti))
+    randomize_ours_(pm, seed)
+    return pm
+
+
+@pytest.mark.parametrize("arch,tti,targets,keys", CASES, ids=IDS)
+def test_both_ways_with_peft(arch, tti, targets, keys, tmp_path):
+    """PEFT's adapter loads in peftc (same tensors, same outputs unmerged and merged), and peftc's in PEFT."""
+    ref = peft_model(arch, tti, targets)
+    ref.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(k for k in saved if "lora" not in k) == [f"base_model.model.{p}.{LORA_KEY}" for p in keys]
+    pm = peftc.load_adapter(build(arch), tmp_path / "peft")
+    assert_same_weights(pm, ref)
+    base, merged = build(arch), pm.merge()
+    for x in parity_inputs(family(arch), labels=True):
+        assert_parity(pm, ref, x, TOL_TT)
+        assert_parity(merged, ref, x, TOL_TT)
+        assert (main_output(pm(**x)) - main_output(base(**x))).abs().max() > 10 * TOL_TT
+
+    mine = ours(arch, tti, targets)
+    mine.save_adapter(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["trainable_token_indices"] == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
+        "trainable_token_indices"] == tti
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == sorted(saved)
+    back = PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()
+    assert_same_weights(mine, back)
+    for x in parity_inputs(family(arch)):
+        assert_parity(mine, back, x, TOL_TT)
+        assert_parity(mine.merge(), back, x, TOL_TT)
+
+
+# rows of tokens the input holds (and lm_head's row 4, which every logit's gradient reaches)
+@pytest.mark.parametrize("arch,tti", [("gpt2", [5, 22, 40]), ("tied_llama", {"embed_tokens": [5, 22], "lm_head": [4]}),
+                                      ("llama", [17, 20])])
+def test_training_step_moves_only_the_chosen_rows_and_matches_peft(arch, tti, tmp_path):
+    """One SGD step: the gradients of the rows are PEFT's (through both reads of a tied matrix), the effective
+    embedding changes in the chosen rows only, and the model's own weights never change."""
+    targets = ["c_attn"] if arch == "gpt2" else None
+    ref = peft_model(arch, tti, targets)
+    ref.save_pretrained(tmp_path)
+    model = build(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pm = peftc.load_adapter(model, tmp_path, is_trainable=True)
+    x = parity_inputs(family(arch), labels=True)[0]
+    pm.eval(), ref.eval()                           # GPT-2's dropout off: both sides compute the same loss
+    pm(**x).loss.backward()
+    ref(**x).loss.backward()
+    theirs = {n.removesuffix(".default"): p.grad for n, p in ref.named_parameters() if "trainable_tokens" in n}
+    for k, p in pm.store.peft_parameters("default"):
+        if "trainable_tokens" in k:
+            assert p.grad is not None and p.grad.abs().sum() > 0
+            assert (p.grad - theirs[k]).abs().max() <= TOL_TT, k
+
+    rows = list(pm.store["default"].tokens.values())
+    seen = {t.path: t.value(model.get_submodule(t.path).weight).detach().clone() for t in rows}
+    opt = torch.optim.SGD(pm.trainable_parameters(), lr=1.0)
+    opt.step()
+    for t in rows:
+        now = t.value(model.get_submodule(t.path).weight).detach()
+        moved = (now - seen[t.path]).abs().sum(-1).nonzero().flatten().tolist()
+        graded = t.index[t.delta.grad.abs().sum(-1) > 0].tolist()
+        assert moved and moved == sorted(graded) and set(moved) <= set(t.index.tolist()), (t.path, moved)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} of the user's model changed"
+
+
+def test_fresh_rows_change_nothing_and_adapters_switch():
+    """A fresh adapter is the identity; two adapters with different rows of one embedding switch back and forth
+    exactly; disabled is the base model; a second adapter without rows reads the embedding itself."""
+    model = make("gpt2")
+    x = inputs("gpt2")
+    with torch.no_grad():
+        want = model(**x).logits
+    pm = peftc.compile(model, peftc.LoRA(r=4, targets=["c_attn"], trainable_token_indices=[1, 2, 3]))
+    with torch.no_grad():
+        assert torch.equal(pm(**x).logits, want)
+    randomize_ours_(pm, 1)
+    pm.add_adapter("other", peftc.LoRA(r=4, targets=["c_attn"], trainable_token_indices={"wte": [4, 9]}))
+    pm.add_adapter("plain", peftc.LoRA(r=4, targets=["c_attn"]))
+    randomize_ours_(pm, 2, name="other")
+    randomize_ours_(pm, 3, name="plain")
+    outs = {}
+    with torch.no_grad():
+        for name in ("default", "other", "plain", "default", "other"):
+            pm.set_adapter(name)
+            y = pm(**x).logits
+            assert name not in outs or torch.equal(outs[name], y)
+            outs[name] = y
+        with pm.disable_adapters():
+            assert torch.equal(pm(**x).logits, want)
+    assert len({id(t) for t in outs.values()}) == 3 and not torch.equal(outs["default"], outs["other"])
+    for name in ("other", "plain"):     # the same weights, each alone, give the same outputs
+        solo = peftc.compile(make("gpt2"), pm.store[name].spec)
+        solo.store["default"].load_state_dict(pm.store[name].state_dict())
+        with torch.no_grad():
+            assert (solo(**x).logits - outs[name]).abs().max() <= TOL_TT
+
+
+def test_export_merged_keeps_tied_rows_tied_and_unties_other_rows(tmp_path):
+    pm = ours("gpt2", [1, 5], ["c_attn"])
+    out = peftc.export_merged(pm, tmp_path / "gpt2", progress=False)
+    loaded = tf.GPT2LMHeadModel.from_pretrained(out).eval()
+    assert loaded.config.tie_word_embeddings        # both reads see the same rows: the matrix stays one tensor
+    for x in parity_inputs("gpt2"):
+        assert_parity(loaded, pm, x, TOL_TT)
+
+    pm = ours("tied_llama", {"embed_tokens": [2, 9], "lm_head": [4]}, None)
+    out = peftc.export_merged(pm, tmp_path / "llama", progress=False)
+    loaded = tf.LlamaForCausalLM.from_pretrained(out).eval()
+    assert not loaded.config.tie_word_embeddings    # the embedding and the head see different rows
+    for x in parity_inputs("llama"):
+        assert_parity(loaded, pm, x, TOL_TT)
+
+
+def test_mixed_batch_and_weighted_combination_refuse_token_rows():
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=4, trainable_token_indices=[1, 2]))
+    pm.add_adapter("plain", peftc.LoRA(r=4))
+    x = inputs("llama")
+    with pytest.raises(InputError, match="trainable_token_indices"):
+        pm(**x, adapter_names=["default", "plain", "plain"])
+    with pytest.raises(InputError, match="trainable_token_indices"):
+        pm(**x, adapter_names=["default", "__base__", "default"])
+    with torch.no_grad():                          # one adapter for the whole batch is served
+        assert torch.equal(pm(**x, adapter_names=["default"] * 3).logits, pm(**x).logits)
+    with pytest.raises(SpecError, match="trainable_token_indices"):
+        pm.add_weighted_adapter(["default", "plain"], [0.5, 0.5], "both")
+    assert pm.adapters == ["default", "plain"]
+
+
+def test_trainable_parameter_counts_equal_peft():
+    for arch, tti in (("llama", [1, 2, 3]), ("tied_llama", {"embed_tokens": [1], "lm_head": [4, 5]})):
+        pm = peftc.compile(build(arch), peftc.LoRA(r=4, trainable_token_indices=tti))
+        ref = get_peft_model(build(arch), LoraConfig(r=4, trainable_token_indices=tti))
+        assert pm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("tti,error", [
+    ([3, 128], r"index 128 is outside the vocabulary of model.embed_tokens \(128 rows"),
+    ({"lm_head": [0, 500]}, r"index 500 is outside the vocabulary of lm_head \(128 rows"),
+    ({"q_proj": [1]}, r"'q_proj' names model.layers.0.self_attn.q_proj \(Linear\), which is not an embedding"),
+    ({"norm": [1]}, r"'norm' names model.norm, which reads no embedding matrix"),
+    ({"embed_token": [1]}, "'embed_token' matches no module"),
+    ([1, 1], "lists token 1 twice"),
+    ({"embed_tokens": [-1]}, r"must be a non-empty list of token indices \(integers >= 0\)"),
+    ([True], "token indices"),
+])
+def test_bad_input_is_refused_and_nothing_changes(tti, error):
+    model = make("llama")
+    before = copy.deepcopy(model.state_dict())
+    pm = peftc.compile(model, peftc.LoRA(r=2))
+    x = inputs("llama")
+    with torch.no_grad():
+        want = pm(**x).logits
+    with pytest.raises(SpecError, match=error):
+        pm.add_adapter("bad", peftc.LoRA(r=2, trainable_token_indices=tti))
+    with pytest.raises(SpecError, match=error):
+        peftc.compile(model, peftc.LoRA(r=2, trainable_token_indices=tti))
+    assert pm.adapters == ["default"]
+    with torch.no_grad():
+        assert torch.equal(pm(**x).logits, want)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_lora_target_or_a_saved_module_cannot_also_read_trained_rows():
+    with pytest.raises(SpecError, match="lm_head would be both a LoRA target and a reader of trained token rows"):
+        peftc.compile(make("gpt2"), peftc.LoRA(r=2, targets=["c_attn", "lm_head"], trainable_token_indices=[1]))
+    with pytest.raises(SpecError, match="embed_tokens would be both a LoRA target"):
+        peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj", "embed_tokens"],
+                                                trainable_token_indices=[1]))
+    with pytest.raises(SpecError, match=r"model.embed_tokens is in modules_to_save \(model.embed_tokens\) too"):
+        peftc.compile(make("llama"), peftc.LoRA(r=2, modules_to_save=["embed_tokens"], trainable_token_indices=[1]))
+    # an untied head is another matrix: LoRA on it beside the embedding's rows is fine
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj", "lm_head"], trainable_token_indices=[1]))
+    assert pm.store["default"].targets[-1] == "lm_head"
+
+
+def test_spec_reads_and_writes_both_forms():
+    spec = peftc.LoRA(trainable_token_indices={"embed_tokens": [3, 1]})
+    assert spec.trainable_token_indices == (("embed_tokens", (3, 1)),)
+    assert peftc.LoRA(trainable_token_indices=[]).trainable_token_indices is None
+    assert peftc.LoRA(trainable_token_indices=spec.trainable_token_indices) == spec   # pairs are accepted back
+    assert hash(spec) == hash(peftc.LoRA(trainable_token_indices={"embed_tokens": (3, 1)}))
