@@ -193,44 +193,68 @@ def test_trainable_parameter_counts_equal_peft():
         assert pm.get_nb_trainable_parameters() == ref.get_nb_trainable_parameters()
 
 
+@pytest.fixture(scope="module")
+def llama_pm():
+    """One compiled tiny Llama (plain LoRA) for the refusals: add_adapter resolves a spec without tracing again."""
+    model = make("llama")
+    pm = peftc.compile(model, peftc.LoRA(r=2))
+    with torch.no_grad():
+        want = pm(**inputs("llama")).logits
+    return model, pm, want, copy.deepcopy(model.state_dict())
+
+
+def assert_unchanged(llama_pm):
+    model, pm, want, before = llama_pm
+    assert pm.adapters == ["default"]
+    with torch.no_grad():
+        assert torch.equal(pm(**inputs("llama")).logits, want)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("tti,error", [
     ([3, 128], r"index 128 is outside the vocabulary of model.embed_tokens \(128 rows"),
     ({"lm_head": [0, 500]}, r"index 500 is outside the vocabulary of lm_head \(128 rows"),
     ({"q_proj": [1]}, r"'q_proj' names model.layers.0.self_attn.q_proj \(Linear\), which is not an embedding"),
     ({"norm": [1]}, r"'norm' names model.norm, which reads no embedding matrix"),
     ({"embed_token": [1]}, "'embed_token' matches no module"),
-    ([1, 1], "lists token 1 twice"),
-    ({"embed_tokens": [-1]}, r"must be a non-empty list of token indices \(integers >= 0\)"),
-    ([True], "token indices"),
 ])
-def test_bad_input_is_refused_and_nothing_changes(tti, error):
-    model = make("llama")
-    before = copy.deepcopy(model.state_dict())
-    pm = peftc.compile(model, peftc.LoRA(r=2))
-    x = inputs("llama")
-    with torch.no_grad():
-        want = pm(**x).logits
+def test_bad_indices_or_modules_are_refused_and_nothing_changes(llama_pm, tti, error):
     with pytest.raises(SpecError, match=error):
-        pm.add_adapter("bad", peftc.LoRA(r=2, trainable_token_indices=tti))
-    with pytest.raises(SpecError, match=error):
-        peftc.compile(model, peftc.LoRA(r=2, trainable_token_indices=tti))
-    assert pm.adapters == ["default"]
-    with torch.no_grad():
-        assert torch.equal(pm(**x).logits, want)
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        llama_pm[1].add_adapter("bad", peftc.LoRA(r=2, trainable_token_indices=tti))
+    assert_unchanged(llama_pm)
 
 
-def test_a_lora_target_or_a_saved_module_cannot_also_read_trained_rows():
+def test_compile_refuses_before_anything_is_made(llama_pm):
+    with pytest.raises(SpecError, match=r"index 128 is outside the vocabulary of model.embed_tokens \(128 rows"):
+        peftc.compile(llama_pm[0], peftc.LoRA(r=2, trainable_token_indices=[3, 128]))
+    assert_unchanged(llama_pm)
+
+
+@pytest.mark.parametrize("tti,error", [
+    ([1, 1], "lists token 1 twice"),
+    ({"embed_tokens": [-1]}, r"\['embed_tokens'\] must be a non-empty list of token indices \(integers >= 0\)"),
+    ([True], "must be a non-empty list of token indices"),
+    ({"": [1]}, "keys must be module names"),
+])
+def test_bad_values_are_refused_by_the_spec(tti, error):
+    with pytest.raises(SpecError, match=error):
+        peftc.LoRA(trainable_token_indices=tti)
+
+
+def test_a_lora_target_or_a_saved_module_cannot_also_read_trained_rows(llama_pm):
+    pm = llama_pm[1]
+    with pytest.raises(SpecError, match="embed_tokens would be both a LoRA target"):
+        pm.add_adapter("bad", peftc.LoRA(r=2, targets=["q_proj", "embed_tokens"], trainable_token_indices=[1]))
+    with pytest.raises(SpecError, match=r"model.embed_tokens is in modules_to_save \(model.embed_tokens\) too"):
+        pm.add_adapter("bad", peftc.LoRA(r=2, modules_to_save=["embed_tokens"], trainable_token_indices=[1]))
+    assert_unchanged(llama_pm)
+    # an untied head is another matrix: LoRA on it beside the embedding's rows is fine
+    pm.add_adapter("head", peftc.LoRA(r=2, targets=["q_proj", "lm_head"], trainable_token_indices=[1]))
+    assert pm.store["head"].targets[-1] == "lm_head"
+    pm.delete_adapter("head")
+    # GPT-2's lm_head reads the tied matrix with the embedding's rows
     with pytest.raises(SpecError, match="lm_head would be both a LoRA target and a reader of trained token rows"):
         peftc.compile(make("gpt2"), peftc.LoRA(r=2, targets=["c_attn", "lm_head"], trainable_token_indices=[1]))
-    with pytest.raises(SpecError, match="embed_tokens would be both a LoRA target"):
-        peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj", "embed_tokens"],
-                                                trainable_token_indices=[1]))
-    with pytest.raises(SpecError, match=r"model.embed_tokens is in modules_to_save \(model.embed_tokens\) too"):
-        peftc.compile(make("llama"), peftc.LoRA(r=2, modules_to_save=["embed_tokens"], trainable_token_indices=[1]))
-    # an untied head is another matrix: LoRA on it beside the embedding's rows is fine
-    pm = peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj", "lm_head"], trainable_token_indices=[1]))
-    assert pm.store["default"].targets[-1] == "lm_head"
 
 
 def test_spec_reads_and_writes_both_forms():
