@@ -16,25 +16,35 @@ embedding's rows (PEFT does when config.tie_word_embeddings is set and no tied m
 while another lists the head with rows of its own. An adapter with no rows at a reader passes an empty index (the
 read sees W). Only the plain form has this pass: a mixed batch may not hold an adapter with trainable tokens
 (PeftModule.check_mixed). merge() folds the rows into a constant (fold_token_rows).
+
+PEFT's standalone method (peft_type TRAINABLE_TOKENS) is the same rows without LoRA: `TrainableTokens` below, a
+method that adapts no sites, whose adapter is its token rows (saved as <module>.trainable_tokens_delta, a tied
+head's key too, as PEFT saves it).
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+import re
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar, Iterable, Union
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError, SpecError
+from peftc.methods import Method, register_method
+from peftc.spec import TASK_TYPES, AdapterSpec, _token_indices
 from peftc.store import Adapter, AdapterStore, site_key
 from peftc.targets import name_matches
 
+from . import lora as _lora   # noqa: F401 (LoRA, the main built-in method, registers first)
 from .match import Site, module_path, tensor_at
 from .route import route_input, route_value
 
 aten = torch.ops.aten
 TAG = "trainable_tokens"            # meta["peftc"]["method"] of the index_copy nodes
 LORA_KEY = "token_adapter.trainable_tokens_delta"   # PEFT's key under a module, LoRA's option (TrainableTokensWrapper)
+KEY = "trainable_tokens_delta"                       # PEFT's key under a module, TRAINABLE_TOKENS
 
 
 class TokenRows(nn.Module):
@@ -43,11 +53,18 @@ class TokenRows(nn.Module):
     the input embedding) read it. Starts as a copy of those rows, so a fresh one changes nothing."""
 
     def __init__(self, path: str, target: str, index: tuple[int, ...], weight: torch.Tensor,
-                 tied: tuple[str, ...] = (), key: str = LORA_KEY):
+                 tied: tuple[str, ...] = (), key: str = LORA_KEY, random: bool = False, save_tied: bool = False):
         super().__init__()
-        self.path, self.target, self.tied, self.key = path, target, tuple(tied), key
+        self.path, self.target, self.tied, self.key, self.save_tied = path, target, tuple(tied), key, save_tied
         self.register_buffer("index", torch.tensor(index, dtype=torch.long, device=weight.device), persistent=False)
-        self.delta = nn.Parameter(weight.detach()[self.index].clone(), requires_grad=True)   # (n, dim)
+        rows = torch.randn(len(index), *weight.shape[1:], dtype=weight.dtype, device=weight.device) if random \
+            else weight.detach()[self.index].clone()                     # PEFT's init_weights=False: random rows
+        self.delta = nn.Parameter(rows, requires_grad=True)              # (n, dim)
+
+    def peft_keys(self) -> Iterable[tuple[str, nn.Parameter]]:
+        """(PEFT's key after base_model.model., tensor): its module's, and its tied heads' where PEFT saves those."""
+        for path in (self.path, *(self.tied if self.save_tied else ())):
+            yield f"{path}.{self.key}", self.delta
 
     @property
     def readers(self) -> tuple[str, ...]:
@@ -95,7 +112,8 @@ def _input_embedding(sites: dict[str, Site], model: nn.Module | None) -> str:
 
 def _servable(sites: dict[str, Site], model: nn.Module | None, name: str) -> list[str]:
     """Site paths `name` names (PEFT's name matching), each an embedding or the model's output head."""
-    hits = [p for p in sites if name_matches(p, name)]
+    hits = [p for p in sites if (name.fullmatch(p) if isinstance(name, re.Pattern) else name_matches(p, name))]
+    name = getattr(name, "pattern", name)
     embeddings = [p for p, s in sites.items() if s.kind == "embedding"]
     head = _module_path(model, "get_output_embeddings")
     if not hits:
@@ -121,12 +139,13 @@ def _tie_word_embeddings(model: nn.Module | None) -> bool:
 
 
 def resolve_token_rows(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, indices: Any,
-                       chosen: Iterable[str] = (), saved: Iterable[str] = (), key: str = LORA_KEY) -> list[TokenRows]:
+                       chosen: Iterable[str] = (), saved: Iterable[str] = (), **options) -> list[TokenRows]:
     """The TokenRows a spec's trainable_token_indices asks for (a tuple of rows: the model's input embedding; pairs
     of (module name, rows): the modules named), as PEFT picks them: with tied word embeddings the output head that
     reads the embedding's matrix sees the embedding's rows, unless it is listed with rows of its own. Refuses
     indices outside the vocabulary, modules that are not embeddings, and modules that are also LoRA targets
-    (`chosen`) or inside modules_to_save (`saved`). Nothing is changed."""
+    (`chosen`) or inside modules_to_save (`saved`). Nothing is changed. `options` go to TokenRows (the standalone
+    method's key, random init and tied keys)."""
     if indices is None:
         return []
     if isinstance(indices[0], int):
@@ -165,7 +184,7 @@ def resolve_token_rows(gm: GraphModule, sites: dict[str, Site], model: nn.Module
         if inside:
             raise SpecError(f"trainable_token_indices: {inside[0][0]} is in modules_to_save ({inside[0][1]}) too; "
                             "as in PEFT, train a module in full or some of its rows, not both; remove it from one")
-        out.append(TokenRows(path, site.weight, rows, weight, tied.get(path, ()), key))
+        out.append(TokenRows(path, site.weight, rows, weight, tied.get(path, ()), **options))
     return out
 
 
@@ -258,3 +277,89 @@ def token_state(adapter: Adapter, state: dict[str, torch.Tensor]) -> dict[str, t
                 value = rows.value(state[k]).detach() if value is None else value
                 out[k] = value
     return out
+
+
+# --- PEFT's standalone method ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TrainableTokens(AdapterSpec):
+    """PEFT's TrainableTokensConfig (peft_type TRAINABLE_TOKENS): rows `token_indices` of the embeddings `targets`
+    (None: the input embedding; names, or a regex string that must match a whole path) trained in full,
+    W -> W.index_copy(0, rows, delta); a tied output head sees the same rows. `init=False`: random rows (PEFT's
+    init_weights=False) instead of the rows' own values."""
+
+    peft_type: ClassVar[str] = "TRAINABLE_TOKENS"
+    token_indices: tuple[int, ...] = ()
+    targets: Union[None, str, tuple[str, ...]] = None
+    init: bool = True
+    task_type: Union[str, None] = None
+
+    def __post_init__(self):
+        rows = _token_indices(list(self.token_indices) if isinstance(self.token_indices, tuple) else
+                              self.token_indices)
+        if rows is None or not isinstance(rows[0], int):
+            raise SpecError(f"TrainableTokens token_indices must be a non-empty list of token indices, got "
+                            f"{self.token_indices!r}")
+        object.__setattr__(self, "token_indices", rows)
+        t = self.targets
+        if isinstance(t, (list, tuple)) and t and all(isinstance(n, str) and n for n in t):
+            object.__setattr__(self, "targets", tuple(t))
+        elif isinstance(t, str):
+            try:
+                re.compile(t)
+            except re.error as e:
+                raise SpecError(f"TrainableTokens targets={t!r} is not a valid regular expression ({e})") from None
+        elif t is not None:
+            raise SpecError(f"TrainableTokens targets must be None, a regex string or a list of module names, "
+                            f"got {t!r}")
+        if not isinstance(self.init, bool):
+            raise SpecError(f"TrainableTokens init must be True or False (PEFT's init_weights), got {self.init!r}")
+        if self.task_type is not None and self.task_type not in TASK_TYPES:
+            raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
+
+    @property
+    def trainable_token_indices(self):
+        """The rows in LoRA's trainable_token_indices form, which the adapter build resolves."""
+        if self.targets is None:
+            return self.token_indices
+        names = (re.compile(self.targets),) if isinstance(self.targets, str) else self.targets
+        return tuple((n, self.token_indices) for n in names)
+
+    @property
+    def token_options(self) -> dict:
+        return {"key": KEY, "random": not self.init, "save_tied": True}
+
+
+_TT_KEYS = {"token_indices": "token_indices", "target_modules": "targets", "init_weights": "init",
+            "task_type": "task_type"}
+_TT_METADATA = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
+
+
+def tokens_from_config(cfg: dict, source: str = "adapter_config.json") -> TrainableTokens:
+    unknown = [k for k, v in cfg.items() if k not in set(_TT_KEYS) | _TT_METADATA and v not in (None, False, {}, [])]
+    if unknown:
+        raise SpecError(f"{source}: {unknown[0]}={cfg[unknown[0]]!r} is a TRAINABLE_TOKENS option peftc does not "
+                        "know; remove it if it is neutral for this adapter")
+    kwargs = {name: cfg[key] for key, name in _TT_KEYS.items() if cfg.get(key) is not None}
+    try:
+        return TrainableTokens(**kwargs)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def tokens_to_config(spec: TrainableTokens, *, base_model_name_or_path: str | None, task_type: str | None,
+                     **_) -> dict:
+    t = spec.targets
+    return dict(sorted({
+        "peft_type": "TRAINABLE_TOKENS", "token_indices": list(spec.token_indices), "init_weights": spec.init,
+        "target_modules": list(t) if isinstance(t, tuple) else t, "task_type": spec.task_type or task_type,
+        "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, "revision": None,
+    }.items()))
+
+
+def _no_site(spec, site, weight):
+    raise AssertionError("TrainableTokens adapts no sites")     # site_kinds=() leaves it none
+
+
+register_method(Method(TrainableTokens, "TRAINABLE_TOKENS", tokens_from_config, tokens_to_config, site_kinds=(),
+                       build=_no_site, rewrite=lambda gm, sites, store, form: 0, forms=("single",),
+                       peft_keys=lambda path, weights: (), param_count=lambda spec, site: 0))

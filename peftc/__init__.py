@@ -14,11 +14,12 @@ from .module import MergedModule, PeftModule
 from .methods import METHODS, Method, register_method
 from .spec import AdapterSpec, LoRA
 from .store import Capacity
+from .passes.trainable_tokens import TrainableTokens
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
            "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method",
-           "Block"]
+           "Block", "TrainableTokens"]
 __version__ = "0.1.0"
 
 if os.environ.get("PEFTC_LOG"):

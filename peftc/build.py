@@ -52,13 +52,15 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
 
     A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
     copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
-    embedding rows) and PEFT's layer selection (layers_to_transform, exclude_modules, ...)."""
+    embedding rows) and PEFT's layer selection (layers_to_transform, exclude_modules, ...). A method without
+    site kinds (TrainableTokens) adapts no sites."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
     heads = output_head_paths(model, task_type)
-    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
+    chosen = [] if not method.site_kinds else \
+        select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -71,7 +73,8 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     if method.check is not None:
         method.check(spec, sites, chosen, loading)
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
-    tokens = resolve_token_rows(gm, sites, model, getattr(spec, "trainable_token_indices", None), chosen, saved)
+    tokens = resolve_token_rows(gm, sites, model, getattr(spec, "trainable_token_indices", None), chosen, saved,
+                                **getattr(spec, "token_options", {}))
     adapter = Adapter(spec, chosen, saved + biases)
     adapter.tokens.update({site_key(t.path): t for t in tokens})
     for path in chosen:

@@ -86,7 +86,12 @@ def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
     directory = Path(directory)
     _prepare_dir(directory)
     state = {**pm.store.peft_state_dict(adapter_name), **_bias_aliases(pm, adapter_name)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for k, v in state.items():                 # a tensor saved under two keys (PEFT's tied token rows): two copies
+        tensors[k] = v.detach().to("cpu").contiguous()
+        ptr = tensors[k].untyped_storage().data_ptr()
+        tensors[k] = tensors[k].clone() if ptr in seen else tensors[k]
+        seen.add(ptr)
     cfg = adapter_config(pm, adapter_name)
     _atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),

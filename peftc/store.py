@@ -205,7 +205,8 @@ class AdapterStore(nn.Module):
                 yield f"base_model.model.{_peft_path(ad, path)}.{key}", t
         yield from self.peft_saved_parameters(name)
         for rows in ad.tokens.values():
-            yield f"base_model.model.{rows.path}.{rows.key}", rows.delta
+            for key, t in rows.peft_keys():
+                yield f"base_model.model.{key}", t
 
     def peft_saved_parameters(self, name: str, paths=None) -> Iterator[tuple[str, nn.Parameter]]:
         """(PEFT's key, tensor) of the adapter's saved copies (modules_to_save, trained biases), of `paths` if given:

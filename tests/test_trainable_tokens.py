@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 import transformers as tf
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, TrainableTokensConfig, get_peft_model
 from safetensors.torch import load_file
 
 import peftc
@@ -263,3 +263,58 @@ def test_spec_reads_and_writes_both_forms():
     assert peftc.LoRA(trainable_token_indices=[]).trainable_token_indices is None
     assert peftc.LoRA(trainable_token_indices=spec.trainable_token_indices) == spec   # pairs are accepted back
     assert hash(spec) == hash(peftc.LoRA(trainable_token_indices={"embed_tokens": (3, 1)}))
+
+
+# --- PEFT's standalone method (peft_type TRAINABLE_TOKENS) --------------------------------------------------------
+@pytest.mark.parametrize("arch,targets,keys", [
+    ("llama", None, ["model.embed_tokens"]),
+    ("tied_llama", None, ["lm_head", "model.embed_tokens"]),      # PEFT saves the tied head's key too
+    ("gpt2", ["wte"], ["lm_head", "transformer.wte"]),
+])
+def test_standalone_trainable_tokens_both_ways_with_peft(arch, targets, keys, tmp_path):
+    ref = get_peft_model(build(arch), TrainableTokensConfig(token_indices=[3, 5, 40], target_modules=targets))
+    randomize_peft_(ref, 0)
+    ref.eval().save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert sorted(saved) == [f"base_model.model.{p}.trainable_tokens_delta" for p in keys]
+    pm = peftc.load_adapter(build(arch), tmp_path / "peft")
+    assert isinstance(pm.store["default"].spec, peftc.TrainableTokens) and pm.store["default"].targets == []
+    assert_same_weights(pm, ref)
+    base, merged = build(arch), pm.merge()
+    for x in parity_inputs(family(arch), labels=True):
+        assert_parity(pm, ref, x, TOL_TT)
+        assert_parity(merged, ref, x, TOL_TT)
+        assert (main_output(pm(**x)) - main_output(base(**x))).abs().max() > 10 * TOL_TT
+
+    mine = peftc.compile(build(arch), peftc.TrainableTokens(token_indices=[3, 5, 40], targets=targets))
+    randomize_ours_(mine, 3)
+    mine.save_adapter(tmp_path / "ours")
+    assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == sorted(saved)
+    back = PeftModel.from_pretrained(build(arch), tmp_path / "ours").eval()
+    assert_same_weights(mine, back)
+    for x in parity_inputs(family(arch)):
+        assert_parity(mine, back, x, TOL_TT)
+    assert mine.get_nb_trainable_parameters()[0] == ref.get_nb_trainable_parameters()[0] == 3 * 64
+
+
+def test_standalone_trainable_tokens_config_and_refusals(llama_pm):
+    spec = peftc.TrainableTokens(token_indices=[1, 2], targets="model\\.embed_tokens", init=False)
+    pm = llama_pm[1]
+    pm.add_adapter("tt", spec)
+    try:
+        rows = pm.store["tt"].tokens["model-embed_tokens"]
+        assert rows.index.tolist() == [1, 2]          # init=False: random rows, not the embedding's
+        assert not torch.equal(rows.delta, pm.base_model.model.embed_tokens.weight[[1, 2]])
+        with pytest.raises(InputError, match="TrainableTokens has no per-row form"):
+            pm(**inputs("llama"), adapter_names=["tt", "default", "tt"])
+    finally:
+        pm.set_adapter("default")
+        pm.delete_adapter("tt")
+    assert_unchanged(llama_pm)
+    with pytest.raises(SpecError, match="index 999 is outside the vocabulary"):
+        pm.add_adapter("tt", {"peft_type": "TRAINABLE_TOKENS", "token_indices": [999]})
+    with pytest.raises(SpecError, match="token_indices must be a non-empty list"):
+        peftc.TrainableTokens()
+    with pytest.raises(SpecError, match="TRAINABLE_TOKENS option peftc does not know"):
+        pm.add_adapter("tt", {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1], "use_magic": True})
+    assert_unchanged(llama_pm)
