@@ -83,7 +83,8 @@ def route_value(kind: str):
 def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> list[torch.Tensor]:
     """The route of a call whose every row uses adapter `name`: its own tensors (no copies), in gm's order.
     `detach`: views without autograd history (for calls without autograd: frozen and trainable adapters then look
-    alike to torch.compile). Dims that differ between adapters are marked dynamic, so one compiled graph serves all."""
+    alike to torch.compile). Dims that differ between adapters are marked dynamic, so one compiled graph serves all
+    (unbacked where the value function says `fn.unbacked = True`: sizes 0 and 1 are then not specialized)."""
     out = []
     for key, like in route_entries(gm):
         fn = _VALUES.get(key[0])
@@ -91,8 +92,10 @@ def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> l
             raise KeyError(f"no route value registered for {key}; registered kinds: {sorted(_VALUES)}")
         t, dynamic = fn(store, name, key, like, gm)
         t = t.detach() if detach else t
+        mark = torch._dynamo.decorators.mark_unbacked if getattr(fn, "unbacked", False) else \
+            torch._dynamo.maybe_mark_dynamic
         for d in dynamic:
-            torch._dynamo.maybe_mark_dynamic(t, d)
+            mark(t, d)
         out.append(t)
     return out
 

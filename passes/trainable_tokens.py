@@ -203,6 +203,9 @@ def _tokens_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor
     return t, ((0,) if len(counts) > 1 else ())
 
 
+_tokens_value.unbacked = True   # adapters with 0 or 1 rows (or none here) share the compiled graph of the others
+
+
 def insert_token_rows(gm: GraphModule, store: AdapterStore) -> int:
     """Make every read of a weight whose rows some adapter trains at that reader read W.index_copy(0, index, delta)
     from the call's route; returns the number of rewritten reads."""

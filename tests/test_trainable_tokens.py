@@ -318,3 +318,33 @@ def test_standalone_trainable_tokens_config_and_refusals(llama_pm):
     with pytest.raises(SpecError, match="TRAINABLE_TOKENS option peftc does not know"):
         pm.add_adapter("tt", {"peft_type": "TRAINABLE_TOKENS", "token_indices": [1], "use_magic": True})
     assert_unchanged(llama_pm)
+
+
+def test_switching_adapters_with_other_row_counts_never_recompiles():
+    """Row counts are unbacked dynamic dims of the route: adapters with 0, 1 and 3 rows share one compiled graph."""
+    import torch._dynamo as dynamo
+
+    from tests.recompiles import graphs, no_recompiles
+
+    dynamo.reset()
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=4, trainable_token_indices=[5]))
+    pm.add_adapter("three", peftc.LoRA(r=4, trainable_token_indices=[1, 2, 3]))
+    pm.add_adapter("none", peftc.LoRA(r=4))
+    for name in pm.adapters:
+        randomize_ours_(pm, 1, name=name)
+    x = inputs("llama")
+    compiled = torch.compile(pm, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        eager = {}
+        for name in pm.adapters:
+            pm.set_adapter(name)
+            eager[name] = pm(**x).logits
+        pm.set_adapter("default")
+        compiled(**x)
+        before = graphs()
+        with no_recompiles():
+            for name in ("three", "none", "default", "three"):
+                pm.set_adapter(name)
+                assert (compiled(**x).logits - eager[name]).abs().max() <= TOL_TT, name
+    assert graphs() == before
+    dynamo.reset()
