@@ -3,9 +3,10 @@
     python examples/custom_method.py [--out DIR]
 
 The method is a learned gate per output channel of a layer, y' = g * y (g starts at 1, so a fresh adapter changes
-nothing). It takes what every method gives peftc (peftc.Method): a frozen spec, its adapter_config.json mapping,
-its weights at a site, its rewrite pass and how its route inputs are found, PEFT-style checkpoint keys and a fold
-rule, and one register_method call.
+nothing). It gives peftc what every method gives it (peftc.Method's core): a frozen spec, its adapter_config.json
+mapping, its weights at a site, its rewrite pass (given the sites its adapters adapt) with the value of its route
+inputs for one adapter, and PEFT-style checkpoint keys; and one capability, a fold rule (merging); then one
+register_method call.
 Nothing in peftc changes. Then, on a small Llama:
 
   train    only the gates of the MLP's down projections, to match a teacher whose down projections are scaled per
@@ -71,27 +72,22 @@ def build_gate(spec: Gate, site, weight: torch.Tensor) -> nn.Module:
     return holder
 
 
-def gate_value(store, name: str, key: tuple, like: torch.Tensor, gm):
-    """The call's adapter's gate at a site (ones where it is not a Gate adapter or does not gate the site)."""
-    ad = store[name]
-    if isinstance(ad.spec, Gate) and key[1] in ad.targets:
-        return ad.sites[site_key(key[1])].g, ()
-    return torch.ones(like.shape, dtype=like.dtype, device=store.device), ()
+def gate_value(g: nn.Module | None, key: tuple, like: torch.Tensor, gm) -> torch.Tensor:
+    """A route input's value for one adapter: its gate at the site, or ones (no change) where it has none there."""
+    return g.g if g is not None else torch.ones(like.shape, dtype=like.dtype, device=next(gm.parameters()).device)
 
 
-def insert_gates(gm, sites, store, form) -> int:
-    """The rewrite pass: y -> y * g after every call of every gated site, g the call's own route input."""
-    gated = [p for p in sites if any(isinstance(store[a].spec, Gate) and p in store[a].targets for a in store.names())]
+def insert_gates(gm, *, sites, paths, **_) -> int:
+    """The rewrite pass: y -> y * g after every call of each site `paths` names, g the call's own route input."""
     by_name = {n.name: n for n in gm.graph.nodes}
     count = 0
-    for path in gated:
+    for path in paths:
         site = sites[path]
         g = route_input(gm, ("gate", path), torch.empty(site.out_features))
         for node in (by_name[n.name] for n in site.nodes):
             with gm.graph.inserting_after(node):
                 out = gm.graph.call_function(torch.ops.aten.mul.Tensor, (node, g))
             node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
-            out.meta["peftc"] = {"method": "gate", "role": "out"}          # merge() finds it by this tag
             count += 1
     return count
 
@@ -112,11 +108,9 @@ def fold_gate_bias(adapter, site, bias: torch.Tensor | None) -> torch.Tensor | N
     return (adapter.sites[site_key(site.fqn)].g.detach().float() - 1) * bias.detach().float()
 
 
-METHOD = peftc.Method(Gate, Gate.peft_type, gate_from_config, gate_to_config, site_kinds=("linear",),
-                      build=build_gate, rewrite=insert_gates, forms=("single",), peft_keys=gate_keys,
-                      route_values={"gate": gate_value},
-                      base_output=lambda out: out.args[0], fold=fold_gate, fold_bias=fold_gate_bias,
-                      param_count=lambda spec, site: site.out_features)
+METHOD = peftc.Method(Gate, Gate.peft_type, gate_from_config, gate_to_config, build=build_gate,
+                      rewrite=insert_gates, peft_keys=gate_keys, route_values={"gate": gate_value},
+                      site_kinds=("linear",), forms=("single",), fold=fold_gate, fold_bias=fold_gate_bias)
 
 
 # --- using it --------------------------------------------------------------------------------------------------------

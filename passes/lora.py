@@ -39,10 +39,10 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import InputError, MergeError, SpecError
 from peftc.inits import changes_base_weight
-from peftc.methods import Method, register_method, work_dtype
+from peftc.methods import Method, form_module, register_method, work_dtype
 from peftc.targets import check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
-from peftc.store import STORE, Adapter, AdapterStore, site_key, slot_writer
+from peftc.store import STORE, Adapter, AdapterStore, Capacity, site_key
 
 from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
 from .match import Site, tensor_at
@@ -95,29 +95,10 @@ def dropout_live(store: AdapterStore, paths: list[str]) -> bool:
     return any(w.p > 0 for p in paths for w in _all_weights(store, p))
 
 
-@slot_writer
-def _write_slot(store: AdapterStore, slot: int) -> None:
-    """Slot `slot`'s scale and dropout rate at every LoRA site of the gathered form (zeros where the slot is empty,
-    not LoRA or not targeting the site); the plain form's groups learn whether any adapter now has dropout."""
-    name = store.slots()[slot]
-    for key, bank in store.banks.items():
-        if not isinstance(bank, SiteBank):
-            continue
-        ad = _lora(store, name)
-        w = ad.sites[key] if ad is not None and key in ad.sites else None
-        bank.scales[slot] = w.scale if w is not None else 0.0
-        if hasattr(bank, "dropout"):
-            bank.dropout.set_rate(slot, w.p if w is not None else 0.0)
-    for group in store.groups.values():
-        if isinstance(group, (LoraGroup, LoraBranch)):
-            group.live = dropout_live(store, group.paths)
-
-
-def routed_paths(sites: dict[str, Site], store: AdapterStore) -> list[str]:
-    """The sites LoRA adapts in the graph (every LoRA adapter's targets and a capacity's reserved sites), in graph
-    order."""
-    routed = set(store.reserved_sites).union(*(store[a].targets for a in store.names() if _lora(store, a)))
-    return [p for p in sites if p in routed]
+def _live(store: AdapterStore, paths: list[str]) -> bool:
+    """Whether the graph draws dropout masks at `paths` in training: where an adapter has a rate, and everywhere
+    under a capacity (an adapter with a rate may take a slot without a rebuild; a rate of 0 keeps x as it is)."""
+    return store.capacity is not None or dropout_live(store, paths)
 
 
 def site_rank(store: AdapterStore, path: str) -> int:
@@ -128,28 +109,32 @@ def site_rank(store: AdapterStore, path: str) -> int:
     return max((w.A.shape[0] for w in _all_weights(store, path)), default=1)
 
 
-def _lora_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
-    """Adapter `name`'s A, B, scale or dropout rate at a site; zeros of the graph's rank where it does not target
-    the site. The rank dim is dynamic where the adapters' ranks differ at that site."""
-    _, path, part = key
-    w = _weights(store, name, path)
+def _lora_value(w: LoraWeights | None, key: tuple, like: torch.Tensor, gm: GraphModule) -> torch.Tensor:
+    """An adapter's A, B, scale or dropout rate at a site (`w`: its weights there); zeros of the graph's rank where
+    it has none (another method's adapter, or one not targeting the site)."""
+    part = key[2]
     t = None if w is None else {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t, "m": w.magnitude, "d": w.d_t,
                                 "c": w.B_bias}[part]
     if t is None:             # not targeted here, or not DoRA / without lora_bias: zeros (d = 0: no rescale)
-        t = torch.zeros(like.shape, dtype=like.dtype, device=store.device)
-    if part not in "AB":
-        return t, ()
-    r = site_rank(store, path)
-    ranks = {w.A.shape[0] if (w := _weights(store, a, path)) is not None else r for a in store.names()}
-    return t, ((0 if part == "A" else 1),) if len(ranks) > 1 else ()
+        t = torch.zeros(like.shape, dtype=like.dtype, device=_device(gm))
+    return t
 
 
-def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str = "single") -> int:
-    """Wire the store's adapters into the graph in `form` ("single" or "mixed"); the store already holds their
-    weights. Returns the number of rewritten site calls."""
+def _device(gm: GraphModule) -> torch.device:
+    t = next(gm.parameters(), None)
+    t = next(gm.buffers(), None) if t is None else t
+    return t.device if t is not None else torch.device("cpu")
+
+
+def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str = "single",
+                paths: list[str] | None = None) -> int:
+    """Wire the store's LoRA adapters into the graph at `paths` (the sites they adapt, in graph order) in `form`
+    ("single" or "mixed"); the store already holds their weights. Returns the number of rewritten site calls."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
-    paths = routed_paths(sites, store)
+    if paths is None:
+        routed = set(store.reserved_sites).union(*(store[a].targets for a in store.names() if _lora(store, a)))
+        paths = [p for p in sites if p in routed]
     if not paths:
         return 0
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -159,17 +144,12 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, fo
     if form == "single":
         return _insert_plain(gm, matmuls, store) + _insert_branches(gm, others, store, None)
     rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))              # (batch,) slot per row
-    count = (_insert_gathered(gm, matmuls, store, rows) if matmuls else 0) + _insert_branches(gm, others, store, rows)
-    for slot in range(1, len(store.slots())):
-        _write_slot(store, slot)      # every slot's scales (and dropout rates) into the new banks
-    return count
+    return (_insert_gathered(gm, matmuls, store, rows) if matmuls else 0) + _insert_branches(gm, others, store, rows)
 
 
-def _residual_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
-    """The base weight adapter `name` runs on at a site: its PiSSA / OLoRA residual, else the model's weight."""
-    _, path, target = key
-    w = _weights(store, name, path)
-    return (w.residual if w is not None and w.residual is not None else tensor_at(gm, target)), ()
+def _residual_value(w: LoraWeights | None, key: tuple, like: torch.Tensor, gm: GraphModule) -> torch.Tensor:
+    """The base weight an adapter runs on at a site: its PiSSA / OLoRA residual, else the model's weight."""
+    return w.residual if w is not None and w.residual is not None else tensor_at(gm, key[2])
 
 
 def _route_residuals(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore) -> None:
@@ -248,20 +228,18 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
         doras.append(_dora_args(gm, site, node, w) if dora_at(store, site.fqn) else None)
         biases.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
                       if lora_bias_at(store, site.fqn) else None)
-    key = f"g{len(store.groups)}"
     remake, srcs = _recipe(gm, x)
-    store.groups[key] = LoraGroup(paths, live=dropout_live(store, paths), remake=remake,
-                                  dora=[d is not None for d in doras], kinds=[site.kind for site, _ in members])
+    target = form_module(gm, "single", LoraGroup(paths, live=_live(store, paths), remake=remake,
+                                              dora=[d is not None for d in doras],
+                                              kinds=[site.kind for site, _ in members]), "g")
     ys = [node for _, node in members]
-    meta = {"method": "lora", "adapter": "*"}
     made = []
     extra = [doras if any(d is not None for d in doras) else [],
              biases if any(c is not None for c in biases) else [], srcs]
     while extra and not extra[-1]:
         extra.pop()
     with g.inserting_after(last):
-        call = g.call_module(f"{STORE}.groups.{key}",
-                             (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *extra))
+        call = g.call_module(target, (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *extra))
     made.append(call)
     prev = call
     outs = []
@@ -275,73 +253,61 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
         y.replace_all_uses_with(out, delete_user_cb=lambda u: u is not call)
     for n in [call, *outs]:
         n.meta["nn_module_stack"] = last.meta.get("nn_module_stack", {})
-        n.meta["peftc"] = dict(meta, role="out" if n in outs else "part")
 
 
 # --- gathered form ----------------------------------------------------------------------------------------------
 class RowDropout(nn.Module):
-    """Dropout on (batch, T, in) with each row's adapter's rate; identity in eval mode, and while no slot has a rate
-    (`live`, a Python flag: under torch.compile a change of it recompiles once, a change of the rates does not)."""
+    """Dropout on (batch, T, in) with each row's adapter's rate (`rates`: (batch,), the slots' rates gathered by
+    row); identity in eval mode. Only where the graph has it: where some adapter has a rate, or a capacity."""
 
-    def __init__(self, rates: list[float], device=None):
-        super().__init__()
-        self.register_buffer("rates", torch.tensor(rates, device=device), persistent=False)
-        self.live = any(rates)
-
-    def set_rate(self, slot: int, rate: float) -> None:
-        with torch.no_grad():
-            self.rates[slot] = rate
-        self.live = bool((self.rates > 0).any())
-
-    def forward(self, x, rows):
-        if not self.training or not self.live:
+    def forward(self, x, rates):
+        if not self.training:
             return x
-        keep = 1.0 - self.rates.to(x.dtype)[rows].view(-1, *([1] * (x.dim() - 1)))     # (batch, 1, 1)
+        keep = 1.0 - rates.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))                # (batch, 1, 1)
         return x * torch.bernoulli(keep.expand_as(x)) / keep
 
 
 class SiteBank(nn.Module):
-    """Per-site data of the routed subgraph: every slot's scale (and dropout rate), and zero weights for slot 0 and
-    for slots whose adapter does not target the site. AdapterStore.point_slot writes a slot's entries."""
+    """The gathered form's constants at one site (the form's graph owns them): zero weights, scale and rate for
+    slot 0 and for slots whose adapter does not target the site, and the row dropout where the graph has one. The
+    slots' own weights, scales and rates are read from the store (its adapters, or a capacity's lanes) on every
+    call, so a slot changing hands is data."""
 
-    def __init__(self, slots: int, rank: int, in_f: int, out_f: int, dtype, device, dropout: bool):
+    def __init__(self, rank: int, in_f: int, out_f: int, dtype, device, dropout: bool):
         super().__init__()
-        self.register_buffer("scales", torch.zeros(slots, dtype=dtype, device=device), persistent=False)
         self.empty = nn.Module()            # buffers, not parameters: no one trains or counts them
         self.empty.register_buffer("A", torch.zeros(rank, in_f, dtype=dtype, device=device), persistent=False)
         self.empty.register_buffer("B", torch.zeros(out_f, rank, dtype=dtype, device=device), persistent=False)
         self.empty.register_buffer("c", torch.zeros(out_f, dtype=dtype, device=device), persistent=False)
+        self.empty.register_buffer("s", torch.zeros((), dtype=dtype, device=device), persistent=False)
         if dropout:
-            self.dropout = RowDropout([0.0] * slots, device)
+            self.dropout = RowDropout()
 
 
 def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore, rows: Node) -> int:
     slots = store.slots()
     names = [a for a in slots[1:] if _lora(store, a) is not None]
     capacity = store.capacity
-    rank = capacity.rank if capacity else max((store[a].max_rank for a in names), default=1)
+    rank = capacity.rank if capacity else max((w.r for a in names for w in store[a].sites.values()), default=1)
     g = gm.graph
     first = _batch_source(gm)
     with g.inserting_after(rows):
         batch = g.call_function(aten.sym_size.int, (first, 0))
     new: list[Node] = [batch]
     outs: set[Node] = set()
+    banks: dict[str, str] = {}
     for site, node in calls:
         key = site_key(site.fqn)
-        if key not in store.banks:
+        if key not in banks:
             w = tensor_at(gm, site.weight)
-            dropout = capacity is not None or dropout_live(store, [site.fqn])
-            store.banks[key] = SiteBank(len(slots), rank, site.in_features, site.out_features, w.dtype, w.device,
-                                        dropout)
+            banks[key] = form_module(gm, "mixed", SiteBank(rank, site.in_features, site.out_features, w.dtype,
+                                                           w.device, _live(store, [site.fqn])), "bank")
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
                 for i in range(1, len(slots)):
                     store.lane_weights(i, key, _zeros(site, capacity.rank, w))
-        made, out = _rewrite(gm, site, node, key, store, rank, rows, batch, hasattr(store.banks[key], "dropout"),
-                             _batch_dim(site, _input_of(site, node), first))
-        new += made
-        outs.add(out)
-    for n in new:   # role "out": a site's new output, whose base_output() is the site's own output
-        n.meta["peftc"] = {"method": "lora", "adapter": "*", "role": "out" if n in outs else "part"}
+        bank = banks[key]
+        _rewrite(gm, site, node, key, store, rank, rows, batch, bank, hasattr(gm.get_submodule(bank), "dropout"),
+                 _batch_dim(site, _input_of(site, node), first))
     return len(calls)
 
 
@@ -382,11 +348,11 @@ def _batch_dim(site: Site, x: Node, first: Node) -> int:
                      "their own")
 
 
-def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout, bdim: int = 0) -> tuple[list[Node], Node]:
+def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim: int = 0) -> tuple[list[Node], Node]:
     """Insert the routed subgraph after the site call `node`; returns (the new nodes, the site's new output).
-    `bdim`: the batch dim of the site's input and output, moved to the front and back."""
+    `bank`: the target of the site's SiteBank; `bdim`: the batch dim of the site's input and output, moved to the
+    front and back."""
     g = gm.graph
-    bank = f"{STORE}.banks.{key}"
     x = _input_of(site, node)
     made: list[Node] = []
     base = node
@@ -404,11 +370,16 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout, bdim: int =
         if bdim:
             x, node = call(aten.movedim.int, x, bdim, 0), call(aten.movedim.int, node, bdim, 0)
         a_list, b_list = [attr(f"{bank}.empty.A")], [attr(f"{bank}.empty.B")]
+        s_list = [attr(f"{bank}.empty.s")]
+        p_list = s_list[:1]                       # the empty rate: 0
         c_list = [attr(f"{bank}.empty.c")] if with_bias else []
         for i, a in enumerate(store.slots()[1:], start=1):
             if store.capacity is not None:        # the slot's lane, whoever fills it
                 a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
                 b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
+                s_list.append(attr(f"{STORE}.lanes.{i}.{key}.scale_t"))
+                if dropout:
+                    p_list.append(attr(f"{STORE}.lanes.{i}.{key}.p_t"))
                 if with_bias:
                     lane = store.lanes[str(i)][key]
                     c_list.append(attr(f"{STORE}.lanes.{i}.{key}.B_bias") if lane.B_bias is not None else c_list[0])
@@ -417,10 +388,15 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout, bdim: int =
             if w is None:
                 a_list.append(a_list[0])
                 b_list.append(b_list[0])
+                s_list.append(s_list[0])
+                p_list += p_list[:1] if dropout else []
                 c_list += c_list[:1]
                 continue
             prefix = f"{STORE}.adapters.{a}.sites.{key}"
             A, B = attr(f"{prefix}.A"), attr(f"{prefix}.B")
+            s_list.append(attr(f"{prefix}.scale_t"))
+            if dropout:
+                p_list.append(attr(f"{prefix}.p_t"))
             if with_bias:
                 c_list.append(attr(f"{prefix}.B_bias") if w.B_bias is not None else c_list[0])
             pad = rank - w.A.shape[0]
@@ -428,10 +404,11 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, dropout, bdim: int =
             b_list.append(call(aten.constant_pad_nd.default, B, [0, pad]) if pad else B)         # (out, R)
         A_rows = call(aten.index.Tensor, call(aten.stack.default, a_list), [rows])             # (batch, R, in)
         B_rows = call(aten.index.Tensor, call(aten.stack.default, b_list), [rows])             # (batch, out, R)
-        s_rows = call(aten.index.Tensor, attr(f"{bank}.scales"), [rows])                       # (batch,)
+        s_rows = call(aten.index.Tensor, call(aten.stack.default, s_list), [rows])              # (batch,)
         x3 = call(aten.reshape.default, x, [batch, -1, site.in_features])                     # (batch, T, in)
         if dropout:
-            made.append(g.call_module(f"{bank}.dropout", (x3, rows)))
+            p_rows = call(aten.index.Tensor, call(aten.stack.default, p_list), [rows])          # (batch,)
+            made.append(g.call_module(f"{bank}.dropout", (x3, p_rows)))
             x3 = made[-1]
         h = call(aten.bmm.default, x3, call(aten.transpose.int, A_rows, 1, 2))                  # (batch, T, R)
         h = call(aten.mul.Tensor, h, call(aten.view.default, s_rows, [-1, 1, 1]))   # scale the small tensor
@@ -466,7 +443,7 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
         op = {"embedding": "embedding", "conv": f"conv{len(site.weight_shape) - 2}d"}[site.kind]
         dora = rows is None and dora_at(store, site.fqn)
         branch = (LoraBranch if rows is None else LoraBranchRows)(op, site.params, [site.fqn],
-                                                                  live=dropout_live(store, [site.fqn]), dora=dora)
+                                                                  live=_live(store, [site.fqn]), dora=dora)
         x = _input_of(site, node)
         biased = lora_bias_at(store, site.fqn)
         if rows is None:
@@ -482,15 +459,13 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                 parts.append(_dora_args(gm, site, node, w))
             while parts[-1] is None:
                 parts.pop()
-            name = f"b{len(store.groups)}"
-            store.groups[name] = branch
+            target = form_module(gm, "single", branch, "b")
             with g.inserting_after(node):
-                out = g.call_module(f"{STORE}.groups.{name}", (x, node, *parts))
+                out = g.call_module(target, (x, node, *parts))
         else:
-            if key not in store.banks:
-                store.banks[key] = SiteBank(len(slots), 0, 0, 0, w.dtype, w.device, dropout=False)
-                store.banks[key].branch = branch
-            A_s, B_s, c_s = [], [], []
+            bank = form_module(gm, "mixed", SiteBank(0, 0, 0, w.dtype, w.device, dropout=False), "bank")
+            gm.get_submodule(bank).branch = branch
+            A_s, B_s, c_s, s_s = [], [], [], []
             with g.inserting_after(node):
                 anchor = node
                 for i, a in enumerate(slots[1:], start=1):
@@ -500,9 +475,9 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                     elif _weights(store, a, site.fqn) is not None:
                         lw, prefix = _weights(store, a, site.fqn), f"{STORE}.adapters.{a}.sites.{key}"
                     else:
-                        A_s.append(None), B_s.append(None), c_s.append(None)
+                        A_s.append(None), B_s.append(None), c_s.append(None), s_s.append(None)
                         continue
-                    for lst, attr in ((A_s, "A"), (B_s, "B"), (c_s, "B_bias")):
+                    for lst, attr in ((A_s, "A"), (B_s, "B"), (c_s, "B_bias"), (s_s, "scale_t")):
                         if attr == "B_bias" and lw.B_bias is None:
                             lst.append(None)
                             continue
@@ -510,14 +485,11 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                             anchor = g.get_attr(f"{prefix}.{attr}")
                         lst.append(anchor)
                 with g.inserting_after(anchor):
-                    scales = g.get_attr(f"{STORE}.banks.{key}.scales")
-                with g.inserting_after(scales):
-                    out = g.call_module(f"{STORE}.banks.{key}.branch", (x, node, rows, A_s, B_s, scales, c_s))
+                    out = g.call_module(f"{bank}.branch", (x, node, rows, A_s, B_s, s_s, c_s))
         out.meta["val"] = node.meta.get("val")
         node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not out)
         for n in [out, *[a for a in out.all_input_nodes if a.op == "get_attr" and STORE in a.target]]:
             n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
-            n.meta["peftc"] = {"method": "lora", "adapter": "*", "role": "out" if n is out else "part"}
     return len(calls)
 
 
@@ -531,17 +503,6 @@ def _shape_of(site: Site) -> dict:
 def _zeros(site: Site, rank: int, w: torch.Tensor):
     """A maker of frozen zero LoraWeights for `site` at `rank` (a capacity's empty lane)."""
     return lambda: zero_weights(rank, site.in_features, site.out_features, w.dtype, w.device, **_shape_of(site))
-
-
-def base_output(out: Node) -> Node:
-    """The site's own output under the LoRA subgraph whose output is `out` (what merging reads instead)."""
-    if out.target is operator.getitem:     # plain form: getitem(LoraGroup(x, ys, ...), i) -> ys[i]
-        return out.args[0].args[1][out.args[1]]
-    if out.op == "call_module":            # LoraBranch(x, y, ...) -> y
-        return out.args[1]
-    while "peftc" in out.meta:             # gathered form: reshape(add_(baddbmm_(reshape(y), ...), ...)) -> y
-        out = out.args[0]
-    return out
 
 
 def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tensor:
@@ -674,19 +635,30 @@ def lora_mixed_refusal(adapter: Adapter) -> str | None:
     return None
 
 
-def lora_fits_graph(store: AdapterStore, adapter: Adapter) -> bool:
-    """Whether the graph's LoRA subgraph already serves `adapter` as data: no lora_bias or residual inputs of its
-    own, and DoRA only where the graph has DoRA's rescale."""
+def lora_fits_graph(gm: GraphModule, adapter: Adapter) -> bool:
+    """Whether the plain-form graph `gm`'s LoRA subgraph already serves `adapter` as data: no lora_bias or residual
+    inputs of its own, and DoRA only where the graph has DoRA's rescale."""
     if any(w.B_bias is not None or w.residual is not None for w in adapter.sites.values()):
         return False
     dora = {p for p in adapter.targets if adapter.sites[site_key(p)].dora}
-    rescaled = {p for g in store.groups.values() if isinstance(g, LoraGroup) for p, on in zip(g.paths, g.dora) if on}
+    rescaled = {p for g in gm.modules() if isinstance(g, LoraGroup) for p, on in zip(g.paths, g.dora) if on}
     return dora <= rescaled
 
 
-register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config,
-                       site_kinds=("linear", "conv1d", "embedding", "conv"),
-                       check=check_lora, build=build_lora, rewrite=insert_lora, peft_keys=lora_keys,
-                       base_output=base_output, mixed_refusal=lora_mixed_refusal, fits_graph=lora_fits_graph,
-                       route_values={"lora": _lora_value, "residual": _residual_value}, fold=lora_delta, fold_bias=lora_bias_delta,
-                       param_count=lora_param_count))
+def lora_room(adapter: Adapter, capacity: Capacity) -> str | None:
+    """Why a LoRA adapter does not fit `capacity`: a capacity without a rank, or a rank above it."""
+    rank = max((w.r for w in adapter.sites.values()), default=0)
+    if capacity.rank is None:
+        return f"LoRA adapters need a capacity rank; declare one with pm.reserve(adapters=..., rank={rank})"
+    if rank > capacity.rank:
+        return f"it has rank r={rank}, above the declared capacity's rank {capacity.rank}; pm.reserve(rank={rank}) " \
+               "first (one recompile)"
+    return None
+
+
+register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, build=build_lora, rewrite=insert_lora,
+                       peft_keys=lora_keys, route_values={"lora": _lora_value, "residual": _residual_value},
+                       site_kinds=("linear", "conv1d", "embedding", "conv"), check=check_lora,
+                       fold=lora_delta, fold_bias=lora_bias_delta, mixed_refusal=lora_mixed_refusal,
+                       pad=lambda w, cap: w.padded(cap.rank), empty=lambda w, cap: w.zeros(cap.rank),
+                       room=lora_room, fits_graph=lora_fits_graph, param_count=lora_param_count))

@@ -467,16 +467,16 @@ class LoraBranch(nn.Module):
 
 class LoraBranchRows(LoraBranch):
     """LoraBranch in the gathered form: (x, y, rows, As, Bs, scales, cs), every slot's update on its own rows (a
-    slot's A is None where it has no adapter at the site). No dropout: mixed batches serve inference."""
+    slot's A and scale are None where it has no adapter at the site). No dropout: mixed batches serve inference."""
 
     def forward(self, x, y, rows, As, Bs, scales, cs):
         out = y
-        for slot, (A, B, c) in enumerate(zip(As, Bs, cs), start=1):
+        for slot, (A, B, s, c) in enumerate(zip(As, Bs, scales, cs), start=1):
             if A is None:
                 continue
             u = self.update(x, A, B)
             if c is not None:
                 u = u + c.view(-1, *(1,) * (u.dim() - 2))
-            mask = (rows == slot).to(u.dtype) * scales[slot]                  # (batch,): this slot's rows, scaled
+            mask = (rows == slot).to(u.dtype) * s                             # (batch,): this slot's rows, scaled
             out = out + u * mask.view(-1, *(1,) * (u.dim() - 1))
         return out

@@ -1,13 +1,15 @@
 """Merge pass: fold an adapter into the weights it adapts, as a compiler folds constants.
 
-    Before:  y = linear(x, W)                       W: get_attr q_proj.weight (shared with the user's model)
-             y' = y + s * B @ A @ d   (the LoRA pass's subgraph, either form; its route inputs)
-    After:   y = linear(x, W')                      W' = W + s B A, a new constant (Conv1D: W' = W + (s B A)^T)
-             (the adapter's nodes are gone; its modules_to_save and trained-bias copies, and the embedding
-             with its trained token rows, become plain constants; a trained bias is the base of lora_bias's fold)
+    Before:  y = linear(x, W)                       the base graph (no adapter in it); W: get_attr q_proj.weight,
+                                                    shared with the user's model
+    After:   y = linear(x, W')                      W' = W + fold(adapter) (LoRA: W + s B A; Conv1D: W + (s B A)^T;
+                                                    IA3: diag(l) W), a new constant
+             (the adapter's modules_to_save and trained-bias copies, and embeddings with its trained token rows,
+             become plain constants; a trained bias is the base of a bias fold there)
 
-The pass works on a copy of the graph (`merge_graph_module`): the PeftModule it came from is not changed, so going
-back to the unmerged model is exact.
+Every method's rewrite only adds to the base graph, so merging never unwinds it: the pass folds each weight update,
+by the method's fold rule (Method.fold, the "merge" capability), into a copy of the base graph
+(`merge_graph_module`). The PeftModule it came from is not changed, so going back to the unmerged model is exact.
 """
 from __future__ import annotations
 
@@ -17,22 +19,18 @@ from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError
-from peftc.methods import METHODS, method_of, method_tagged, work_dtype
-from peftc.store import STORE, Adapter
+from peftc.methods import method_of, work_dtype
+from peftc.store import Adapter
 
 from .match import Site, tensor_at
-from .modules_to_save import copy_of
-from .route import drop_route_inputs
+from .modules_to_save import fold_saved_copies
 from .trainable_tokens import fold_token_rows
 
 
 def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor) -> torch.Tensor:
     """W + delta in W's dtype, checked to be finite (PEFT's safe_merge)."""
     method = method_of(adapter.spec)
-    if method.fold is None:
-        foldable = [m.name for m in METHODS.values() if m.fold is not None]
-        raise MergeError(f"adapter {name!r} ({method.name}) cannot be merged into the weights: its method has no "
-                         f"fold rule (methods that fold: {foldable}); use the unmerged module")
+    method.require("merge", f"merging adapter {name!r} into the weights (use the unmerged module)", MergeError)
     delta = method.fold(adapter, site, weight).to(weight.device)
     dt = work_dtype(weight.dtype, delta.dtype)                 # fp16/bf16 add in float32, float64 stays float64
     merged = (weight.detach().to(dt) + delta.to(dt)).to(weight.dtype)
@@ -91,31 +89,15 @@ def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
     mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
 
 
-def _fold_copies(gm: GraphModule, adapter: Adapter) -> None:
-    """Every read of a copied tensor (modules_to_save, a trained bias) reads the adapter's copy as a constant, or
-    the original where this adapter has no copy of it. First, so that a site's bias fold starts from the trained
-    bias."""
-    g = gm.graph
-    for n in list(g.nodes):
-        info = n.meta.get("peftc") or {}
-        if info.get("method") != "modules_to_save" or info.get("role") != "out":
-            continue
-        orig = target = info["saved_from"]
-        found = copy_of(adapter, orig)
-        if found is not None:
-            if any(m.op == "get_attr" and m.target == orig and m.users for m in g.nodes):
-                target = f"{orig}_saved"   # a tied weight read elsewhere too (GPT-2's wte) keeps the original
-            _set_attr(gm, target, found[0].detach())
-        with g.inserting_before(next(m for m in g.nodes if m.op != "placeholder")):
-            plain = g.get_attr(target)
-        n.replace_all_uses_with(plain)
-
-
 def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> int:
-    """Fold `adapter` into gm's weights in place (gm must be a copy) and delete its nodes; returns the fold count."""
+    """Fold `adapter` into the weights of gm, a copy of the base graph (no adapter in it), in place; returns the
+    fold count. Its modules_to_save and trained-bias copies first, so that a site's bias fold starts from the
+    trained bias; then every adapted site's weight (and bias) becomes a new constant by its method's fold rule."""
     g = gm.graph
-    _fold_copies(gm, adapter)
+    fold_saved_copies(gm, adapter, _set_attr)
     fold_token_rows(gm, adapter, name, _set_attr)   # before the sites' folds read (and replace) their weights
+    method = method_of(adapter.spec)
+    method.require("merge", f"merging adapter {name!r} into the weights", MergeError)
     count = 0
     for path in adapter.targets:
         site = sites[path]
@@ -124,8 +106,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         # the model's own key, so the merged module's state dict has the model's names; a fresh one if the weight
         # is also read outside the site (a tied embedding keeps the unmerged weight)
         target = f"{path}.weight"
-        if any(u.name not in names and "peftc" not in u.meta                 # (adapter nodes go away: DoRA reads W)
-               for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
+        if any(u.name not in names for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
             target = f"{path}.weight_merged"
         _set_attr(gm, target, folded_weight(adapter, name, site, weight))
         bias = _folded_bias(gm, adapter, name, site)
@@ -144,31 +125,17 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
                     else:
                         node.update_arg(arg, new_b)
         count += 1
-    # y' = y + delta: users of y' read y again
-    for n in list(g.nodes):
-        info = n.meta.get("peftc") or {}
-        method = method_tagged(info.get("method", ""))
-        if method is not None and info.get("role") == "out":
-            if method.base_output is None:
-                raise MergeError(f"method {method.name} names no base_output for its subgraph, so merge() cannot "
-                                 "remove it")
-            n.replace_all_uses_with(method.base_output(n))
     for n in reversed(list(g.nodes)):
-        if "peftc" in n.meta and not n.users:
+        if n.op == "get_attr" and not n.users:
             g.erase_node(n)
-        elif n.op == "get_attr" and not n.users:
-            g.erase_node(n)
-    drop_route_inputs(gm)     # nothing per call is left: the merged graph takes the model's own inputs
-    leftover = [n.name for n in g.nodes if "peftc" in n.meta]
-    if leftover:
-        raise MergeError(f"adapter {name!r}: nodes {leftover[:3]} are still used after folding")
     return count
 
 
-def merge_graph_module(src: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> GraphModule:
-    """A new GraphModule: `src`'s graph with `adapter` folded in. Weights it does not fold are shared with `src`;
-    mode-carrying modules (dropout) are copied so the two modules' train()/eval() stay apart."""
-    gm = GraphModule(src, copy.deepcopy(src.graph))
+def merge_graph_module(base: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> GraphModule:
+    """A new GraphModule: the base graph `base` (the model's, before any adapter) with `adapter`'s weight updates
+    folded in. Weights it does not fold are shared with `base`; mode-carrying modules (dropout) are copied so the
+    two modules' train()/eval() stay apart."""
+    gm = GraphModule(base, copy.deepcopy(base.graph))
     for node in gm.graph.nodes:
         if node.op == "call_module":
             owner, _, leaf = node.target.rpartition(".")
@@ -182,8 +149,6 @@ def merge_graph_module(src: GraphModule, sites: dict[str, Site], adapter: Adapte
                 mod._buffers[key] = own
     fold_adapter(gm, sites, adapter, name)
     gm.delete_all_unused_submodules()
-    if hasattr(gm, STORE):
-        delattr(gm, STORE)
     gm.graph.lint()
     gm.recompile()
     return gm

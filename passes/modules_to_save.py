@@ -117,7 +117,7 @@ def _inside(node, path: str) -> bool:
 def _saved_value(store: AdapterStore, name: str, key: tuple, like, gm: GraphModule):
     """Adapter `name`'s trainable copy of a model tensor, or the original where it has no copy of it."""
     found = copy_of(store[name], key[3])
-    return (found[0] if found is not None else tensor_at(gm, key[3])), ()
+    return found[0] if found is not None else tensor_at(gm, key[3])
 
 
 def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:
@@ -144,6 +144,36 @@ def insert_saved_copies(gm: GraphModule, store: AdapterStore) -> int:
         # a whole module's copy: only that module's own reads (a tied weight read elsewhere, GPT-2's embedding,
         # keeps the original); a trained bias: every read, the LoRA and DoRA subgraphs' too
         node.replace_all_uses_with(inp, delete_user_cb=(lambda u: _inside(u, path)) if whole else (lambda u: True))
-        inp.meta["peftc"] = {"method": "modules_to_save", "adapter": "*", "role": "out", "saved_from": node.target}
+        count += 1
+    return count
+
+
+def fold_saved_copies(gm: GraphModule, adapter: Adapter, set_constant) -> int:
+    """merge()'s part: in a copy of the base graph, the reads of every tensor `adapter` copies read its copy as a
+    constant (`set_constant(gm, target, tensor)`), by the rule insert_saved_copies routes them with; returns the
+    count. A tied weight read outside a whole module's copy (GPT-2's embedding) keeps the original."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        found = copy_of(adapter, node.target)
+        if found is None:
+            continue
+        copy, whole = found
+        path = next(p for p in adapter.saved_modules if node.target.startswith(p + "."))
+        inside = [u for u in node.users if not whole or _inside(u, path)]
+        if not inside:
+            continue
+        target = node.target
+        if len(inside) < len(node.users):       # read elsewhere too: the copy gets a name of its own
+            target = f"{node.target}_saved"
+        set_constant(gm, target, copy.detach())
+        if target == node.target:
+            count += 1
+            continue
+        with gm.graph.inserting_after(node):
+            const = gm.graph.get_attr(target)
+        for u in inside:
+            u.replace_input_with(node, const)
         count += 1
     return count

@@ -53,15 +53,17 @@ def route_input(gm: GraphModule, key: Hashable, example: torch.Tensor) -> Node:
     return node
 
 
-# kind -> fn(store, adapter name, key, like, gm) -> (tensor, dims that differ between adapters)
-_VALUES: dict[str, Callable] = {}
+# kind -> (owner, fn): a method's kinds (owner: its spec class) take fn(site weights or None, key, like, gm) -> tensor;
+# kinds of no method (owner None) take fn(store, adapter name, key, like, gm) -> tensor
+_VALUES: dict[str, tuple[type | None, Callable]] = {}
 
 
-def add_route_value(kind: str, fn: Callable) -> None:
-    """Register how route entries of `kind` are looked up for one adapter (a Method's route_values come here)."""
+def add_route_value(kind: str, fn: Callable, owner: type | None = None) -> None:
+    """Register how route entries of `kind` are looked up for one adapter (a Method's route_values come here, with
+    the method's spec class as `owner`)."""
     if kind in _VALUES:
-        raise ValueError(f"route entries of kind {kind!r} are registered already ({_VALUES[kind].__module__})")
-    _VALUES[kind] = fn
+        raise ValueError(f"route entries of kind {kind!r} are registered already ({_VALUES[kind][1].__module__})")
+    _VALUES[kind] = (owner, fn)
 
 
 def remove_route_value(kind: str) -> None:
@@ -80,22 +82,51 @@ def route_value(kind: str):
     return register
 
 
+def _site_weights(store, name: str, owner: type, path: str):
+    """Adapter `name`'s weights at module path `path` if it is of the method `owner` and adapts the site, else None."""
+    ad = store.adapters[name]
+    if not isinstance(ad.spec, owner) or path not in ad.targets:
+        return None
+    return ad.sites[path.replace(".", "-")]
+
+
+def _value(store, name: str, key, like, gm) -> torch.Tensor:
+    entry = _VALUES.get(key[0])
+    if entry is None:
+        raise KeyError(f"no route value registered for {key}; registered kinds: {sorted(_VALUES)}")
+    owner, fn = entry
+    if owner is None:
+        return fn(store, name, key, like, gm)
+    return fn(_site_weights(store, name, owner, key[1]), key, like, gm)
+
+
+def _shape(store, name: str, key, like, gm) -> tuple:
+    """The shape of adapter `name`'s value for `key` (`like`'s where a method's adapter has no weights there: the
+    value that changes nothing has the graph's shape)."""
+    owner = _VALUES[key[0]][0]
+    if owner is not None and _site_weights(store, name, owner, key[1]) is None:
+        return tuple(like.shape)
+    return tuple(_value(store, name, key, like, gm).shape)
+
+
 def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> list[torch.Tensor]:
     """The route of a call whose every row uses adapter `name`: its own tensors (no copies), in gm's order.
     `detach`: views without autograd history (for calls without autograd: frozen and trainable adapters then look
-    alike to torch.compile). Dims that differ between adapters are marked dynamic, so one compiled graph serves all
-    (unbacked where the value function says `fn.unbacked = True`: sizes 0 and 1 are then not specialized)."""
+    alike to torch.compile). Dims whose size differs between the store's adapters (LoRA's ranks) are marked
+    dynamic, so one compiled graph serves all (unbacked where the value function says `fn.unbacked = True`: sizes
+    0 and 1 are then not specialized)."""
     out = []
+    names = store.names() if store is not None else [name]
     for key, like in route_entries(gm):
-        fn = _VALUES.get(key[0])
-        if fn is None:
-            raise KeyError(f"no route value registered for {key}; registered kinds: {sorted(_VALUES)}")
-        t, dynamic = fn(store, name, key, like, gm)
+        t = _value(store, name, key, like, gm)
         t = t.detach() if detach else t
-        mark = torch._dynamo.decorators.mark_unbacked if getattr(fn, "unbacked", False) else \
-            torch._dynamo.maybe_mark_dynamic
-        for d in dynamic:
-            mark(t, d)
+        if t.dim() and len(names) > 1:
+            shapes = {tuple(t.shape) if a == name else _shape(store, a, key, like, gm) for a in names}
+            mark = torch._dynamo.decorators.mark_unbacked if getattr(_VALUES[key[0]][1], "unbacked", False) \
+                else torch._dynamo.maybe_mark_dynamic
+            for d in range(t.dim()):
+                if len({s[d] for s in shapes if len(s) == t.dim()}) > 1:
+                    mark(t, d)
         out.append(t)
     return out
 

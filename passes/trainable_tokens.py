@@ -192,15 +192,12 @@ def resolve_token_rows(gm: GraphModule, sites: dict[str, Site], model: nn.Module
 @route_value("tokens")
 def _tokens_value(store: AdapterStore, name: str, key: tuple, like: torch.Tensor, gm: GraphModule):
     """Adapter `name`'s row index or rows at one reader; empty ones (no rows: the read sees W) where it has none.
-    The row count is dynamic where the adapters' counts differ."""
+    The router makes the row count dynamic where the adapters' counts differ."""
     _, target, reader, part = key
     rows = rows_for(store[name], target, reader)
     if rows is None:
-        t = torch.empty((0, *like.shape[1:]), dtype=like.dtype, device=store.device)
-    else:
-        t = rows.index if part == "index" else rows.delta
-    counts = {len(r.index) if (r := rows_for(store[a], target, reader)) is not None else 0 for a in store.names()}
-    return t, ((0,) if len(counts) > 1 else ())
+        return torch.empty((0, *like.shape[1:]), dtype=like.dtype, device=store.device)
+    return rows.index if part == "index" else rows.delta
 
 
 _tokens_value.unbacked = True   # adapters with 0 or 1 rows (or none here) share the compiled graph of the others
@@ -236,36 +233,37 @@ def insert_token_rows(gm: GraphModule, store: AdapterStore) -> int:
     return count
 
 
-def fold_token_rows(gm: GraphModule, adapter: Adapter, name: str, set_attr) -> None:
-    """merge(): each index_copy reads the adapter's rows as a constant (at the weight's own name where every read
-    of it sees the same rows, so a tied matrix stays one tensor), or W where the adapter has none there."""
-    g = gm.graph
-    groups: dict[str, list[torch.fx.Node]] = {}
-    for n in g.nodes:
-        if (n.meta.get("peftc") or {}).get("method") == TAG:
-            groups.setdefault(n.meta["peftc"]["target"], []).append(n)
-    first = next(m for m in g.nodes if m.op != "placeholder")
-    for target, group in groups.items():
-        weight = tensor_at(gm, target)
-        chosen = [rows_for(adapter, target, n.meta["peftc"]["reader"]) for n in group]
-        plain = any(m.op == "get_attr" and m.target == target and set(m.users) - set(group) for m in g.nodes)
-        shared = len({id(c) for c in chosen}) == 1 and chosen[0] is not None and not plain
-        values: dict[int, str] = {}
-        for rows in chosen:
-            if rows is not None and id(rows) not in values:
-                merged = rows.value(weight).detach()
-                if not torch.isfinite(merged).all():
-                    raise MergeError(f"merging adapter {name!r}: its trained token rows of {rows.path} are not "
-                                     "finite (inf or NaN); check training for divergence; nothing was merged")
-                values[id(rows)] = (target if shared else f"{target}_tokens_{site_key(rows.path)}", merged)
-        for at, merged in values.values():
-            set_attr(gm, at, merged)
-        for n, rows in zip(group, chosen):
-            if rows is None:
-                n.replace_all_uses_with(n.args[0])
-                continue
-            with g.inserting_before(first):
-                n.replace_all_uses_with(g.get_attr(values[id(rows)][0]))
+def fold_token_rows(gm: GraphModule, adapter: Adapter, name: str, set_constant) -> int:
+    """merge()'s part: in a copy of the base graph, each read of a weight whose rows `adapter` trains at that
+    reader reads the weight with the rows in place as a constant (`set_constant(gm, target, tensor)`): at the
+    weight's own name where every read of it sees the same rows (a tied matrix stays one tensor), else under a
+    name of its own. Returns the count of rewritten reads."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr" or not any(t.target == node.target for t in adapter.tokens.values()):
+            continue
+        weight = tensor_at(gm, node.target)
+        seen = {u: rows_for(adapter, node.target, module_path(u)[0]) for u in node.users}
+        groups: dict[int, tuple[TokenRows, list]] = {}
+        for u, rows in seen.items():
+            if rows is not None:
+                groups.setdefault(id(rows), (rows, []))[1].append(u)
+        for rows, users in groups.values():
+            merged = rows.value(weight).detach()
+            if not torch.isfinite(merged).all():
+                raise MergeError(f"merging adapter {name!r}: its trained token rows of {rows.path} are not finite "
+                                 "(inf or NaN); check training for divergence; nothing was merged")
+            if len(users) == len(seen):           # every read sees these rows: the weight's own name
+                set_constant(gm, node.target, merged)
+            else:
+                target = f"{node.target}_tokens_{site_key(rows.path)}"
+                set_constant(gm, target, merged)
+                with gm.graph.inserting_after(node):
+                    const = gm.graph.get_attr(target)
+                for u in users:
+                    u.replace_input_with(node, const)
+            count += len(users)
+    return count
 
 
 def token_state(adapter: Adapter, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -359,10 +357,13 @@ def tokens_to_config(spec: TrainableTokens, *, base_model_name_or_path: str | No
     }.items()))
 
 
-def _no_site(spec, site, weight):
-    raise AssertionError("TrainableTokens adapts no sites")     # site_kinds=() leaves it none
+def _no_site(*args):
+    raise AssertionError("TrainableTokens adapts no sites")     # its targets are none
 
 
-register_method(Method(TrainableTokens, "TRAINABLE_TOKENS", tokens_from_config, tokens_to_config, site_kinds=(),
-                       build=_no_site, rewrite=lambda gm, sites, store, form: 0, forms=("single",),
-                       peft_keys=lambda path, weights: (), param_count=lambda spec, site: 0))
+# A method without sites: its adapter is its token rows, which the generic build makes and the trainable tokens pass
+# wires (and merge() folds); its own rewrite and fold rule have nothing to do.
+register_method(Method(TrainableTokens, "TRAINABLE_TOKENS", tokens_from_config, tokens_to_config, build=_no_site,
+                       rewrite=lambda gm, **_: 0, peft_keys=lambda path, weights: (), site_kinds=(),
+                       targets=lambda spec, sites, heads, saved: [], fold=_no_site, forms=("single",),
+                       param_count=lambda spec, site: 0))

@@ -22,6 +22,15 @@ __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecE
            "Block", "TrainableTokens"]
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    """The spec class of any registered built-in method by its name (peftc.IA3, ...): each is defined in its own
+    pass file, which registers it."""
+    for m in METHODS.values():
+        if m.name == name:
+            return m.spec
+    raise AttributeError(f"module 'peftc' has no attribute {name!r}")
+
 if os.environ.get("PEFTC_LOG"):
     logging.basicConfig(format="%(name)s %(levelname)s: %(message)s")
     logging.getLogger("peftc").setLevel(os.environ["PEFTC_LOG"].upper())

@@ -46,21 +46,19 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
-def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, spec: AdapterSpec, *,
-                  loading: bool = False) -> Adapter:
-    """Resolve `spec` against the graph's sites and make its weights through its method.
-
-    A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
-    copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
-    embedding rows) and PEFT's layer selection (layers_to_transform, exclude_modules, ...). A method without
-    site kinds (TrainableTokens) adapts no sites."""
+def choose_sites(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None,
+                 spec: AdapterSpec) -> tuple[list[str], list[str]]:
+    """(module paths `spec` adapts, its modules_to_save paths): its method's own choice (Method.targets) or LoRA's
+    target syntax on spec.targets with PEFT's layer selection, checked against the site kinds the method serves."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
     heads = output_head_paths(model, task_type)
-    chosen = [] if not method.site_kinds else \
-        select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
+    if method.targets is not None:
+        chosen = method.targets(spec, sites, heads, saved)
+    else:
+        chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -70,6 +68,33 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     overlap = {t for t in chosen for s in saved if t == s or t.startswith(s + ".")}
     if overlap:
         raise SpecError(f"{sorted(overlap)} are both adapter targets and modules_to_save; pick one for each layer")
+    return chosen, saved
+
+
+def count_parameters(gm: GraphModule, sites: dict[str, Site], spec: AdapterSpec, chosen: list[str]) -> dict[str, int]:
+    """{module path: the trainable parameters `spec`'s method adds there}: its param_count where it declares one,
+    else counted from the weights its build makes (on the site's weight)."""
+    method = method_of(spec)
+    out = {}
+    for path in chosen:
+        site = site_for(sites, path, chosen)
+        if method.param_count is not None:
+            out[path] = method.param_count(spec, site)
+        else:
+            built = method.build(spec, site, tensor_at(gm, site.weight))
+            out[path] = sum(p.numel() for p in built.parameters() if p.requires_grad)
+    return out
+
+
+def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, spec: AdapterSpec, *,
+                  loading: bool = False) -> Adapter:
+    """Resolve `spec` against the graph's sites and make its weights through its method.
+
+    A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
+    copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
+    embedding rows; passes.trainable_tokens) and PEFT's layer selection (layers_to_transform, exclude_modules, ...)."""
+    method = method_of(spec)
+    chosen, saved = choose_sites(gm, sites, model, spec)
     if method.check is not None:
         method.check(spec, sites, chosen, loading)
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)

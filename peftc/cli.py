@@ -249,9 +249,10 @@ def _parse_targets(value: str | None):
               help="Comma-separated module names (a path or its trailing components), a regex that fully matches a "
                    "module path, or all-linear. Default: the query and value projections, found from the attention "
                    "pattern in the graph.")
-@click.option("--r", "r", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank.")
-@click.option("--method", type=click.Choice(["lora", "dora"]), default="lora", show_default=True,
-              help="Adapter method: LoRA, or DoRA (LoRA with use_dora: a magnitude per output channel too).")
+@click.option("--r", "r", type=click.IntRange(1), default=8, show_default=True, help="LoRA rank (methods with one).")
+@click.option("--method", default="lora", show_default=True,
+              help="Any registered method, by name (lora, ia3, ...; a user's registered method too), or dora (LoRA "
+                   "with use_dora: a magnitude per output channel too).")
 @click.option("--config", "config", default=None, type=click.Path(exists=True, path_type=Path),
               help="An adapter directory or its adapter_config.json (PEFT's or peftc's): inspect that spec instead "
                    "of --method/--r/--targets.")
@@ -266,7 +267,7 @@ def inspect_cmd(model: str, targets: str | None, r: int, method: str, config: Pa
 
     MODEL is a local Hugging Face model directory, or tiny:ARCH for a built-in small random-init model (ARCH: llama,
     qwen2, mistral, gpt2, bert, vit). Prints one row per adapted site (module path, attention role found in the
-    graph, type, in/out features, LoRA parameters at rank --r), the totals, and each target that matched nothing.
+    graph, type, in/out features, the method's parameters there), the totals, and each target that matched nothing.
     Exits 1 if a target matched nothing or the rank does not fit (peftc.compile would refuse the same spec).
 
     \b
@@ -277,24 +278,47 @@ def inspect_cmd(model: str, targets: str | None, r: int, method: str, config: Pa
       peftc inspect tiny:bert --targets '.*attention\\.self\\.(query|key)'
       peftc inspect tiny:bert --targets all-linear --task-type SEQ_CLS
       peftc inspect tiny:llama --method dora --targets all-linear
+      peftc inspect tiny:gpt2 --method ia3
       peftc inspect tiny:llama --config path/to/adapter-dir
       peftc inspect path/to/hf-model-dir --targets all-linear
     """
     from .checkpoint import load_spec
     from .inspection import format_plan, plan_sites
-    from .spec import LoRA
 
     if config is not None:
         spec = load_spec(config if config.is_dir() else config.parent)
     else:
         mts = [m.strip() for m in (modules_to_save or "").split(",") if m.strip()]
-        spec = LoRA(r=r, targets=_parse_targets(targets), modules_to_save=mts, use_dora=method == "dora",
-                    task_type=task_type.upper() if task_type else None)
+        spec = _method_spec(method, r=r, targets=_parse_targets(targets), modules_to_save=mts,
+                            use_dora=method.lower() == "dora", task_type=task_type.upper() if task_type else None)
     m = load_model(model)
     plan = plan_sites(m, spec)
     click.echo(format_plan(plan))
     if not plan.ok:
         raise click.exceptions.Exit(1)
+
+
+def _method_spec(method: str, **given):
+    """A spec of the registered method named `method` (its name, any case; "dora": LoRA with use_dora) from the
+    options it has (a field of its spec; LoRA's rank only where it has one)."""
+    import dataclasses
+
+    from .methods import METHODS, method_tagged
+    from .pipeline import FORMS  # noqa: F401 (imports the built-in methods)
+
+    name = method.lower()
+    m = method_tagged("lora" if name == "dora" else name)
+    if m is None:
+        raise Failure(f"--method {method!r} is not a registered method; registered: "
+                      f"{sorted([x.tag for x in METHODS.values()] + ['dora'])}")
+    fields = {f.name for f in dataclasses.fields(m.spec)}
+    given = {k: v for k, v in given.items() if k in fields and (k != "use_dora" or v)}
+    if not given.get("modules_to_save"):
+        given.pop("modules_to_save", None)
+    try:
+        return m.spec(**given)
+    except (TypeError, ValueError) as e:
+        raise Failure(f"--method {method}: {e}") from e
 
 
 @main.command(context_settings=CONTEXT)
@@ -330,7 +354,8 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_siz
     model = load_model(base, **_check_base_and_adapter(base, adapter))
     click.echo(f"loaded {type(model).__name__} from {base}")
     pm = peftc.load_adapter(model, adapter)
-    click.echo(f"loaded adapter {adapter} ({len(pm.store[pm.active_adapter].targets)} LoRA sites)")
+    ad = pm.store[pm.active_adapter]
+    click.echo(f"loaded adapter {adapter} ({ad.method.name}: {len(ad.targets)} sites)")
     peftc.export_merged(pm, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
     copied = _copy_tokenizer(base, out)
     click.echo(f"wrote {out} ({_dir_size(out) / 2**20:.1f} MiB{', with the tokenizer' if copied else ''}); "

@@ -1,5 +1,5 @@
 """peftc.compile and peftc.load_adapter: lower the model (peftc.pipeline), build the adapter from the graph's data
-(peftc.build), and hand both to a PeftModule, which emits its graphs."""
+(peftc.build), and hand the PeftModule the compiler (pipeline.Compiler), which emits its forms."""
 from __future__ import annotations
 
 import logging
@@ -7,12 +7,12 @@ from typing import Any
 
 from torch import nn
 
-from .build import as_spec, build_adapter, check_adapter_name
+from .build import as_spec, check_adapter_name
 from .checkpoint import load_spec, load_weights_, read_adapter_weights
 from .compiled import CompiledPeftModule
 from .loss import loss_type_of
 from .module import PeftModule
-from .pipeline import lower
+from .pipeline import Compiler, lower
 from .store import Capacity
 
 log = logging.getLogger(__name__)
@@ -30,10 +30,10 @@ def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", examp
     spec = as_spec(spec)
     check_adapter_name(adapter_name)
     traced, sites, base_passes = lower(model, example_inputs)
-    adapter = build_adapter(traced.gm, sites, model, spec, loading=_loading)
+    compiler = Compiler(traced.gm, sites, model, base_passes)
+    adapter = compiler.adapter(spec, loading=_loading)
     cfg = getattr(model, "config", None)
-    pm = PeftModule(traced, base_model=model, sites=sites, loss_type=loss_type_of(model),
-                    base_name=getattr(cfg, "name_or_path", None) or None, base_passes=base_passes)
+    pm = PeftModule(traced, compiler, loss_type=loss_type_of(model), base_name=getattr(cfg, "name_or_path", None) or None)
     pm._add(adapter_name, adapter)
     if capacity is not None:
         pm.reserve(capacity.adapters, capacity.rank, capacity.targets)

@@ -1,19 +1,19 @@
-"""`peftc inspect`: which sites (linear, Conv1D, embedding, convolution layers) a spec would adapt, found in the traced
-graph, without compiling anything."""
+"""`peftc inspect`: which sites (linear, Conv1D, embedding, convolution layers) a spec of any registered method would
+adapt, found in the traced graph, with the parameters its method adds there, without compiling anything."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
+from .build import choose_sites, count_parameters
 from .errors import SpecError, TargetNotFound
-from .passes.match import Site, find_sites
-from .passes.modules_to_save import resolve_modules_to_save
 from .methods import method_of
-from .spec import SEQ_CLS_HEADS, LoRA
-from .targets import check_rank, name_matches, output_head_paths, resolve_targets, select_layers, site_for
+from .passes.match import Site, find_sites
+from .spec import AdapterSpec
+from .targets import name_matches
 from .trace import trace
 
 log = logging.getLogger(__name__)
@@ -21,69 +21,72 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SitePlan:
-    """What compile(model, spec) would adapt: the chosen sites, their LoRA sizes, and the targets that matched
-    nothing (each with the TargetNotFound message compile would raise)."""
+    """What compile(model, spec) would adapt: the chosen sites, the parameters the spec's method adds at each, and
+    the targets that matched nothing (each with the TargetNotFound message compile would raise)."""
 
     model_class: str
-    spec: LoRA
+    spec: AdapterSpec
     sites: dict[str, Site]                               # every adapter site in the graph, in graph order
     chosen: list[str] = field(default_factory=list)      # module paths that would be adapted
     unmatched: list[str] = field(default_factory=list)   # one message per target that matched nothing
     problems: list[str] = field(default_factory=list)    # other reasons compile would refuse (rank too large)
     saved: dict[str, int] = field(default_factory=dict)  # modules_to_save path -> parameters (trained in full)
+    counts: dict[str, int] = field(default_factory=dict)  # adapted path -> the parameters the method adds there
     all_params: int = 0
 
-    def lora_params(self, fqn: str) -> int:
+    def params(self, fqn: str) -> int:
         """The adapter's trainable parameters at site `fqn`, as its method counts them."""
-        return method_of(self.spec).param_count(self.spec, site_for(self.sites, fqn, self.chosen))
+        return self.counts[fqn]
 
     @property
     def trainable(self) -> int:
-        return sum(self.lora_params(f) for f in self.chosen) + sum(self.saved.values())
+        return sum(self.params(f) for f in self.chosen) + sum(self.saved.values())
 
     @property
     def ok(self) -> bool:
         return not self.unmatched and not self.problems and bool(self.chosen)
 
 
-def plan_sites(model: nn.Module, spec: LoRA, *, example_inputs: Any = None) -> SitePlan:
-    """Trace `model` (not changed) and resolve `spec.targets` against the sites found in the graph.
+def plan_sites(model: nn.Module, spec: AdapterSpec, *, example_inputs: Any = None) -> SitePlan:
+    """Trace `model` (not changed) and resolve `spec` (any registered method's) against the sites found in the graph.
 
-    Unlike compile, a list of names is resolved name by name, so one name that matches nothing does not hide what
-    the others match."""
+    Unlike compile, a list of names in LoRA's target syntax is resolved name by name, so one name that matches
+    nothing does not hide what the others match."""
+    method = method_of(spec)
     gm = trace(model, example_inputs).gm
     sites = find_sites(gm)
     log.debug("%s: %d sites, %d with an attention role", type(model).__name__, len(sites),
               sum(bool(s.roles) for s in sites.values()))
-    heads = output_head_paths(model, spec.task_type)
     plan = SitePlan(type(model).__name__, spec, sites,
                     all_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
-    optional = SEQ_CLS_HEADS if spec.task_type == "SEQ_CLS" else ()
-    try:
-        saved = resolve_modules_to_save(gm, spec.modules_to_save, optional)
-    except SpecError as e:
-        plan.problems.append(str(e))
-        saved = []
-    plan.saved = {p: sum(t.numel() for t in model.get_submodule(p).parameters()) for p in saved}
-    targets = spec.targets
-    if isinstance(targets, tuple):
+    targets = getattr(spec, "targets", None)
+    if method.targets is None and isinstance(targets, tuple):
         found = [t for t in targets if any(name_matches(f, t) for f in sites)]
         for t in targets:
             if t not in found:
-                plan.unmatched.append(_message(lambda: resolve_targets((t,), sites, heads)))
-        targets = tuple(found) or None
+                plan.unmatched.append(_message(lambda: choose_sites(gm, sites, model, replace(spec, targets=(t,)))))
         if not found:
             return plan
+        spec = replace(spec, targets=tuple(found))
     try:
-        plan.chosen = resolve_targets(targets, sites, heads, saved)
-        plan.chosen = select_layers(spec, plan.chosen, sites)
-    except (TargetNotFound, SpecError) as e:
+        plan.chosen, saved = choose_sites(gm, sites, model, spec)
+    except TargetNotFound as e:
         plan.unmatched.append(str(e))
         return plan
-    try:
-        check_rank(spec, sites, plan.chosen)
     except SpecError as e:
         plan.problems.append(str(e))
+        return plan
+    plan.saved = {p: sum(t.numel() for t in model.get_submodule(p).parameters()) for p in saved}
+    try:
+        if method.check is not None:
+            method.check(spec, sites, plan.chosen, False)
+    except SpecError as e:
+        plan.problems.append(str(e))
+    try:
+        plan.counts = count_parameters(gm, sites, spec, plan.chosen)
+    except SpecError as e:
+        plan.problems.append(str(e))
+        plan.chosen = []
     return plan
 
 
@@ -92,6 +95,8 @@ def _message(fn) -> str:
         fn()
     except TargetNotFound as e:
         return str(e)
+    except SpecError:
+        pass
     return ""
 
 
@@ -99,13 +104,14 @@ def format_plan(plan: SitePlan) -> str:
     """The plan as a text table, then totals, then what matched nothing."""
     spec = plan.spec
     name = "DoRA" if getattr(spec, "use_dora", False) else method_of(spec).name
-    head = ("module", "role", "type", "in", "out", f"{name} params (r={spec.r})")
+    head = ("module", "role", "type", "in", "out", f"{name} params" + (f" (r={spec.r})" if hasattr(spec, "r") else ""))
     rows = []
     for f in plan.chosen:
         s = plan.sites[f]
         rows.append((f, ",".join(r for r in "qkvo" if r in s.roles) or "-", s.module_type or s.kind,
-                     str(s.in_features), str(s.out_features), f"{plan.lora_params(f):,}"))
-    lines = [f"{plan.model_class}: {len(plan.sites)} sites in the graph; targets={_targets_str(spec.targets)}"]
+                     str(s.in_features), str(s.out_features), f"{plan.params(f):,}"))
+    lines = [f"{plan.model_class}: {len(plan.sites)} sites in the graph; {method_of(spec).name} "
+             f"targets={_targets_str(getattr(spec, 'targets', None), plan)}"]
     if rows:
         widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
         right = {3, 4, 5}
@@ -129,8 +135,10 @@ def format_plan(plan: SitePlan) -> str:
     return "\n".join(lines)
 
 
-def _targets_str(targets) -> str:
+def _targets_str(targets, plan: SitePlan) -> str:
     if targets is None:
+        if method_of(plan.spec).targets is not None:
+            return "None (the method's defaults)"
         return "None (query and value projections from the attention pattern)"
     if isinstance(targets, str):
         return repr(targets)

@@ -20,6 +20,18 @@ from .passes.route import add_route_value, remove_route_value, route_kinds
 from .spec import AdapterSpec
 
 
+def form_module(gm: Any, form: str, module: Any, prefix: str = "m") -> str:
+    """Make `module` (a module a method's subgraph calls) part of the form's graph `gm`, under gm.peftc_<form>, and
+    return its target for call_module / get_attr. A form's modules belong to its graph, never to the store."""
+    holder = f"peftc_{form}"
+    if not hasattr(gm, holder):
+        gm.add_module(holder, torch.nn.Module())
+    owner = getattr(gm, holder)
+    name = f"{prefix}{len(owner._modules)}"
+    owner.add_module(name, module)
+    return f"{holder}.{name}"
+
+
 def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
     """The dtype fold rules, merges and weight combinations compute in: float32 for fp16 / bf16 / float32 tensors,
     float64 for float64 ones (never narrower than their inputs)."""
@@ -31,57 +43,69 @@ def work_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 @dataclass(frozen=True)
 class Method:
-    """One method's contract.
+    """One method's contract: a core every method has, and capabilities it may declare.
 
+    Core (what a method is):
     spec:        its frozen spec dataclass (a subclass of AdapterSpec)
     peft_type:   the name in adapter_config.json's "peft_type" (PEFT's, for methods PEFT has)
     from_config: (adapter_config dict, source for errors) -> spec; refuses keys it does not honour
     to_config:   (spec, target_modules=..., base_model_name_or_path=..., task_type=..., modules_to_save=...) -> dict
-    site_kinds:  the site kinds (passes.match) it adapts, e.g. ("linear", "conv1d")
-    fold:        (adapter, site, weight) -> the delta merge() adds to the site's weight, in the weight's layout; None
-                 when the method is not a weight update (merge() then refuses it, naming the method)
-    fold_bias:   (adapter, site, the layer's bias or None) -> the delta merge() adds to the site's bias (made
-                 where the layer has none), or None where the adapter leaves the bias alone
-    param_count: (spec, site) -> the trainable parameters the method adds at a site (inspection, the README's
-                 tables); None: counted from the built adapter only
-
-    What compiling needs (a method without build and rewrite registers its config mapping and fold rule only):
-    check:       (spec, sites, chosen paths, loading) -> None; the method's own refusals before weights are made
     build:       (spec, site, the site's weight) -> nn.Module, the adapter's weights at one site (its trainable
                  Parameters; stored as adapter.sites[site_key(path)])
-    rewrite:     (gm, sites=, store=, form=) -> rewrite count: the method's pass, inserting every adapter of this
-                 method in the store in routing form "single" (the call's adapter's tensors come in as route
-                 inputs, passes.route) or "mixed" (one adapter per row)
-    forms:       the routing forms its rewrite serves (a mixed batch with an adapter of a method without "mixed"
-                 is refused, naming it)
+    rewrite:     (gm, *, sites, store, form, paths) -> rewrite count: the method's pass. `paths`: the module paths
+                 its adapters adapt in this graph (their targets, and a capacity's reserved sites), in graph order.
+                 It inserts its subgraph in routing form "single" (the call's adapter's tensors come in as route
+                 inputs, passes.route) or "mixed" (one adapter per row); the modules it calls belong to `gm`
+                 (gm.add_submodule); emit tags its new nodes with meta["peftc"] = {"method": tag}
     peft_keys:   (module path, site weights) -> iterable of (key after "base_model.model.<path>.", tensor): PEFT's
                  checkpoint names
-    base_output: (a node its rewrite made with meta["peftc"]["role"] == "out") -> the site's own output node, what
-                 merge() reads instead once the weights are folded
+    route_values: {route key kind: fn(site weights or None, key, like, gm) -> tensor}, the value of a route input
+                 (passes.route; key = (kind, module path, ...)) for one adapter: its weights at the site, or None
+                 where the adapter is of another method or does not adapt the site (the value must then change
+                 nothing); dims whose size differs between adapters are made dynamic by the router
+    site_kinds:  the site kinds (passes.match) it adapts, e.g. ("linear", "conv1d")
+
+    Capabilities (None: the method does not have it; what needs it is refused with an error naming the method and
+    the capability, `require`):
+    check:       (spec, sites, chosen paths, loading) -> None; the method's own refusals before weights are made
+    targets:     (spec, sites, heads, saved) -> module paths: the sites the spec adapts (default: LoRA's target
+                 syntax on spec.targets, None meaning the attention pattern's q and v; peftc.targets)
+    fold:        "merge". (adapter, site, weight) -> the delta merge() adds to the site's weight, in the weight's
+                 layout
+    fold_bias:   (adapter, site, the layer's bias or None) -> the delta merge() adds to the site's bias (made
+                 where the layer has none), or None where the adapter leaves the bias alone
+    forms:       "mixed" in it: the per-row form (a mixed batch with an adapter of a method without it is refused)
     mixed_refusal: (adapter) -> why this adapter cannot join a mixed batch, or None
-    fits_graph:  (store, adapter) -> whether the current graph already serves the adapter (a declared capacity
-                 then adds it as data, without a rebuild)
-    route_values: {route key kind: fn(store, adapter name, key, like, gm) -> (tensor, dynamic dims)}, how its
-                 rewrite's route inputs are found for one adapter (passes.route); registered with the method
+    pad, empty:  "capacity". pad(site weights, capacity) -> the same weights allocated at the capacity's size (new
+                 Parameters, same values, same requires_grad); empty(site weights, capacity) -> frozen weights of
+                 that size that change nothing (a slot the adapter left). A capacity's lanes hold them.
+    room:        (adapter, capacity) -> why the adapter does not fit the capacity (e.g. its rank), or None
+    fits_graph:  (gm, adapter) -> whether the plain-form graph `gm` already serves the adapter as data (a
+                 capacity then adds it without a rebuild)
+    param_count: "count". (spec, site) -> the trainable parameters the method adds at a site (inspection, the
+                 README's tables); without it inspection builds the weights and counts them
     """
 
     spec: type
     peft_type: str
     from_config: Callable[[dict, str], AdapterSpec]
     to_config: Callable[..., dict]
-    site_kinds: tuple[str, ...] = ("linear", "conv1d")
-    fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
-    fold_bias: Optional[Callable[[Any, Any, Optional[torch.Tensor]], Optional[torch.Tensor]]] = None
-    param_count: Optional[Callable[[Any, Any], int]] = None
-    check: Optional[Callable[[Any, dict, list, bool], None]] = None
     build: Optional[Callable[[Any, Any, torch.Tensor], Any]] = None
     rewrite: Optional[Callable[..., int]] = None
-    forms: tuple[str, ...] = ("single", "mixed")
     peft_keys: Optional[Callable[[str, Any], Iterable[tuple[str, torch.Tensor]]]] = None
-    base_output: Optional[Callable[[Any], Any]] = None
-    mixed_refusal: Optional[Callable[[Any], Optional[str]]] = None
-    fits_graph: Optional[Callable[[Any, Any], bool]] = None
     route_values: dict = field(default_factory=dict, hash=False, compare=False)
+    site_kinds: tuple[str, ...] = ("linear", "conv1d")
+    check: Optional[Callable[[Any, dict, list, bool], None]] = None
+    targets: Optional[Callable[..., list]] = None
+    fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
+    fold_bias: Optional[Callable[[Any, Any, Optional[torch.Tensor]], Optional[torch.Tensor]]] = None
+    forms: tuple[str, ...] = ("single", "mixed")
+    mixed_refusal: Optional[Callable[[Any], Optional[str]]] = None
+    pad: Optional[Callable[[Any, Any], Any]] = None
+    empty: Optional[Callable[[Any, Any], Any]] = None
+    room: Optional[Callable[[Any, Any], Optional[str]]] = None
+    fits_graph: Optional[Callable[[Any, Any], bool]] = None
+    param_count: Optional[Callable[[Any, Any], int]] = None
 
     def __post_init__(self):
         if not (isinstance(self.spec, type) and issubclass(self.spec, AdapterSpec)):
@@ -97,6 +121,27 @@ class Method:
     def tag(self) -> str:
         """The name its rewrite's nodes carry in meta["peftc"]["method"] (and its pass's name)."""
         return self.name.lower()
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        """What the method declares beyond its core: "compile" (build and rewrite), "merge", "mixed", "capacity",
+        "count"."""
+        have = {"compile": self.build is not None and self.rewrite is not None, "merge": self.fold is not None,
+                "mixed": "mixed" in self.forms, "capacity": self.pad is not None and self.empty is not None,
+                "count": self.param_count is not None}
+        return tuple(k for k, on in have.items() if on)
+
+    def require(self, capability: str, doing: str, error: type = SpecError) -> None:
+        """Raise `error` naming the method and the capability it lacks for `doing`."""
+        if capability not in self.capabilities:
+            fields = CAPABILITY_FIELDS[capability]
+            able = [m.name for m in METHODS.values() if capability in m.capabilities]
+            raise error(f"{doing}: method {self.name} does not declare the {capability!r} capability (Method "
+                        f"{fields}); methods that do: {able}")
+
+
+CAPABILITY_FIELDS = {"compile": "build= and rewrite=", "merge": "fold=", "mixed": "forms=(..., 'mixed')",
+                     "capacity": "pad= and empty=", "count": "param_count="}
 
 
 METHODS: dict[type, Method] = {}
@@ -118,7 +163,7 @@ def register_method(method: Method) -> Method:
         raise SpecError(f"route kind(s) {taken} of {method.name} are registered already; name its route keys "
                         "after the method")
     for kind, fn in method.route_values.items():
-        add_route_value(kind, fn)
+        add_route_value(kind, fn, owner=method.spec)
     METHODS[method.spec] = method
     return method
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .build import as_spec, build_adapter, check_adapter_name, resolve_paths
+from .build import as_spec, check_adapter_name
 from .checkpoint import load_spec, load_weights_, read_adapter_weights, save_adapters
 from .errors import InputError, MergeError, SpecError
 from .export import export_program
@@ -21,13 +21,12 @@ from .graph_model import GraphModel
 from .methods import method_of
 from .passes.merge import merge_graph_module
 from .passes.route import plain_route
-from .pipeline import emit
+from .pipeline import Compiler, Forms
 from .store import BASE, STORE, Adapter, AdapterStore, Capacity
 from .trace import Traced
-from .weighted import add_weighted_adapter
+from .weighted import weighted_adapter
 
 log = logging.getLogger(__name__)
-_BUILD_LOCK = threading.Lock()   # graphs built on first use (the gathered form) are built once, by one thread
 
 
 class PeftModule(GraphModel):
@@ -38,31 +37,35 @@ class PeftModule(GraphModel):
     one of three graphs (forms) and passes what it needs as its own inputs, so concurrent calls never see each
     other: "base" (adapters disabled, or every row "__base__": the model's own graph), "single" (every row uses
     one adapter: the plain low-rank form on that adapter's weights, `graph_module`) and "mixed" (rows use different
-    adapters: the gathered form, built on first use). set_adapter, disable_adapters and per-row choice never change
-    a graph; adding or deleting an adapter rebuilds them (one recompile each under torch.compile) unless a
-    declared capacity has room.
+    adapters: the gathered form). set_adapter, disable_adapters and per-row choice never change a graph; adding or
+    deleting an adapter asks the compiler it was given (pipeline.Compiler) for new forms (one recompile each under
+    torch.compile) unless a declared capacity has room. A call only runs the forms it holds: it never builds one.
     """
 
     extra_call_kwargs = ("adapter_names", "adapter_index")
     eager_calls = ("_plan",)
     forms = ("base", "single", "mixed")
 
-    def __init__(self, traced: Traced, *, base_model: nn.Module, sites: dict, loss_type: str | None = None,
-                 base_name: str | None = None, base_passes: list[str] | None = None):
+    def __init__(self, traced: Traced, compiler: Compiler, *, loss_type: str | None = None,
+                 base_name: str | None = None):
         # graph_module: the module tree every form's code runs against (its graph: the plain form's, flat). It
         # stays the same object for the module's life, so hooks and wrappers put on its blocks survive rebuilds.
         root = GraphModule(traced.gm, copy.deepcopy(traced.gm.graph))
+        base_model = compiler.model
         super().__init__(dataclasses.replace(traced, gm=root), config=getattr(base_model, "config", None),
                          loss_type=loss_type, model_class=type(base_model).__name__, base_name=base_name)
-        self.sites = sites
-        self.base_passes = base_passes or []      # passes already applied to the base graph
+        self.sites = compiler.sites
+        self.base_passes = list(compiler.base_passes)      # passes already applied to the base graph
+        object.__setattr__(self, "_compiler", compiler)
         self.active_adapter: str | None = None
         # The graph before any adapter (mode passes applied): every rebuild starts from a copy of it. Not a
         # submodule: its tensors are the root's.
         object.__setattr__(self, "base_graph_module", traced.gm)
         self._structure("base", traced.gm)
         object.__setattr__(self, "_store", AdapterStore().to(_device_of(traced.gm)))
-        object.__setattr__(self, "_mixed_gm", None)    # built on the first mixed call; not a submodule (shared weights)
+        object.__setattr__(self, "_single_gm", None)   # the plain form's flat graph (its modules are the root's)
+        object.__setattr__(self, "_mixed_gm", None)    # the gathered form; not a submodule (shared weights)
+        object.__setattr__(self, "_mixed_refusal", "no adapter yet")
         self._routes_changed()
         # The user's model, not registered as a submodule: export_merged reads its state dict (key names, tied
         # weights, tensors the graph never reads). Its weights are the ones the graph shares anyway.
@@ -78,36 +81,37 @@ class PeftModule(GraphModel):
 
     # --- adapters ----------------------------------------------------------------------------------------------
     def _rebuild(self) -> None:
-        """Rewrite a fresh copy of the base graph with every adapter in the store (plain form); the gathered form
-        is rebuilt on its next use."""
-        gm = self._build("single")
+        """New forms from the compiler for the adapters in the store, installed."""
+        self._install(self._compiler.forms(self.store))
+
+    def _install(self, forms: Forms) -> None:
+        """Run `forms` from now on: the plain form's graph becomes the root's (its modules replace the old form's),
+        the gathered form's graph (or why there is none) is kept beside it."""
         root = self.graph_module
-        self._structure("single", gm)        # gives the root what the new graph reads, first
-        root.graph = gm.graph
+        for form in ("single", "mixed"):        # the old forms' modules go; the new graphs' are adopted
+            if hasattr(root, f"peftc_{form}"):
+                delattr(root, f"peftc_{form}")
+        forms.single.train(self.training)
+        self._structure("single", forms.single)        # gives the root what the new graph reads, first
+        root.graph = forms.single.graph
         root.train(self.training)
-        object.__setattr__(self, "_mixed_gm", None)
+        object.__setattr__(self, "_single_gm", forms.single)
         self._codes.pop("mixed", None)
-        self.store.banks = torch.nn.ModuleDict()
+        if forms.mixed is not None:
+            forms.mixed.train(self.training)
+            self._structure("mixed", forms.mixed)
+        object.__setattr__(self, "_mixed_gm", forms.mixed)
+        object.__setattr__(self, "_mixed_refusal", forms.mixed_refusal)
         self._routes_changed()
         self.fresh_compile_cache()   # the old graph's compiled entries are not reused
 
-    def _build(self, form: str) -> GraphModule:
-        gm = emit(self.base_graph_module, self.sites, self.store, form, before=self.base_passes)
-        gm.train(self.training)
-        return gm
-
     @property
     def mixed_graph_module(self) -> GraphModule:
-        """The gathered-form graph (one adapter per row), built on first use."""
-        gm = self._mixed_gm
-        if gm is None:
-            with _BUILD_LOCK:
-                gm = self._mixed_gm
-                if gm is None:
-                    gm = self._build("mixed")
-                    self._structure("mixed", gm)
-                    object.__setattr__(self, "_mixed_gm", gm)
-        return gm
+        """The gathered-form graph (one adapter per row); an InputError saying why where the compiler could not
+        make one for these adapters."""
+        if self._mixed_gm is None:
+            raise InputError(f"rows of this batch cannot take different adapters: {self._mixed_refusal}")
+        return self._mixed_gm
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -138,13 +142,11 @@ class PeftModule(GraphModel):
             raise SpecError(f"an adapter named {name!r} exists already; adapters: {self.adapters}")
         self._check_room(name, adapter)
         graph_changes = self._changes_graph(adapter)
-        slot = self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
+        self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
         self._routes_changed()
         try:
             if graph_changes:
                 self._rebuild()
-            else:
-                self.store.point_slot(slot)
         except BaseException:
             self.store.remove(name)
             self._routes_changed()
@@ -157,8 +159,8 @@ class PeftModule(GraphModel):
             self.set_adapter(self.active_adapter)   # slots may have moved
 
     def _build_adapter(self, spec, *, loading: bool = False) -> Adapter:
-        """`spec`'s adapter, built from this module's data: the base graph, its sites and the model."""
-        return build_adapter(self.base_graph_module, self.sites, self.base_model, spec, loading=loading)
+        """`spec`'s adapter, built by the compiler from the base graph's data: its sites and the model."""
+        return self._compiler.adapter(spec, loading=loading)
 
     def _check_room(self, name: str, adapter: Adapter) -> None:
         cap = self.store.capacity
@@ -168,38 +170,40 @@ class PeftModule(GraphModel):
             raise InputError(f"no room for adapter {name!r}: the declared capacity of {cap.adapters} adapter(s) is "
                              f"full ({self.adapters}); delete_adapter() one, or pm.reserve(adapters=...) for more "
                              "(one recompile)")
-        rank = adapter.max_rank
-        if rank > cap.rank:
-            raise InputError(f"adapter {name!r} has rank r={rank}, above the declared capacity's rank "
-                             f"{cap.rank}; pm.reserve(rank={rank}) first (one recompile)")
+        method = adapter.method
+        method.require("capacity", f"adding adapter {name!r} to a module with a declared capacity", InputError)
+        why = method.room(adapter, cap) if method.room is not None else None
+        if why:
+            raise InputError(f"adapter {name!r} does not fit the declared capacity: {why}")
 
     def _changes_graph(self, adapter: Adapter) -> bool:
         """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
         modules_to_save, trainable tokens or for targets outside the routed sites."""
-        if self.store.capacity is None or adapter.saved_modules or adapter.tokens or not adapter.padded:
+        if self.store.capacity is None or adapter.saved_modules or adapter.tokens:
             return True
-        fits = method_of(adapter.spec).fits_graph
-        if fits is not None and not fits(self.store, adapter):
+        fits = adapter.method.fits_graph
+        if fits is not None and not fits(self._single_gm, adapter):
             return True
         return not set(adapter.targets) <= self.store.routed_sites()
 
-    def reserve(self, adapters: int, rank: int, targets: Any = None) -> None:
-        """Declare room for up to `adapters` adapters of rank up to `rank` on the routed sites (the present adapters'
-        targets plus `targets`, in LoRA's target syntax). Rebuilds the graph once (one recompile); from then on,
-        adding, loading and deleting adapters within it never changes the graph, and going past it is an error.
-        Adapters are allocated at `rank` (zero-padded), as new Parameter objects: reserve before making an
-        optimizer. Adapters with modules_to_save, or targets outside the routed sites, still rebuild the graph."""
+    def reserve(self, adapters: int, rank: int | None = None, targets: Any = None) -> None:
+        """Declare room for up to `adapters` adapters on the routed sites (the present adapters' targets plus
+        `targets`, in LoRA's target syntax), each method's in its own terms (`rank`: LoRA's largest rank; IA3 needs
+        none). Rebuilds the graph once (one recompile); from then on, adding, loading and deleting adapters within
+        it never changes the graph, and going past it is an error. Adapters are allocated at the capacity's size
+        (LoRA: zero-padded to `rank`), as new Parameter objects: reserve before making an optimizer. Adapters with
+        modules_to_save, or targets outside the routed sites, still rebuild the graph."""
         cap = Capacity(adapters, rank, targets)
         if adapters < len(self.adapters):
             raise InputError(f"capacity adapters={adapters} is below the {len(self.adapters)} adapters present "
                              f"({self.adapters}); delete some first")
-        ranks = {a: self.store[a].max_rank for a in self.adapters}
-        too_big = {a: r for a, r in ranks.items() if r > rank}
-        if too_big:
-            raise InputError(f"capacity rank={rank} is below the rank of adapter(s) {too_big}; reserve at least "
-                             f"rank={max(too_big.values())}")
-        reserved = resolve_paths(self.base_graph_module, self.sites, self.base_model, targets) \
-            if targets is not None else []
+        for a in self.adapters:
+            method = self.store[a].method
+            method.require("capacity", f"declaring a capacity with adapter {a!r} present", InputError)
+            why = method.room(self.store[a], cap) if method.room is not None else None
+            if why:
+                raise InputError(f"capacity {cap} does not fit adapter {a!r}: {why}")
+        reserved = self._compiler.paths(targets) if targets is not None else []
         store = self.store
         old = (store.capacity, store.reserved_sites, store.slots(), store.lanes,
                {a: dict(store[a].sites) for a in self.adapters})
@@ -264,11 +268,11 @@ class PeftModule(GraphModel):
             raise InputError(f"cannot delete the active adapter {adapter_name!r}; "
                              + (f"set_adapter() to one of {others} first" if others else "it is the only adapter"))
         graph_changes = self._changes_graph(self.store[adapter_name])
-        slot = self.store.remove(adapter_name)
+        self.store.remove(adapter_name)
         if graph_changes:
             self._rebuild()
         else:
-            self.store.point_slot(slot)
+            self._routes_changed()
         self.set_adapter(self.active_adapter)
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
@@ -278,8 +282,9 @@ class PeftModule(GraphModel):
                              majority_sign_method: str = "total") -> None:
         """Add `adapter_name`, a weighted combination of LoRA `adapters` ("linear", "cat" or "svd"), as PEFT's
         add_weighted_adapter does (frozen, lora_alpha = r); the active adapter does not change. See peftc.weighted."""
-        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, svd_clamp,
-                             svd_full_matrices, svd_driver, density, majority_sign_method)
+        self._add(adapter_name, weighted_adapter(self.store, self.sites, adapters, weights, adapter_name,
+                                                 combination_type, svd_rank, svd_clamp, svd_full_matrices,
+                                                 svd_driver, density, majority_sign_method))
 
     @contextlib.contextmanager
     def disable_adapters(self):
@@ -436,7 +441,7 @@ class PeftModule(GraphModel):
         name = adapter_name or self.active_adapter
         if name not in self.adapters:
             raise MergeError(f"no adapter named {name!r}; adapters: {self.adapters}")
-        gm = merge_graph_module(self.graph_module, self.sites, self.store[name], name)
+        gm = merge_graph_module(self.base_graph_module, self.sites, self.store[name], name)
         merged = MergedModule(dataclasses.replace(self._traced, gm=gm), config=self.config, loss_type=self.loss_type,
                               model_class=self.model_class, base_name=self.base_name)
         return merged.train(self.training)

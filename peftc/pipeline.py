@@ -5,27 +5,33 @@
                                           activations): the base graph, which every form is built from
     emit(base_gm, sites, store, form)     a copy of the base graph -> each method's rewrite pass, for the adapters
                                           of that method in the store (Method.rewrite, in the order the methods
-                                          first appear) -> modules_to_save, trainable tokens (plain form) -> lint,
-                                          recompile
+                                          first appear) -> modules_to_save, trainable tokens (plain form) ->
+                                          lint, recompile
+    emit_forms(base_gm, sites, store)     both forms at once (Forms), what a PeftModule receives
 
 Data flows one way: the compiler lowers the model once, builds adapters from (graph, sites, spec) (peftc.build),
-and a PeftModule calls `emit` for each form it serves; no stage reads anything back from a later one.
+emits the forms, and hands them to a PeftModule, which runs them; no stage reads anything back from a later one,
+and running a form never builds one.
 Each pass is (name, fn(gm) -> rewrite count); run_passes lints and recompiles after each and names the failing pass
 and the ones before it.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import importlib
 import logging
+import pkgutil
 from typing import Any, Callable, Sequence
 
 from torch import nn
 from torch.fx import GraphModule
 
-from .errors import PassError, PeftcError
+from .build import build_adapter, resolve_paths
+from .errors import InputError, PassError, PeftcError
 from .methods import method_of
-from .passes import lora as _lora   # noqa: F401 (the built-in methods: each pass file registers its Method)
+from . import passes as _passes
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
 from .passes.gated import fuse_gated_activations
@@ -37,6 +43,11 @@ from .store import STORE, AdapterStore
 from .trace import Traced, trace
 
 log = logging.getLogger(__name__)
+
+# The built-in methods: every pass file is imported, and a method's file registers its Method (adding one touches
+# nothing else).
+for _info in pkgutil.iter_modules(_passes.__path__):
+    importlib.import_module(f"{_passes.__name__}.{_info.name}")
 
 Pass = tuple[str, Callable[[GraphModule], int]]
 
@@ -72,24 +83,84 @@ def lower(model: nn.Module, example_inputs: Any = None) -> tuple[Traced, dict[st
     return traced, sites, list(run_passes(traced.gm, BASE_PASSES))
 
 
+def _tagged(method, rewrite: Callable[[GraphModule], int]) -> Callable[[GraphModule], int]:
+    """`rewrite` that tags the nodes it adds with meta["peftc"] = {"method": method.tag} (what inspection, tests and
+    the merged graph's check read): a method's pass never tags by hand."""
+    def run(gm: GraphModule) -> int:
+        before = set(gm.graph.nodes)
+        count = rewrite(gm)
+        for n in gm.graph.nodes:
+            if n not in before and n.op != "placeholder":
+                n.meta.setdefault("peftc", {"method": method.tag})
+        return count
+    return run
+
+
 def emit(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str,
          before: Sequence[str] = ()) -> GraphModule:
     """A new GraphModule for `form` ("single": one adapter per call; "mixed": one per row): a copy of the base
-    graph with every adapter in `store` inserted by its method's rewrite. The store becomes its submodule (shared
-    by every form's graph); the form's call modules (store.groups, single; store.banks, mixed) are made anew."""
+    graph with every adapter in `store` inserted by its method's rewrite, each given the paths its adapters adapt.
+    The store becomes a submodule (shared by every form's graph, data only); the modules a rewrite calls are the
+    new graph's own."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     gm = GraphModule(base_gm, copy.deepcopy(base_gm.graph))
     gm.add_submodule(STORE, store)
-    if form == "single":
-        store.groups = nn.ModuleDict()
-    else:
-        store.banks = nn.ModuleDict()
     methods = list({type(store[a].spec): method_of(store[a].spec) for a in store.names()}.values())
-    passes: list[Pass] = [(m.tag, functools.partial(m.rewrite, sites=sites, store=store, form=form))
-                          for m in methods if form in m.forms]
+    passes: list[Pass] = []
+    for m in methods:
+        if form not in m.forms:
+            continue
+        routed = store.routed_paths(m)
+        paths = [p for p in sites if p in routed]
+        passes.append((m.tag, _tagged(m, functools.partial(m.rewrite, sites=sites, store=store, form=form,
+                                                            paths=paths))))
     if form == "single":      # a mixed batch holds no adapter with copies or token rows (PeftModule.check_mixed)
         passes.append(("modules_to_save", functools.partial(insert_saved_copies, store=store)))
         passes.append(("trainable_tokens", functools.partial(insert_token_rows, store=store)))
     run_passes(gm, passes, before=before)
     return gm
+
+
+@dataclasses.dataclass
+class Forms:
+    """What the compiler hands a PeftModule for its adapters: the plain-form graph, and the gathered form's graph
+    or why it cannot be made for these adapters (then a mixed batch is refused with that reason)."""
+
+    single: GraphModule
+    mixed: GraphModule | None
+    mixed_refusal: str | None = None
+
+
+def emit_forms(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore,
+               before: Sequence[str] = ()) -> Forms:
+    """Both forms for the adapters in `store`, built now: a call never builds a graph."""
+    single = emit(base_gm, sites, store, "single", before)
+    try:
+        return Forms(single, emit(base_gm, sites, store, "mixed", before))
+    except InputError as e:        # a site whose rows cannot be routed apart: the plain form still serves
+        return Forms(single, None, str(e))
+
+
+@dataclasses.dataclass
+class Compiler:
+    """What the compiler made of one model, and how it makes more from it: the base graph (mode passes applied), its
+    sites and the user's model. A PeftModule is given one: adding or deleting adapters asks it for adapters
+    (`adapter`) and for new forms (`forms`) and installs what it returns; a call never comes back here."""
+
+    base_gm: GraphModule
+    sites: dict[str, Site]
+    model: nn.Module | None
+    base_passes: list[str]
+
+    def adapter(self, spec, *, loading: bool = False):
+        """`spec`'s adapter, built from the base graph's data (peftc.build)."""
+        return build_adapter(self.base_gm, self.sites, self.model, spec, loading=loading)
+
+    def forms(self, store: AdapterStore) -> Forms:
+        """Both forms of the base graph with every adapter in `store` inserted."""
+        return emit_forms(self.base_gm, self.sites, store, before=self.base_passes)
+
+    def paths(self, targets: Any) -> list[str]:
+        """Module paths that `targets` (LoRA's target syntax) selects among the sites."""
+        return resolve_paths(self.base_gm, self.sites, self.model, targets)

@@ -1,8 +1,8 @@
 """The adapter store: every adapter's weights, per adapter and per site, in one module outside the graph.
 
-The store knows adapters, slots and routing; what a site's weights are is each method's own business (its pass file
-builds them and reads them). A method that keeps per-slot data of its own (LoRA's banks of scales) registers a
-`slot_writer`, which point_slot calls whenever a slot changes hands."""
+The store knows adapters, slots and a capacity's lanes; what a site's weights are is each method's own business (its
+pass file builds them and reads them; a capacity's lanes are made by its Method's pad and empty). The store holds
+data only: the modules a form's graph calls belong to that graph (peftc.pipeline.emit)."""
 from __future__ import annotations
 
 import dataclasses
@@ -36,24 +36,8 @@ class Adapter(nn.Module):
         self.tokens = nn.ModuleDict()         # site_key(module path) -> its trained embedding rows (TokenRows)
 
     @property
-    def max_rank(self) -> int:
-        """The largest rank among its sites (per-site ranks differ with rank_pattern; 1 for rankless methods)."""
-        return max((getattr(w, "r", 1) for w in self.sites.values()), default=1)
-
-    @property
-    def padded(self) -> bool:
-        """Whether its site weights can be allocated at a capacity's rank (they have a padded() copy)."""
-        return all(hasattr(w, "padded") for w in self.sites.values())
-
-
-# fn(store, slot): write a method's per-slot data for slot `slot` (see AdapterStore.point_slot)
-_SLOT_WRITERS: list[Callable[["AdapterStore", int], None]] = []
-
-
-def slot_writer(fn):
-    """Register `fn(store, slot)`, called by AdapterStore.point_slot (a method's per-slot data)."""
-    _SLOT_WRITERS.append(fn)
-    return fn
+    def method(self):
+        return method_of(self.spec)
 
 
 BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
@@ -61,17 +45,20 @@ BASE = "__base__"  # slot 0: no adapter (PEFT's name for it in adapter_names)
 
 @dataclasses.dataclass(frozen=True)
 class Capacity:
-    """Room declared for adapters (PeftModule.reserve): up to `adapters` adapters of rank up to `rank`, on the
-    graph's routed sites (those of the adapters present, plus `targets`, in LoRA's target syntax). Within it,
-    adding, loading and deleting adapters writes data and never changes the graph."""
+    """Room declared for adapters (PeftModule.reserve): up to `adapters` adapters on the graph's routed sites
+    (those of the adapters present, plus `targets`, in LoRA's target syntax), each method's within its own terms:
+    `rank` is LoRA's (the largest rank a LoRA adapter may have; methods without a rank, IA3, ignore it). Within
+    it, adding, loading and deleting adapters writes data and never changes the graph."""
 
     adapters: int
-    rank: int
+    rank: int | None = None
     targets: Any = None
 
     def __post_init__(self):
         for field in ("adapters", "rank"):
             v = getattr(self, field)
+            if field == "rank" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise SpecError(f"Capacity {field} must be a positive integer, got {v!r}")
 
@@ -83,9 +70,10 @@ class AdapterStore(nn.Module):
     adapters[name].saved[site_key(path)] -> modules_to_save param copies (and trained bias copies, LoRA's bias);
     adapters[name].tokens[site_key(path)] -> trained rows of an embedding (passes.trainable_tokens.TokenRows).
     Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
-    when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's rank: the adapter's own
-    (the same module as in adapters[name].sites), or zeros where the slot is empty or its adapter does not target
-    the site. The graph reads the lanes, so filling and emptying slots never changes it.
+    when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's size: the adapter's own
+    (the same module as in adapters[name].sites, made by its method's pad), or weights that change nothing (its
+    method's empty) where the slot is empty or its adapter does not adapt the site. The graph reads the lanes, so
+    filling and emptying slots never changes it.
 
     The store holds no per-call state: a call passes its adapter's weights (plain form) or its rows' slots
     (gathered form) to the graph as its own inputs (passes.route), so concurrent calls never see each other.
@@ -94,8 +82,6 @@ class AdapterStore(nn.Module):
     def __init__(self):
         super().__init__()
         self.adapters = nn.ModuleDict()
-        self.banks = nn.ModuleDict()          # site_key -> per-site constants of the gathered form (a method's)
-        self.groups = nn.ModuleDict()         # call modules of the plain form (a method's)
         self.lanes = nn.ModuleDict()          # with a capacity: str(slot) -> site_key -> site weights
         self.capacity: Capacity | None = None
         self.reserved_sites: list[str] = []   # module paths routed besides the adapters' own targets
@@ -123,8 +109,9 @@ class AdapterStore(nn.Module):
         else:
             self._slots[slot] = None
             lane = self._lane(slot)
-            for key, w in adapter.sites.items():   # fresh zeros: the old weights stay the old adapter's alone
-                lane[key] = w.zeros(self.capacity.rank)
+            empty = adapter.method.empty
+            for key, w in adapter.sites.items():   # fresh weights: the old ones stay the old adapter's alone
+                lane[key] = empty(w, self.capacity)
         return slot
 
     def _lane(self, slot: int) -> nn.ModuleDict:
@@ -132,14 +119,22 @@ class AdapterStore(nn.Module):
             self.lanes[str(slot)] = nn.ModuleDict()
         return self.lanes[str(slot)]
 
+    def routed_paths(self, method) -> set[str]:
+        """Module paths `method`'s rewrite adapts: its adapters' targets, and a capacity's reserved sites where it
+        can fill a capacity's lanes."""
+        own = set().union(*(ad.targets for ad in self.adapters.values() if ad.method is method))
+        if self.capacity is not None and "capacity" in method.capabilities:
+            own |= set(self.reserved_sites)
+        return own
+
     def _fill_lane(self, slot: int, adapter: Adapter) -> None:
-        """Allocate `adapter`'s weights at the capacity's rank and make them slot `slot`'s lane entries (methods
-        whose weights have no padded form keep their own and leave the lane to zeros)."""
-        if not adapter.padded:
-            return
+        """Allocate `adapter`'s weights at the capacity's size (its method's pad) and make them slot `slot`'s lane
+        entries."""
+        method = adapter.method
+        method.require("capacity", f"adding a {method.name} adapter to a module with a declared capacity")
         lane = self._lane(slot)
         for key, w in adapter.sites.items():
-            padded = w.padded(self.capacity.rank)
+            padded = method.pad(w, self.capacity)
             adapter.sites[key] = padded
             lane[key] = padded
 
@@ -153,7 +148,7 @@ class AdapterStore(nn.Module):
         return None if self.capacity is None else self._slots.count(None)
 
     def set_capacity(self, capacity: Capacity, reserved_sites: list[str]) -> None:
-        """Fix the slot table at `capacity` and allocate every adapter at its rank in its lane (new Parameters)."""
+        """Fix the slot table at `capacity` and allocate every adapter at its size in its lane (new Parameters)."""
         names = self.names()
         self.capacity = capacity
         self.reserved_sites = list(reserved_sites)
@@ -162,12 +157,12 @@ class AdapterStore(nn.Module):
         for slot, name in enumerate(names, start=1):
             self._fill_lane(slot, self.adapters[name])
 
-    def lane_weights(self, slot: int, key: str, zeros: Callable[[], nn.Module]) -> nn.Module:
-        """Slot `slot`'s weights at site `key`; `zeros()` makes them on first use (a capacity's empty slots and
-        untargeted sites)."""
+    def lane_weights(self, slot: int, key: str, empty: Callable[[], nn.Module]) -> nn.Module:
+        """Slot `slot`'s weights at site `key`; `empty()` makes them on first use (a capacity's empty slots and
+        untargeted sites: weights that change nothing)."""
         lane = self._lane(slot)
         if key not in lane:
-            lane[key] = zeros()
+            lane[key] = empty()
         return lane[key]
 
     def routed_sites(self) -> set[str]:
@@ -179,12 +174,6 @@ class AdapterStore(nn.Module):
 
     def slot(self, name: str) -> int:
         return self._slots.index(name)
-
-    @torch.no_grad()
-    def point_slot(self, slot: int) -> None:
-        """Slot `slot` changed hands (an adapter took it or left it): every method's slot writer updates its data."""
-        for write in _SLOT_WRITERS:
-            write(self, slot)
 
     def __getitem__(self, name: str) -> Adapter:
         return self.adapters[name]

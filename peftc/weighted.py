@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -24,10 +24,7 @@ from .methods import work_dtype
 from .spec import LoRA
 from .build import check_adapter_name
 from .passes.lora_ops import LoraWeights
-from .store import Adapter, site_key
-
-if TYPE_CHECKING:
-    from .module import PeftModule
+from .store import Adapter, AdapterStore, site_key
 
 log = logging.getLogger(__name__)
 
@@ -113,21 +110,21 @@ def _pad(A: torch.Tensor, B: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.
     return A, B
 
 
-def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
-                         svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
-                         majority_sign_method: str = "total") -> None:
-    """Add `adapter_name`, the `weights`-weighted combination of `adapters` (changes `pm`; the active adapter stays).
-    Checks everything and builds the new weights before the store changes: on any error `pm` is as it was."""
+def weighted_adapter(store: AdapterStore, sites: dict, adapters: list[str], weights: list[float], adapter_name: str,
+                     combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                     svd_full_matrices: bool = True, svd_driver: str | None = None, density: float | None = None,
+                     majority_sign_method: str = "total") -> Adapter:
+    """The adapter `adapter_name`, the `weights`-weighted combination of `adapters` in `store` at `sites` (a new
+    Adapter; nothing is changed: PeftModule.add_weighted_adapter adds it). Checks everything first."""
     check_adapter_name(adapter_name)
-    if adapter_name in pm.adapters:   # PEFT returns silently here; peftc says so
-        raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {pm.adapters}; pick a new name "
+    if adapter_name in store.names():   # PEFT returns silently here; peftc says so
+        raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {store.names()}; pick a new name "
                         "or delete_adapter() it first")
     if isinstance(adapters, str) or not adapters or not all(isinstance(a, str) for a in adapters):
         raise InputError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
-    unknown = [a for a in adapters if a not in pm.adapters]
+    unknown = [a for a in adapters if a not in store.names()]
     if unknown:
-        raise InputError(f"unknown adapter(s) {unknown} in adapters; adapters: {pm.adapters}")
+        raise InputError(f"unknown adapter(s) {unknown} in adapters; adapters: {store.names()}")
     given = weights
     try:
         weights = None if isinstance(given, (str, bytes)) else [float(w) for w in given]
@@ -151,7 +148,7 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
         log.warning("density=%r is used by PEFT's ties/dare/magnitude_prune combinations only; %r ignores it",
                     density, combination_type)
 
-    ads = [pm.store[a] for a in adapters]
+    ads = [store[a] for a in adapters]
     for name, ad in zip(adapters, ads):
         if not isinstance(ad.spec, LoRA):
             raise SpecError(f"adapter {name!r} is a {type(ad.spec).__name__}; only LoRA adapters can be combined")
@@ -173,9 +170,9 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
         log.info("one adapter: combination_type=%r becomes 'linear' (as in PEFT)", combination_type)
         combination_type = "linear"
     rank_of, combine = COMBINATIONS[combination_type]
-    r = rank_of([ad.max_rank for ad in ads], svd_rank)
+    r = rank_of([max(w.r for w in ad.sites.values()) for ad in ads], svd_rank)
 
-    paths = [p for p in pm.sites if any(p in ad.targets for ad in ads)]   # the union, in graph order
+    paths = [p for p in sites if any(p in ad.targets for ad in ads)]   # the union, in graph order
     spec = dataclasses.replace(ads[0].spec, r=r, alpha=float(r), targets=tuple(paths), modules_to_save=(),
                                rank_pattern=(), alpha_pattern=(), layers_to_transform=None, layers_pattern=None,
                                exclude_modules=None)
@@ -194,6 +191,6 @@ def add_weighted_adapter(pm: PeftModule, adapters: list[str], weights: list[floa
             new.sites[key] = w
     for p in new.parameters():   # PEFT freezes the new adapter too
         p.requires_grad_(False)
-    pm._add(adapter_name, new)
+    return new
     log.info("added %r = %s of %s (weights %s): r=%d, %d sites", adapter_name, combination_type, adapters, weights,
              r, len(paths))

@@ -240,7 +240,7 @@ def test_rank_past_the_capacity_is_refused():
 
 @pytest.mark.parametrize("kw, match", [
     (dict(adapters=0, rank=8), "adapters must be a positive integer"),
-    (dict(adapters=2, rank=2), r"rank=2 is below the rank of adapter\(s\) \{'default': 4, 'b': 4\}.*rank=4"),
+    (dict(adapters=2, rank=2), r"does not fit adapter 'default': it has rank r=4, above the declared capacity's rank 2.*rank=4"),
 ])
 def test_bad_reserve_is_refused_and_nothing_changes(kw, match):
     _, pm = capped(adapters=2)

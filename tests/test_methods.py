@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import peftc
+from peftc.inspection import format_plan, plan_sites
 from peftc import AdapterSpec, LoRA, Method, SpecError
 from peftc.methods import METHODS, method_of, spec_from_config, spec_to_config, unregister_method
 
@@ -119,4 +120,6 @@ def test_adapters_of_two_methods_share_one_model(custom, tmp_path):
         assert torch.equal(again(input_ids=x).logits, gate_out)
     with pytest.raises(SpecError, match=r"Gate cannot serve model.embed_tokens \(Embedding: the aten.embedding"):
         peftc.compile(llama(), Gate(targets=("embed_tokens",)))
-    assert custom["METHOD"].param_count(None, pm.sites["model.layers.0.mlp.down_proj"]) == 64
+    plan = plan_sites(llama(), Gate(targets=("down_proj",)))     # no param_count: counted from what its build makes
+    assert plan.ok and plan.counts == {f"model.layers.{i}.mlp.down_proj": 64 for i in range(2)}
+    assert "Gate params" in format_plan(plan)

@@ -10,7 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftc.passes.dropout import make_dropout_mode_aware
-from peftc.passes.lora import RowDropout, base_output, insert_lora
+from peftc.methods import method_of
+from peftc.passes.lora import RowDropout, SiteBank, insert_lora
+from peftc.pipeline import _tagged
 from peftc.passes.lora_ops import LoraGroup, lora_update
 from peftc.passes.route import plain_route, route_keys
 from peftc.passes.match import find_sites
@@ -72,10 +74,22 @@ def lora_graph(model, spec: LoRA, targets, x=X, name="default", form="single"):
     store = AdapterStore()
     gm.add_submodule(STORE, store)
     adapter = add_adapter_(store, sites, name, spec, targets)
-    n = insert_lora(gm, sites, store, form=form)
+    n = lora_pass(gm, sites, store, form)
     gm.graph.lint()
     gm.recompile()
     return gm, adapter, n
+
+
+def lora_pass(gm, sites, store, form):
+    """insert_lora as the pipeline runs it (peftc.pipeline.emit): its new nodes tagged with the method."""
+    return _tagged(method_of(LoRA), lambda g: insert_lora(g, sites, store, form=form))(gm)
+
+
+def site_outputs_read_only_by_the_subgraph(gm):
+    """Every adapted linear's output is read by the LoRA subgraph only (y' = y + update replaces y downstream)."""
+    mine = set(lora_nodes(gm))
+    linears = [n for n in gm.graph.nodes if n.target == aten.linear.default and set(n.users) & mine]
+    return linears and all(set(n.users) <= mine for n in linears), len(linears)
 
 
 def run(gm, *args, who="default", rows=None, **kw):
@@ -121,9 +135,7 @@ def test_plain_form_structure():
     assert all(n.meta["peftc"]["method"] == "lora" for n in lora_nodes(gm))
     assert route_keys(gm) == [("lora", s, p) for s in ("q", "k", "v", "o") for p in ("A", "B", "s", "p")]
     assert not [n for n in lora_nodes(gm) if n.op == "get_attr"]               # no weights read from the store
-    outs = [n for n in lora_nodes(gm) if n.meta["peftc"]["role"] == "out"]
-    assert len(outs) == 4 and all(base_output(o).target == aten.linear.default for o in outs)
-    assert all(set(base_output(o).users) <= set(lora_nodes(gm)) for o in outs)   # only the subgraph reads y
+    assert site_outputs_read_only_by_the_subgraph(gm) == (True, 4)
     w = adapter.sites["q"]
     assert w.A.shape == (4, D) and w.B.shape == (D, 4) and w.A.requires_grad and torch.count_nonzero(w.B) == 0
 
@@ -139,9 +151,10 @@ def test_gathered_form_structure():
     assert {f"{STORE}.adapters.default.sites.{s}.{p}" for s in ("q", "v") for p in ("A", "B")} <= attrs
     assert route_keys(gm) == [("rows",)]                                     # the rows' slots: the call's input
     assert not any(n.target == aten.where.self for n in gm.graph.nodes)
-    assert gm.get_submodule(STORE).banks["q"].scales.tolist() == [0.0, 2.0]  # slot 0 is the base model; alpha / r
-    outs = [n for n in new if n.meta["peftc"]["role"] == "out"]
-    assert len(outs) == 2 and all(base_output(o).target == aten.linear.default for o in outs)
+    assert {f"{STORE}.adapters.default.sites.{s}.scale_t" for s in ("q", "v")} <= attrs   # scales are data too
+    banks = [m for m in gm.modules() if isinstance(m, SiteBank)]
+    assert len(banks) == 2 and all(m.empty.s.item() == 0.0 for m in banks)     # slot 0 is the base model
+    assert site_outputs_read_only_by_the_subgraph(gm) == (True, 2)
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -253,9 +266,12 @@ def test_gathered_dropout_is_a_per_row_module_on_the_site_input():
     model = Attn().eval()
     gm, adapter, _ = lora_graph(model, LoRA(r=2, dropout=0.5), ["q"], form="mixed")
     calls = [n for n in lora_nodes(gm) if n.op == "call_module"]
-    assert [n.target for n in calls] == [f"{STORE}.banks.q.dropout"]
+    assert [n.target for n in calls] == ["peftc_mixed.bank0.dropout"]           # the form's own module
     assert isinstance(gm.get_submodule(calls[0].target), RowDropout)
-    assert gm.get_submodule(calls[0].target).rates.tolist() == [0.0, 0.5]
+    rates = calls[0].args[1]                                                     # the rows' rates, gathered
+    assert rates.target == torch.ops.aten.index.Tensor and rates.args[0].target == torch.ops.aten.stack.default
+    assert [a.target for a in rates.args[0].args[0]] == ["peftc_mixed.bank0.empty.s",
+                                                         f"{STORE}.adapters.default.sites.q.p_t"]
     randomize_b_(adapter)
     gm.train()
     torch.manual_seed(0)
@@ -304,7 +320,7 @@ def test_routing_is_data_two_adapters_of_other_ranks_and_targets(form):
     gm.add_submodule(STORE, store)
     a = add_adapter_(store, sites, "a", LoRA(r=2, alpha=2), ["q"])
     b = add_adapter_(store, sites, "b", LoRA(r=3, alpha=6), ["q", "o"])
-    assert insert_lora(gm, sites, store, form=form) == 2
+    assert lora_pass(gm, sites, store, form) == 2
     gm.graph.lint()
     gm.recompile()
     randomize_b_(a)
@@ -324,8 +340,8 @@ def test_routing_is_data_two_adapters_of_other_ranks_and_targets(form):
         for who in ("a", "b"):
             torch.testing.assert_close(run(gm, x, who=who), expected(x, who), rtol=1e-5, atol=1e-5)
         return
-    assert store.banks["q"].empty.A.shape == (3, D)                          # b's rank pads a's to R=3
-    assert store.banks["o"].scales.tolist() == [0.0, 0.0, 2.0]
+    banks = [m for m in gm.modules() if isinstance(m, SiteBank)]                # q's, then o's
+    assert [m.empty.A.shape for m in banks] == [(3, D), (3, D)]              # b's rank pads a's to R=3
     for who in ("__base__", "a", "b"):
         torch.testing.assert_close(run(gm, x, rows=rows_of(store, who, 3)), expected(x, who), rtol=1e-5, atol=1e-5)
     got = run(gm, x, rows=torch.tensor([store.slot("b"), 0, store.slot("a")]))   # one adapter per row
@@ -345,7 +361,7 @@ def test_gpt2_conv1d_site_numerics(form):
     store = AdapterStore()
     gm.add_submodule(STORE, store)
     add_adapter_(store, sites, "default", spec, paths)
-    assert insert_lora(gm, sites, store, form=form) == 2
+    assert lora_pass(gm, sites, store, form) == 2
     gm.graph.lint()
     gm.recompile()
     # Conv1D: y = addmm(b, x, W), x: [N, in]; the adapter reads addmm's second argument and adds to its output

@@ -75,10 +75,11 @@ def op_counts(gm, op="call_function") -> Counter:
 
 
 def adapted_graph(model, spec: LoRA, targets):
-    """The graph compile builds (trace, mode passes, LoRA) with random non-zero B; returns (gm, sites, adapter)."""
+    """The graph compile builds (trace, mode passes, LoRA) with random non-zero B; returns (gm, sites, adapter, the
+    base graph it was emitted from, which merging folds into)."""
     pm = peftc.compile(model, dataclasses.replace(spec, targets=targets), example_inputs=(X,))
     randomize_ours_(pm, seed=0)
-    return pm.graph_module.eval(), pm.sites, pm.store["default"]
+    return pm.graph_module.eval(), pm.sites, pm.store["default"], pm.base_graph_module.eval()
 
 
 def assert_no_adapter_left(gm):
@@ -91,15 +92,15 @@ def assert_no_adapter_left(gm):
 def test_merge_pass_structure():
     model = Net().eval()
     base = mode_passes(trace(model, (X,)).gm)
-    gm, sites, adapter = adapted_graph(model, LoRA(r=2, alpha=4, dropout=0.1), TARGETS)
+    gm, sites, adapter, base_gm = adapted_graph(model, LoRA(r=2, alpha=4, dropout=0.1), TARGETS)
     assert op_counts(gm) != op_counts(base)
-    merged = merge_graph_module(gm, sites, adapter, "default")
+    merged = merge_graph_module(base_gm, sites, adapter, "default")
     merged.graph.lint()
     assert_no_adapter_left(merged)
     assert op_counts(merged) == op_counts(base)
     assert op_counts(merged, "call_module") == op_counts(base, "call_module")   # mode-aware dropout kept, LoRA's gone
     # fold_adapter counts one fold per site (up and down are called twice but folded once)
-    again = GraphModule(gm, copy.deepcopy(gm.graph))
+    again = GraphModule(base_gm, copy.deepcopy(base_gm.graph))
     assert fold_adapter(again, sites, adapter, "default") == len(TARGETS)
 
 
@@ -107,8 +108,8 @@ def test_merge_pass_structure():
 def test_merged_equals_adapted_and_the_folded_reference(rslora):
     model = Net().eval()
     spec = LoRA(r=3, alpha=5.0, use_rslora=rslora)
-    gm, sites, adapter = adapted_graph(model, spec, TARGETS)
-    merged = merge_graph_module(gm, sites, adapter, "default").eval()
+    gm, sites, adapter, base_gm = adapted_graph(model, spec, TARGETS)
+    merged = merge_graph_module(base_gm, sites, adapter, "default").eval()
     assert spec.scale == pytest.approx(5.0 / (math.sqrt(3) if rslora else 3))
     ref = copy.deepcopy(model)
     with torch.no_grad():                                           # W' = W + s B A, by hand
@@ -127,8 +128,8 @@ def test_merged_equals_adapted_and_the_folded_reference(rslora):
 def test_untargeted_weights_are_shared_targeted_are_new():
     model = Net().eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gm, sites, adapter = adapted_graph(model, LoRA(r=2), ["q", "up"])
-    merged = merge_graph_module(gm, sites, adapter, "default")
+    gm, sites, adapter, base_gm = adapted_graph(model, LoRA(r=2), ["q", "up"])
+    merged = merge_graph_module(base_gm, sites, adapter, "default")
     for name, p in model.named_parameters():
         ours, theirs = merged.get_parameter(name), gm.get_parameter(name)
         if name in ("q.weight", "up.weight"):
