@@ -14,12 +14,11 @@ from .module import MergedModule, PeftModule
 from .methods import METHODS, Method, register_method
 from .spec import AdapterSpec, LoRA
 from .store import Capacity
-from .passes.trainable_tokens import TrainableTokens
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
            "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method",
-           "Block", "TrainableTokens"]
+           "Block"]
 __version__ = "0.1.0"
 
 
