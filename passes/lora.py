@@ -25,8 +25,8 @@ In both forms the second product accumulates into the site's output in one GEMM 
 needs the output): no full-size delta is written, scaled and added. In the gathered form slot 0 is the base model
 (zero weights, zero scale), an adapter that does not target a site has zeros there, and ranks are zero-padded to
 the largest rank R; with a declared capacity (AdapterStore.capacity) the graph has every slot of it and reads slot
-i's weights from store.lanes[i], allocated at the capacity's rank. Every new node carries meta["peftc"] so merge
-and export can find the subgraph.
+i's weights from store.lanes[i], allocated at the capacity's rank. The modules the subgraph calls belong to the
+form's graph (peftc.methods.form_module); the store holds only weights.
 """
 from __future__ import annotations
 
@@ -40,9 +40,9 @@ from torch.fx import GraphModule, Node
 from peftc.errors import InputError, MergeError, SpecError
 from peftc.inits import changes_base_weight
 from peftc.methods import Method, form_module, register_method, work_dtype
-from peftc.targets import check_rank
+from peftc.targets import MHA, check_rank
 from peftc.spec import LoRA, lora_from_config, lora_to_config
-from peftc.store import STORE, Adapter, AdapterStore, Capacity, site_key
+from peftc.store import STORE, Adapter, AdapterStore, Capacity, lane_target, site_key
 
 from .lora_ops import LoraBranch, LoraBranchRows, LoraGroup, LoraWeights, dora_norm, zero_weights
 from .match import Site, tensor_at
@@ -238,7 +238,13 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
              biases if any(c is not None for c in biases) else [], srcs]
     while extra and not extra[-1]:
         extra.pop()
-    with g.inserting_after(last):
+    anchor = last
+    for i, (site, node) in enumerate(members):      # a call on W[a:b] (passes.match, Site.rows) takes B[a:b]
+        if node.name in site.rows:
+            with g.inserting_after(anchor):
+                anchor = parts["B"][i] = g.call_function(aten.slice.Tensor, (parts["B"][i], 0, *site.rows[node.name]))
+            anchor.meta.update(nn_module_stack=last.meta.get("nn_module_stack", {}))
+    with g.inserting_after(anchor):
         call = g.call_module(target, (x, ys, parts["A"], parts["B"], parts["s"], parts["p"], *extra))
     made.append(call)
     prev = call
@@ -285,6 +291,11 @@ class SiteBank(nn.Module):
 
 
 def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: AdapterStore, rows: Node) -> int:
+    mha = [site.fqn for site, _ in calls if site.module_type == MHA or site.parent]
+    if mha:
+        raise InputError(f"{mha[0]} (nn.MultiheadAttention) has no per-row form, as in PEFT (which refuses "
+                         "adapter_names there): a row of an unbatched or sequence-first input is a position, which "
+                         "attention mixes with the others; run each adapter's rows in a batch of their own")
     slots = store.slots()
     names = [a for a in slots[1:] if _lora(store, a) is not None]
     capacity = store.capacity
@@ -304,7 +315,7 @@ def _insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                                                            w.device, _live(store, [site.fqn])), "bank")
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it
                 for i in range(1, len(slots)):
-                    store.lane_weights(i, key, _zeros(site, capacity.rank, w))
+                    store.lane_weights(i, "lora", key, _zeros(site, capacity.rank, w))
         bank = banks[key]
         _rewrite(gm, site, node, key, store, rank, rows, batch, bank, hasattr(gm.get_submodule(bank), "dropout"),
                  _batch_dim(site, _input_of(site, node), first))
@@ -375,14 +386,14 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         c_list = [attr(f"{bank}.empty.c")] if with_bias else []
         for i, a in enumerate(store.slots()[1:], start=1):
             if store.capacity is not None:        # the slot's lane, whoever fills it
-                a_list.append(attr(f"{STORE}.lanes.{i}.{key}.A"))
-                b_list.append(attr(f"{STORE}.lanes.{i}.{key}.B"))
-                s_list.append(attr(f"{STORE}.lanes.{i}.{key}.scale_t"))
+                a_list.append(attr(f"{lane_target(i, 'lora', key)}.A"))
+                b_list.append(attr(f"{lane_target(i, 'lora', key)}.B"))
+                s_list.append(attr(f"{lane_target(i, 'lora', key)}.scale_t"))
                 if dropout:
-                    p_list.append(attr(f"{STORE}.lanes.{i}.{key}.p_t"))
+                    p_list.append(attr(f"{lane_target(i, 'lora', key)}.p_t"))
                 if with_bias:
-                    lane = store.lanes[str(i)][key]
-                    c_list.append(attr(f"{STORE}.lanes.{i}.{key}.B_bias") if lane.B_bias is not None else c_list[0])
+                    lane = store.lanes[str(i)]["lora"][key]
+                    c_list.append(attr(f"{lane_target(i, 'lora', key)}.B_bias") if lane.B_bias is not None else c_list[0])
                 continue
             w = _weights(store, a, site.fqn)
             if w is None:
@@ -470,8 +481,8 @@ def _insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Ada
                 anchor = node
                 for i, a in enumerate(slots[1:], start=1):
                     if store.capacity is not None:
-                        lw = store.lane_weights(i, key, _zeros(site, store.capacity.rank, w))
-                        prefix = f"{STORE}.lanes.{i}.{key}"
+                        lw = store.lane_weights(i, "lora", key, _zeros(site, store.capacity.rank, w))
+                        prefix = f"{lane_target(i, 'lora', key)}"
                     elif _weights(store, a, site.fqn) is not None:
                         lw, prefix = _weights(store, a, site.fqn), f"{STORE}.adapters.{a}.sites.{key}"
                     else:
@@ -572,15 +583,12 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
                                 "'pissa' or another init there")
             continue
         what = {"embedding": "an embedding", "conv": "a convolution"}[site.kind]
-        grouped = site.kind == "conv" and site.params.get("groups", 1) > 1
-        unsupported = [o for o, on in (("use_dora", spec.use_dora and grouped),
-                                       ("lora_bias", spec.lora_bias and site.kind == "embedding")) if on]
+        unsupported = ["lora_bias"] if spec.lora_bias and site.kind == "embedding" else []
         if spec.init not in (True, False, "gaussian"):
             unsupported.append(f"init={spec.init!r}")
         if unsupported:
             raise SpecError(f"{', '.join(unsupported)} on {site.fqn} ({what}, {site.module_type or site.kind}) is "
-                            "not supported: peftc serves it on linear and Conv1D layers"
-                            + (", and DoRA on ungrouped convolutions" if grouped else "") + "; leave the layer out "
+                            "not supported: peftc serves it on linear and Conv1D layers; leave the layer out "
                             "of targets (exclude_modules) or drop the option")
 
 
@@ -588,7 +596,8 @@ def build_lora(spec: LoRA, site: Site, weight: torch.Tensor) -> LoraWeights:
     """LoRA's weights at one site: A and B by the spec's init (PiSSA / OLoRA from the weight, with the residual the
     adapter runs on), and DoRA's magnitude m = ||W + s B A|| per output channel, so that it starts as the identity."""
     at = site.pattern_path        # an nn.MultiheadAttention's out_proj: its attention module's r and alpha
-    lw = LoraWeights(spec.rank_at(at), site.in_features, site.out_features, spec.scale_at(at), spec.dropout,
+    p = 0.0 if site.module_type == MHA or site.parent else spec.dropout   # PEFT runs MHA on merged weights
+    lw = LoraWeights(spec.rank_at(at), site.in_features, site.out_features, spec.scale_at(at), p,
                      spec.init, dtype=weight.dtype, device=weight.device, dora=spec.use_dora, bias=spec.lora_bias,
                      **_shape_of(site))
     if changes_base_weight(spec.init):

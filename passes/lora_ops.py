@@ -214,15 +214,22 @@ def dora_norm(W, A, B, s, kind: str = "linear") -> torch.Tensor:
     W is [out, in] ("conv1d": [in, out]), A [r, in], B [out, r], s a number or 0-dim tensor. An embedding's W
     [num, dim] is laid out as Conv1D's (its output channels are the columns, PEFT's norm runs over the vocabulary); a
     convolution's [out, in, *k] with A [r, in, *k] and B [out, r, 1, ...] flattens to the linear case. A fresh
-    adapter's magnitude is this same function of its weights, so it starts as the identity exactly."""
-    if kind == "embedding":
-        kind = "conv1d"
-    elif kind == "conv":
-        W, A, B, kind = W.flatten(1), A.flatten(1), B.flatten(1), "linear"
+    adapter's magnitude is this same function of its weights, so it starts as the identity exactly.
+
+    A grouped convolution (B [out, r / groups, 1, ...]) takes PEFT's norm (DoraConvNdLayer.get_lora_weight): the
+    rows of W + s (B.view(-1, r) @ A.view(r, -1)).view(W.shape), a full-size product laid out as PEFT lays it out
+    (not the grouped update lora_B(lora_A(x)) applies), formed here as PEFT forms it."""
     # detached inputs rather than no_grad(): the same code traces into an exported graph as plain ops
     dt = work_dtype(W.dtype, A.dtype, B.dtype)
     Wf, Af, Bf = W.detach().to(dt), A.detach().to(dt), B.detach().to(dt)
     sf = s.detach().to(dt) if isinstance(s, torch.Tensor) else float(s)
+    if kind == "conv" and A.shape[0] != B.shape[1]:                          # grouped: r != r / groups
+        r = A.shape[0]
+        return (Wf + sf * (Bf.reshape(-1, r) @ Af.reshape(r, -1)).reshape(W.shape)).flatten(1).norm(dim=1)
+    if kind == "embedding":
+        kind = "conv1d"
+    elif kind == "conv":
+        Wf, Af, Bf, kind = Wf.flatten(1), Af.flatten(1), Bf.flatten(1), "linear"
     if kind == "conv1d":
         w2, wa = Wf.pow(2).sum(0), (Af @ Wf).t()                             # (out,), (out, r)
     else:

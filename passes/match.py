@@ -2,7 +2,12 @@
 attention roles from the graph itself.
 
 A site is one module: `y = linear(x, W, b)` (W: [out, in]), for Conv1D `y = addmm(b, x, W)` (W: [in, out]),
-`y = embedding(W, ids)` or `y = conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)`.
+`y = embedding(W, ids)` or `y = conv{1,2,3}d(x, W, b, stride, padding, dilation, groups)`. An
+nn.MultiheadAttention whose query, key and value are not one tensor (unbatched input, cross-attention) projects
+them with row blocks of its packed in_proj weight; each call is a call of the one site, reading W's rows [a, b):
+
+    w_q, w_k, w_v = chunk(W, 3)  (or split(W, [E, 2E]))      q = linear(x_q, w_q, b_q)   # Site.rows: q -> (0, E)
+
 Roles come from the scaled-dot-product-attention pattern, not from names:
 
     q = site_q(x) -> view/transpose/rotary ... ─┐
@@ -11,6 +16,7 @@ Roles come from the scaled-dot-product-attention pattern, not from names:
 """
 from __future__ import annotations
 
+import operator
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -77,6 +83,7 @@ class Site:
     weight_shape: tuple = ()
     params: dict = field(default_factory=dict)    # the op's other arguments (SiteKind.args_of)
     parent: str = ""             # the nn.MultiheadAttention whose forward reads this weight (its out_proj), else ""
+    rows: dict = field(default_factory=dict)      # call node name -> (a, b): it reads W[a:b] only (a row block)
 
     @property
     def pattern_path(self) -> str:
@@ -100,7 +107,8 @@ class Site:
     def __deepcopy__(self, memo) -> "Site":
         """Nodes are handles into the graph the site was matched on, read by name afterwards; a copy (e.g. of a
         PeftModule) shares them rather than copying their traced metadata (fake tensors cannot be copied)."""
-        return replace(self, nodes=list(self.nodes), roles=set(self.roles), params=dict(self.params))
+        return replace(self, nodes=list(self.nodes), roles=set(self.roles), params=dict(self.params),
+                       rows=dict(self.rows))
 
 
 def module_path(node: Node) -> tuple[str, str]:
@@ -120,6 +128,9 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
     if kind is None or (kind.module_type and module_path(node)[1] != kind.module_type):
         return None
     w = node.args[kind.weight_arg] if kind.weight_arg < len(node.args) else None
+    block = _row_block(w) if kind.name == "linear" and module_path(node)[1] == "MultiheadAttention" else None
+    if block is not None:        # q / k / v of an attention module's packed in_proj: one block of W's rows
+        w, block = block
     if not isinstance(w, Node) or w.op != "get_attr":
         return None  # weight computed in the graph: not an adapter site
     try:
@@ -144,7 +155,32 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
         parent = fqn if typ == "MultiheadAttention" and owner == f"{fqn}.out_proj" else ""
         fqn, typ = owner, ""
     return Site(fqn, kind.name, in_f, out_f, weight=w.target, module_type=typ, weight_shape=shape, params=params,
-                parent=parent)
+                parent=parent, rows={node.name: block} if block else {})
+
+
+_SPLITS = (aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default)
+
+
+def _row_block(w) -> tuple[Node, tuple[int, int]] | None:
+    """(W's get_attr, (a, b)) where w = getitem(chunk / split(W, ..., dim=0), i) is W[a:b]; else None."""
+    if not (isinstance(w, Node) and w.op == "call_function" and w.target is operator.getitem):
+        return None
+    split, i = w.args
+    if not (isinstance(split, Node) and split.target in _SPLITS and isinstance(split.args[0], Node)
+            and split.args[0].op == "get_attr"):
+        return None
+    if (split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)) != 0:
+        return None
+    sizes = [int(t.shape[0]) for t in split.meta["val"]]
+    return split.args[0], (sum(sizes[:i]), sum(sizes[:i + 1]))
+
+
+def weight_reader(site: Site, node: Node) -> tuple[Node, int]:
+    """(the node, its argument index) that reads the site's weight W at call `node`: the call itself, or for a row
+    block the chunk / split of W."""
+    if node.name in site.rows:
+        return node.args[site.spec.weight_arg].args[0], 0
+    return node, site.spec.weight_arg
 
 
 def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:
@@ -166,6 +202,7 @@ def find_sites(gm: GraphModule) -> dict[str, Site]:
         if site.kind != found.kind or site.weight != found.weight:   # one module, two ops or weights: not a site
             continue
         site.nodes.append(node)
+        site.rows.update(found.rows)
     _assign_roles(gm, sites)
     return sites
 

@@ -22,7 +22,7 @@ from peftc.errors import MergeError
 from peftc.methods import method_of, work_dtype
 from peftc.store import Adapter
 
-from .match import Site, tensor_at
+from .match import Site, tensor_at, weight_reader
 from .modules_to_save import fold_saved_copies
 from .trainable_tokens import fold_token_rows
 
@@ -113,11 +113,12 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         new_w = new_b = None
         for node in g.nodes:
             if node.op == "call_function" and node.name in names:
+                reader, arg = weight_reader(site, node)      # the call, or the chunk of W a row block comes from
                 if new_w is None:
-                    with g.inserting_before(node):
+                    with g.inserting_before(reader):
                         new_w = g.get_attr(target)
                         new_b = g.get_attr(bias) if bias is not None else None
-                node.update_arg(site.spec.weight_arg, new_w)
+                reader.update_arg(arg, new_w)
                 if new_b is not None:
                     arg = site.spec.bias_arg
                     if arg >= len(node.args):       # the layer had no bias: linear(x, W) -> linear(x, W', b')

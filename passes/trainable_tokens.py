@@ -283,14 +283,15 @@ def token_state(adapter: Adapter, state: dict[str, torch.Tensor]) -> dict[str, t
 # --- PEFT's standalone method ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TrainableTokens(AdapterSpec):
-    """PEFT's TrainableTokensConfig (peft_type TRAINABLE_TOKENS): rows `token_indices` of the embeddings `targets`
-    (None: the input embedding; names, or a regex string that must match a whole path) trained in full,
-    W -> W.index_copy(0, rows, delta); a tied output head sees the same rows. `init=False`: random rows (PEFT's
-    init_weights=False) instead of the rows' own values."""
+    """PEFT's TrainableTokensConfig (peft_type TRAINABLE_TOKENS): rows `token_indices` of the embeddings
+    `target_modules` (None: the input embedding; names, or a regex string that must match a whole path) trained in
+    full, W -> W.index_copy(0, rows, delta); a tied output head sees the same rows. `init=False`: random rows
+    (PEFT's init_weights=False) instead of the rows' own values. It adapts no sites (`targets` is empty): its
+    adapter is its token rows."""
 
     peft_type: ClassVar[str] = "TRAINABLE_TOKENS"
     token_indices: tuple[int, ...] = ()
-    targets: Union[None, str, tuple[str, ...]] = None
+    target_modules: Union[None, str, tuple[str, ...]] = None
     init: bool = True
     task_type: Union[str, None] = None
 
@@ -301,16 +302,17 @@ class TrainableTokens(AdapterSpec):
             raise SpecError(f"TrainableTokens token_indices must be a non-empty list of token indices, got "
                             f"{self.token_indices!r}")
         object.__setattr__(self, "token_indices", rows)
-        t = self.targets
+        t = self.target_modules
         if isinstance(t, (list, tuple)) and t and all(isinstance(n, str) and n for n in t):
-            object.__setattr__(self, "targets", tuple(t))
+            object.__setattr__(self, "target_modules", tuple(t))
         elif isinstance(t, str):
             try:
                 re.compile(t)
             except re.error as e:
-                raise SpecError(f"TrainableTokens targets={t!r} is not a valid regular expression ({e})") from None
+                raise SpecError(f"TrainableTokens target_modules={t!r} is not a valid regular expression ({e})") \
+                    from None
         elif t is not None:
-            raise SpecError(f"TrainableTokens targets must be None, a regex string or a list of module names, "
+            raise SpecError(f"TrainableTokens target_modules must be None, a regex string or a list of module names, "
                             f"got {t!r}")
         if not isinstance(self.init, bool):
             raise SpecError(f"TrainableTokens init must be True or False (PEFT's init_weights), got {self.init!r}")
@@ -318,11 +320,17 @@ class TrainableTokens(AdapterSpec):
             raise SpecError(f"task_type must be one of {TASK_TYPES} or None, got {self.task_type!r}")
 
     @property
+    def targets(self) -> tuple:
+        """The sites it adapts: none (the adapter build's target resolution gives [])."""
+        return ()
+
+    @property
     def trainable_token_indices(self):
         """The rows in LoRA's trainable_token_indices form, which the adapter build resolves."""
-        if self.targets is None:
+        t = self.target_modules
+        if t is None:
             return self.token_indices
-        names = (re.compile(self.targets),) if isinstance(self.targets, str) else self.targets
+        names = (re.compile(t),) if isinstance(t, str) else t
         return tuple((n, self.token_indices) for n in names)
 
     @property
@@ -330,7 +338,7 @@ class TrainableTokens(AdapterSpec):
         return {"key": KEY, "random": not self.init, "save_tied": True}
 
 
-_TT_KEYS = {"token_indices": "token_indices", "target_modules": "targets", "init_weights": "init",
+_TT_KEYS = {"token_indices": "token_indices", "target_modules": "target_modules", "init_weights": "init",
             "task_type": "task_type"}
 _TT_METADATA = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version"}
 
@@ -349,7 +357,7 @@ def tokens_from_config(cfg: dict, source: str = "adapter_config.json") -> Traina
 
 def tokens_to_config(spec: TrainableTokens, *, base_model_name_or_path: str | None, task_type: str | None,
                      **_) -> dict:
-    t = spec.targets
+    t = spec.target_modules
     return dict(sorted({
         "peft_type": "TRAINABLE_TOKENS", "token_indices": list(spec.token_indices), "init_weights": spec.init,
         "target_modules": list(t) if isinstance(t, tuple) else t, "task_type": spec.task_type or task_type,
@@ -364,6 +372,6 @@ def _no_site(*args):
 # A method without sites: its adapter is its token rows, which the generic build makes and the trainable tokens pass
 # wires (and merge() folds); its own rewrite and fold rule have nothing to do.
 register_method(Method(TrainableTokens, "TRAINABLE_TOKENS", tokens_from_config, tokens_to_config, build=_no_site,
-                       rewrite=lambda gm, **_: 0, peft_keys=lambda path, weights: (), site_kinds=(),
-                       targets=lambda spec, sites, heads, saved: [], fold=_no_site, forms=("single",),
+                       rewrite=lambda gm, **_: 0, peft_keys=lambda path, weights: (), site_kinds=(), fold=_no_site,
+                       forms=("single",),
                        param_count=lambda spec, site: 0))

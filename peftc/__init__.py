@@ -12,10 +12,11 @@ from .compiled import CompiledPeftModule
 from .export import export_merged
 from .module import MergedModule, PeftModule
 from .methods import METHODS, Method, register_method
+from .passes.ia3 import IA3
 from .spec import AdapterSpec, LoRA
 from .store import Capacity
 
-__all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "PeftcError", "SpecError", "TargetNotFound",
+__all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MergedModule",
            "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS", "register_method",
            "Block"]

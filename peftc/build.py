@@ -46,19 +46,23 @@ def check_adapter_name(name: Any) -> str:
     return name
 
 
+def resolved(spec: AdapterSpec, sites: dict[str, Site], model: nn.Module | None) -> AdapterSpec:
+    """`spec` with its graph-dependent defaults made explicit by its method (Method.resolve: IA3's default targets
+    from the sites' roles); the adapter keeps this spec, so its checkpoint names what was chosen."""
+    method = method_of(spec)
+    return method.resolve(spec, sites, model) if method.resolve is not None else spec
+
+
 def choose_sites(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None,
                  spec: AdapterSpec) -> tuple[list[str], list[str]]:
-    """(module paths `spec` adapts, its modules_to_save paths): its method's own choice (Method.targets) or LoRA's
-    target syntax on spec.targets with PEFT's layer selection, checked against the site kinds the method serves."""
+    """(module paths `spec` adapts, its modules_to_save paths): LoRA's target syntax on spec.targets (after its
+    method's resolve, `resolved`) with PEFT's layer selection, checked against the site kinds the method serves."""
     method = method_of(spec)
     task_type = getattr(spec, "task_type", None)
     optional = SEQ_CLS_HEADS if task_type == "SEQ_CLS" else ()
     saved = resolve_modules_to_save(gm, getattr(spec, "modules_to_save", ()), optional)
     heads = output_head_paths(model, task_type)
-    if method.targets is not None:
-        chosen = method.targets(spec, sites, heads, saved)
-    else:
-        chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
+    chosen = select_layers(spec, resolve_targets(getattr(spec, "targets", None), sites, heads, saved), sites)
     wrong = [p for p in chosen if sites[p].kind not in method.site_kinds]
     if wrong:
         site = sites[wrong[0]]
@@ -94,6 +98,7 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
     embedding rows; passes.trainable_tokens) and PEFT's layer selection (layers_to_transform, exclude_modules, ...)."""
     method = method_of(spec)
+    spec = resolved(spec, sites, model)
     chosen, saved = choose_sites(gm, sites, model, spec)
     if method.check is not None:
         method.check(spec, sites, chosen, loading)

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from .build import choose_sites, count_parameters
+from .build import choose_sites, count_parameters, resolved
 from .errors import SpecError, TargetNotFound
 from .methods import method_of
 from .passes.match import Site, find_sites
@@ -57,10 +57,11 @@ def plan_sites(model: nn.Module, spec: AdapterSpec, *, example_inputs: Any = Non
     sites = find_sites(gm)
     log.debug("%s: %d sites, %d with an attention role", type(model).__name__, len(sites),
               sum(bool(s.roles) for s in sites.values()))
+    spec = resolved(spec, sites, model)
     plan = SitePlan(type(model).__name__, spec, sites,
                     all_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
     targets = getattr(spec, "targets", None)
-    if method.targets is None and isinstance(targets, tuple):
+    if isinstance(targets, tuple):
         found = [t for t in targets if any(name_matches(f, t) for f in sites)]
         for t in targets:
             if t not in found:
@@ -137,8 +138,6 @@ def format_plan(plan: SitePlan) -> str:
 
 def _targets_str(targets, plan: SitePlan) -> str:
     if targets is None:
-        if method_of(plan.spec).targets is not None:
-            return "None (the method's defaults)"
         return "None (query and value projections from the attention pattern)"
     if isinstance(targets, str):
         return repr(targets)

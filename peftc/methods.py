@@ -68,8 +68,10 @@ class Method:
     Capabilities (None: the method does not have it; what needs it is refused with an error naming the method and
     the capability, `require`):
     check:       (spec, sites, chosen paths, loading) -> None; the method's own refusals before weights are made
-    targets:     (spec, sites, heads, saved) -> module paths: the sites the spec adapts (default: LoRA's target
-                 syntax on spec.targets, None meaning the attention pattern's q and v; peftc.targets)
+    resolve:     (spec, sites, model) -> the spec with its graph-dependent defaults made explicit (IA3's default
+                 targets and feedforward modules, found from the sites' roles), before its targets are resolved (LoRA's
+                 target syntax on spec.targets; peftc.targets); the adapter keeps the returned spec, so its checkpoint
+                 names what was chosen. None: used as given
     fold:        "merge". (adapter, site, weight) -> the delta merge() adds to the site's weight, in the weight's
                  layout
     fold_bias:   (adapter, site, the layer's bias or None) -> the delta merge() adds to the site's bias (made
@@ -96,7 +98,7 @@ class Method:
     route_values: dict = field(default_factory=dict, hash=False, compare=False)
     site_kinds: tuple[str, ...] = ("linear", "conv1d")
     check: Optional[Callable[[Any, dict, list, bool], None]] = None
-    targets: Optional[Callable[..., list]] = None
+    resolve: Optional[Callable[[Any, dict, Any], AdapterSpec]] = None
     fold: Optional[Callable[[Any, Any, torch.Tensor], torch.Tensor]] = None
     fold_bias: Optional[Callable[[Any, Any, Optional[torch.Tensor]], Optional[torch.Tensor]]] = None
     forms: tuple[str, ...] = ("single", "mixed")

@@ -70,7 +70,8 @@ class AdapterStore(nn.Module):
     adapters[name].saved[site_key(path)] -> modules_to_save param copies (and trained bias copies, LoRA's bias);
     adapters[name].tokens[site_key(path)] -> trained rows of an embedding (passes.trainable_tokens.TokenRows).
     Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
-    when empty) and lanes[str(slot)][site_key] holds each slot's weights at the capacity's size: the adapter's own
+    when empty) and lanes[str(slot)][method tag][site_key] holds each slot's weights at the capacity's size, per
+    method (a slot's LoRA and IA3 lanes never mix; `lane_target`): the adapter's own
     (the same module as in adapters[name].sites, made by its method's pad), or weights that change nothing (its
     method's empty) where the slot is empty or its adapter does not adapt the site. The graph reads the lanes, so
     filling and emptying slots never changes it.
@@ -108,16 +109,18 @@ class AdapterStore(nn.Module):
             del self._slots[slot]
         else:
             self._slots[slot] = None
-            lane = self._lane(slot)
+            lane = self._lane(slot, adapter.method.tag)
             empty = adapter.method.empty
             for key, w in adapter.sites.items():   # fresh weights: the old ones stay the old adapter's alone
                 lane[key] = empty(w, self.capacity)
         return slot
 
-    def _lane(self, slot: int) -> nn.ModuleDict:
+    def _lane(self, slot: int, tag: str) -> nn.ModuleDict:
         if str(slot) not in self.lanes:
             self.lanes[str(slot)] = nn.ModuleDict()
-        return self.lanes[str(slot)]
+        if tag not in self.lanes[str(slot)]:
+            self.lanes[str(slot)][tag] = nn.ModuleDict()
+        return self.lanes[str(slot)][tag]
 
     def routed_paths(self, method) -> set[str]:
         """Module paths `method`'s rewrite adapts: its adapters' targets, and a capacity's reserved sites where it
@@ -132,7 +135,7 @@ class AdapterStore(nn.Module):
         entries."""
         method = adapter.method
         method.require("capacity", f"adding a {method.name} adapter to a module with a declared capacity")
-        lane = self._lane(slot)
+        lane = self._lane(slot, method.tag)
         for key, w in adapter.sites.items():
             padded = method.pad(w, self.capacity)
             adapter.sites[key] = padded
@@ -157,10 +160,10 @@ class AdapterStore(nn.Module):
         for slot, name in enumerate(names, start=1):
             self._fill_lane(slot, self.adapters[name])
 
-    def lane_weights(self, slot: int, key: str, empty: Callable[[], nn.Module]) -> nn.Module:
-        """Slot `slot`'s weights at site `key`; `empty()` makes them on first use (a capacity's empty slots and
-        untargeted sites: weights that change nothing)."""
-        lane = self._lane(slot)
+    def lane_weights(self, slot: int, tag: str, key: str, empty: Callable[[], nn.Module]) -> nn.Module:
+        """Slot `slot`'s weights of the method tagged `tag` at site `key`; `empty()` makes them on first use (a
+        capacity's empty slots, other methods' adapters and untargeted sites: weights that change nothing)."""
+        lane = self._lane(slot, tag)
         if key not in lane:
             lane[key] = empty()
         return lane[key]
@@ -208,6 +211,11 @@ class AdapterStore(nn.Module):
             owner = f"{at}.base_layer" if path in ad.targets else at
             for pname, p in ad.saved[site_key(path)].named_parameters():
                 yield f"base_model.model.{owner}.{pname.replace('-', '.')}", p
+
+
+def lane_target(slot: int, tag: str, key: str) -> str:
+    """The get_attr target of slot `slot`'s lane weights of method `tag` at site `key` (from the graph's root)."""
+    return f"{STORE}.lanes.{slot}.{tag}.{key}"
 
 
 def _peft_path(ad: Adapter, path: str) -> str:

@@ -271,10 +271,12 @@ def export_with_fallback(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) 
 
 
 def _auto_dims(v: Any):
-    """Batch (dim 0) and, for rank >= 2 integer inputs (token ids, masks), sequence (dim 1) are dynamic."""
+    """Dim 0 (the batch; an unbatched (L, E) input's sequence) is dynamic, and dim 1 of integer inputs of rank >= 2
+    (token ids, masks: the sequence) and of float inputs of rank >= 3 (a batch-first (N, L, E) input's sequence, a
+    sequence-first (L, N, E) one's batch). Dim.AUTO: a dim the model fixes (an image's channels) stays static."""
     if not isinstance(v, torch.Tensor) or v.dim() == 0:
         return None
     dims = {0: Dim.AUTO}
-    if v.dim() >= 2 and not v.is_floating_point():
+    if v.dim() >= (3 if v.is_floating_point() else 2):
         dims[1] = Dim.AUTO
     return dims

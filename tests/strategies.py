@@ -354,7 +354,6 @@ def specs(draw, b: Base, *, inits=(True, False, "gaussian"), dropout: bool = Tru
 
     # options some layer kinds cannot take
     kinds = {sites[f].kind for f in chosen}
-    grouped = [sites[f].params.get("groups", 1) for f in chosen if sites[f].kind == "conv"]
     plain = all(sites[f].linear_like for f in chosen) and not (set(chosen) & b.mha)
     choices = list(inits)
     if residual and plain and not (peft and set(chosen) & tied(b)):
@@ -362,8 +361,7 @@ def specs(draw, b: Base, *, inits=(True, False, "gaussian"), dropout: bool = Tru
         if "conv1d" not in kinds and b.dtype != torch.float64:
             choices.append("olora")
     init = draw(st.sampled_from(choices), label="init")
-    use_dora = draw(st.booleans(), label="use_dora") if not (set(chosen) & b.mha) and max(grouped, default=1) == 1 \
-        else False
+    use_dora = draw(st.booleans(), label="use_dora") if not (set(chosen) & b.mha) else False
     # lora_bias: init True / False only, on no embedding and no nn.MultiheadAttention (refused: tests INVALID)
     lora_bias = draw(st.booleans(), label="lora_bias") if not use_dora and "embedding" not in kinds and \
         init in (True, False) and not set(chosen) & b.mha else False

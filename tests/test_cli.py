@@ -109,6 +109,19 @@ def test_inspect_method_dora_and_layer_kinds():
     assert proj[2:] == ["Conv2d", "3", "64", "1,024"]                     # A [4, 3, 8, 8] + B [64, 4, 1, 1]
 
 
+def test_inspect_any_registered_method():
+    """--method takes every registered method: IA3's default sites and vector sizes, and an unknown name listed."""
+    r = run("inspect", "tiny:llama", "--method", "ia3")
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[0]: line.split() for line in r.output.splitlines() if line.startswith("model.")}
+    assert "IA3 params" in r.output and "(r=" not in r.output
+    assert rows["model.layers.0.self_attn.k_proj"][-1] == rows["model.layers.0.self_attn.k_proj"][-2]   # out
+    assert rows["model.layers.0.mlp.down_proj"][-1] == rows["model.layers.0.mlp.down_proj"][-3]         # in
+    assert len(rows) == 6                                       # k, v and down in each of the 2 layers
+    r = CliRunner().invoke(main, ["inspect", "tiny:llama", "--method", "nope"])
+    assert r.exit_code != 0 and "not a registered method" in r.output and "ia3" in r.output
+
+
 def test_inspect_config_of_a_saved_adapter(tmp_path):
     from peft import LoraConfig
 

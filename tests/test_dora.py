@@ -301,3 +301,121 @@ def test_mixed_batch_and_weighted_combination_refuse_dora():
 def test_use_dora_must_be_a_bool():
     with pytest.raises(peftc.SpecError, match="use_dora must be True or False"):
         peftc.LoRA(use_dora="yes")
+
+
+# --- grouped convolutions ---------------------------------------------------------------------------------------------
+# PEFT's lora_B there is a grouped 1x1 conv, B [out, r / groups, 1, ...]; its DoRA norm reads B.view(-1, r) @ A.view(r,
+# -1) laid out as W (DoraConvNdLayer.get_lora_weight), not the update lora_B(lora_A(x)) applies. Merging is refused.
+
+class Grouped(nn.Module):
+    """Grouped convolutions of each rank: Conv1d (2 groups), Conv2d (4 groups, out != in), depthwise Conv3d."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv1d(4, 6, 3, padding=1, groups=2)
+        self.c2 = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.c3 = nn.Conv3d(4, 4, (1, 2, 2), groups=4, bias=False)
+
+    def forward(self, seq, img, vol):
+        return self.c1(seq).mean((1, 2)) + self.c2(img).mean((1, 2, 3)) + self.c3(vol).mean((1, 2, 3, 4))
+
+
+GROUPED = ["c1", "c2", "c3"]
+
+
+def grouped(seed: int = 0) -> Grouped:
+    torch.manual_seed(seed)
+    return Grouped().eval()
+
+
+def grouped_inputs(batch: int = 3, seed: int = 0) -> tuple:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 4, 7, generator=g), torch.randn(batch, 8, 6, 6, generator=g),
+            torch.randn(batch, 4, 3, 4, 4, generator=g))
+
+
+def peft_grouped_dora(**opts):
+    """PEFT's DoRA on the grouped convolutions, B random (init False) and magnitudes away from the weight norms."""
+    torch.manual_seed(1)
+    ref = get_peft_model(grouped(), LoraConfig(r=4, lora_alpha=6, target_modules=GROUPED, use_dora=True,
+                                               init_lora_weights=False, **opts))
+    spread_magnitudes_(ref, 2)
+    return ref.eval()
+
+
+def grouped_diff(a, b, x) -> float:
+    with torch.no_grad():
+        return (a(*x) - b(*x)).abs().max().item()
+
+
+def test_dora_magnitude_on_a_grouped_convolution_is_peft_norm():
+    """A fresh PEFT adapter's magnitude (its norm of its own random A and B) is peftc's dora_norm of them."""
+    from peftc.passes.lora_ops import dora_norm
+    torch.manual_seed(1)
+    ref = get_peft_model(grouped(), LoraConfig(r=4, lora_alpha=6, target_modules=GROUPED, use_dora=True,
+                                               init_lora_weights=False))
+    for name in GROUPED:
+        layer = getattr(ref.base_model.model, name)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert B.shape[1] == 4 // layer.base_layer.groups                  # grouped B: [out, r / groups, 1, ...]
+        m = layer.lora_magnitude_vector["default"].weight.flatten()
+        n = dora_norm(layer.base_layer.weight, A, B, layer.scaling["default"], "conv")
+        torch.testing.assert_close(n, m.detach(), rtol=1e-6, atol=0)
+        plain = layer.base_layer.weight.flatten(1).norm(dim=1)
+        assert (n - plain).abs().max() > 1e-2, "B is zero: the check would not see the grouped product's layout"
+
+
+def test_dora_on_grouped_convolutions_equals_peft_both_ways(tmp_path):
+    ref = peft_grouped_dora()
+    ref.save_pretrained(tmp_path / "peft")
+    x = grouped_inputs(3, 1)
+    ours = peftc.load_adapter(grouped(), tmp_path / "peft", example_inputs=grouped_inputs(2))
+    assert_same_weights(ours, ref)
+    sites = ours.store["default"].sites
+    assert tuple(sites["c2"].B.shape) == (12, 1, 1, 1) and tuple(sites["c2"].magnitude.shape) == (1, 12, 1, 1)
+    assert grouped_diff(ours, grouped(), x) > MOVED * tol
+    assert grouped_diff(ours, ref, x) <= 1e-5
+    # an adapter made by peftc (random B, trained-looking magnitudes) loads in PEFT with the same outputs
+    pm = peftc.compile(grouped(), peftc.LoRA(r=4, alpha=6, targets=GROUPED, use_dora=True, init=False),
+                       example_inputs=grouped_inputs(2))
+    random_ours_(pm)
+    pm.save_adapter(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(grouped(), tmp_path / "ours").eval()
+    assert_same_weights(pm, theirs)
+    assert grouped_diff(pm, grouped(), x) > MOVED * tol
+    assert grouped_diff(pm, theirs, x) <= 1e-5
+
+
+def test_dora_on_a_grouped_convolution_trains_as_peft(tmp_path):
+    """In training with dropout (the base conv taken again on the dropped input): from one seed the same masks, the
+    same outputs and the same gradients of A, B and the magnitude."""
+    peft_grouped_dora(lora_dropout=0.3).save_pretrained(tmp_path)
+    ours = peftc.load_adapter(grouped(), tmp_path, is_trainable=True, example_inputs=grouped_inputs(2)).train()
+    ref = PeftModel.from_pretrained(grouped(), tmp_path, is_trainable=True).train()
+    x = grouped_inputs(3, 4)
+    torch.manual_seed(7)
+    a = ours(*x)
+    torch.manual_seed(7)
+    b = ref(*x)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    theirs = {n.replace(".default.weight", ".weight").replace("magnitude_vector.weight", "magnitude_vector"): p
+              for n, p in ref.named_parameters() if p.requires_grad}
+    grads = dict(ours.store.peft_parameters("default"))
+    assert len(grads) == 3 * len(GROUPED) and set(grads) == set(theirs)
+    for k, p in grads.items():
+        torch.testing.assert_close(p.grad, theirs[k].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def test_merging_dora_on_a_grouped_convolution_is_refused_as_in_peft(tmp_path):
+    ref = peft_grouped_dora()
+    ref.save_pretrained(tmp_path)
+    ours = peftc.load_adapter(grouped(), tmp_path, example_inputs=grouped_inputs(2))
+    x = grouped_inputs(3, 1)
+    before = ours(*x)
+    with pytest.raises(peftc.MergeError, match=r"c1 is a convolution with groups=2: .* cannot be merged"):
+        ours.merge()
+    with pytest.raises(NotImplementedError, match="groups > 1"):                          # PEFT refuses it too
+        ref.merge_adapter()
+    assert torch.equal(ours(*x), before)

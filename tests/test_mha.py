@@ -1,5 +1,8 @@
 """LoRA on nn.MultiheadAttention, as PEFT adapts it: targeting the attention module adapts its packed in_proj
 (W_in [3E, E], B [3E, r]) and its out_proj; checkpoints in PEFT's layout (<m>.lora_A, <m>.base_layer.out_proj.lora_A).
+Every layout PEFT serves is a site: batch_first True or False, batched (N, L, E) / (L, N, E) or unbatched (L, E) (PEFT's
+own test model: batch_first=False, unbatched). Unbatched, and with different query / key / value tensors, the module
+projects with row blocks of W_in (chunk / split), each a call of the one site reading its rows of B.
 
 PEFT 0.21.2 applies out_proj's delta twice in its forward and merge (peft PR #3774, open); peftc applies it once, as
 that fix does. So parity with PEFT is checked with out_proj's B at zero, and the full adapter against the reference
@@ -21,6 +24,9 @@ TOL = 1e-5
 PEFT_KEYS = {"base_model.model.attn.lora_A.weight", "base_model.model.attn.lora_B.weight",
              "base_model.model.attn.base_layer.out_proj.lora_A.weight",
              "base_model.model.attn.base_layer.out_proj.lora_B.weight"}
+# layout -> (batch_first, the input's leading dims from (batch, seq))
+LAYOUTS = {"batch_first": (True, lambda n, l: (n, l)), "seq_first": (False, lambda n, l: (l, n)),
+           "unbatched": (False, lambda n, l: (l,)), "unbatched_batch_first": (True, lambda n, l: (l,))}
 
 
 class Net(nn.Module):
@@ -37,13 +43,13 @@ class Net(nn.Module):
         return self.head(a)
 
 
-def net(seed: int = 0, **kw) -> Net:
+def net(seed: int = 0, layout: str = "batch_first", **kw) -> Net:
     torch.manual_seed(seed)
-    return Net(**kw).eval()
+    return Net(batch_first=LAYOUTS[layout][0], **kw).eval()
 
 
-def x_of(batch: int = 2, seq: int = 5, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, seq, 6, generator=torch.Generator().manual_seed(seed))
+def x_of(batch: int = 2, seq: int = 5, seed: int = 1, layout: str = "batch_first") -> torch.Tensor:
+    return torch.randn(*LAYOUTS[layout][1](batch, seq), 6, generator=torch.Generator().manual_seed(seed))
 
 
 def reference(model: Net, w_in, w_out) -> Net:
@@ -61,51 +67,130 @@ def deltas(pm, name="default"):
     return tuple(s * ad.sites[k].B @ ad.sites[k].A for k in ("attn", "attn-out_proj"))
 
 
-@pytest.mark.parametrize("batch_first", [True, False])
-@pytest.mark.parametrize("need_weights", [False, True])
-def test_adapts_in_proj_and_out_proj_once(batch_first, need_weights):
-    model = net(batch_first=batch_first, need_weights=need_weights)
-    x = x_of()
-    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x,))
+@pytest.mark.parametrize("layout,need_weights", [("batch_first", False), ("batch_first", True), ("seq_first", False),
+                                                 ("seq_first", True), ("unbatched", False), ("unbatched", True),
+                                                 ("unbatched_batch_first", False)])
+def test_adapts_in_proj_and_out_proj_once(layout, need_weights):
+    """Traced at one shape, called at another (the batch and sequence dims stay dynamic in every layout)."""
+    model = net(layout=layout, need_weights=need_weights)
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x_of(layout=layout),))
     assert pm.store["default"].targets == ["attn", "attn.out_proj"]
     ref = reference(model, *deltas(pm))
     with torch.no_grad():
-        assert (pm(x) - model(x)).abs().max() > 1e-3
-        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=TOL)
-        torch.testing.assert_close(pm.merge()(x), ref(x), rtol=0, atol=TOL)
+        for x in (x_of(layout=layout), x_of(3, 4, 2, layout)):
+            assert (pm(x) - model(x)).abs().max() > 1e-3
+            torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=TOL)
+            torch.testing.assert_close(pm.merge()(x), ref(x), rtol=0, atol=TOL)
 
 
-def test_peftc_saved_loads_in_peft(tmp_path):
-    model = net()
-    x = x_of()
-    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x,))
+def zero_peft_out_proj_B_(theirs) -> None:
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "out_proj.lora_B" in name:
+                p.zero_()                                       # PEFT doubles out_proj's delta (see above)
+
+
+def assert_equals_peft_merged_too(pm, theirs, x) -> None:
+    """pm == theirs unmerged, and pm.merge() == theirs with its adapter merged in."""
+    with torch.no_grad():
+        assert (pm(x) - pm.base_model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(pm(x), theirs(x), rtol=0, atol=TOL)
+        theirs.merge_adapter()
+        try:
+            torch.testing.assert_close(pm.merge()(x), theirs(x), rtol=0, atol=TOL)
+        finally:
+            theirs.unmerge_adapter()
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_peftc_saved_loads_in_peft(layout, tmp_path):
+    model = net(layout=layout)
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x_of(layout=layout),))
     with torch.no_grad():
         pm.store["default"].sites["attn-out_proj"].B.zero_()     # PEFT doubles out_proj's delta (see above)
     pm.save_adapter(tmp_path)
     assert set(load_file(tmp_path / "adapter_model.safetensors")) == PEFT_KEYS
     theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
-    with torch.no_grad():
-        assert (pm(x) - model(x)).abs().max() > 1e-3
-        torch.testing.assert_close(theirs(x), pm(x), rtol=0, atol=TOL)
+    assert_equals_peft_merged_too(pm, theirs, x_of(3, 4, 2, layout))
 
 
-def test_peft_saved_loads_in_peftc(tmp_path):
-    model = net()
-    x = x_of()
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_peft_saved_loads_in_peftc(layout, tmp_path):
+    model = net(layout=layout)
     theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["attn"],
                                                              init_lora_weights=False)).eval()
     theirs.save_pretrained(tmp_path)
-    pm = peftc.load_adapter(model, tmp_path, example_inputs=(x,))
+    pm = peftc.load_adapter(model, tmp_path, example_inputs=(x_of(layout=layout),))
     sd = theirs.state_dict()
     s = 4 / 2
     w_in = s * sd["base_model.model.attn.lora_B.default.weight"] @ sd["base_model.model.attn.lora_A.default.weight"]
     w_out = s * sd["base_model.model.attn.base_layer.out_proj.lora_B.default.weight"] \
         @ sd["base_model.model.attn.base_layer.out_proj.lora_A.default.weight"]
+    x = x_of(3, 4, 2, layout)
     with torch.no_grad():
         torch.testing.assert_close(pm(x), reference(model, w_in, w_out)(x), rtol=0, atol=TOL)
-        sd["base_model.model.attn.base_layer.out_proj.lora_B.default.weight"].zero_()   # where PEFT is right
+        zero_peft_out_proj_B_(theirs)                              # where PEFT is right
         pm.store["default"].sites["attn-out_proj"].B.zero_()
-        torch.testing.assert_close(pm(x), theirs(x), rtol=0, atol=TOL)
+    assert_equals_peft_merged_too(pm, theirs, x)
+
+
+@pytest.mark.parametrize("layout", ["seq_first", "unbatched"])
+def test_in_proj_gradients_equal_peft(layout, tmp_path):
+    """Training through the row blocks (unbatched) and the packed call (seq-first): A and B of the in_proj get PEFT's
+    gradients (out_proj's B at zero, where PEFT is right; its A then gets none on either side). PEFT runs the module
+    on merged weights, so its lora_dropout never applies there: nor in peftc."""
+    model = net(layout=layout)
+    theirs = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, lora_alpha=4, target_modules=["attn"],
+                                                             lora_dropout=0.5, init_lora_weights=False)).train()
+    zero_peft_out_proj_B_(theirs)
+    theirs.save_pretrained(tmp_path)
+    pm = peftc.load_adapter(model, tmp_path, is_trainable=True, example_inputs=(x_of(layout=layout),)).train()
+    assert pm.store["default"].spec.dropout == 0.5
+    x = x_of(3, 4, 2, layout)
+    a, b = pm(x), theirs(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+    a.square().sum().backward()
+    b.square().sum().backward()
+    ours = pm.store["default"].sites
+    peft = theirs.base_model.model.attn
+    torch.testing.assert_close(ours["attn"].A.grad, peft.lora_A["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ours["attn"].B.grad, peft.lora_B["default"].weight.grad, rtol=1e-4, atol=1e-6)
+    assert ours["attn"].B.grad.abs().max() > 1e-3
+    assert ours["attn-out_proj"].A.grad.abs().max() == 0
+
+
+class Cross(nn.Module):
+    """Attention whose key and value differ from its query: `key is value` (split(W_in, [E, 2E]) when batched) or
+    all three different (chunk(W_in, 3))."""
+
+    def __init__(self, same_kv: bool):
+        super().__init__()
+        self.emb, self.mem = nn.Linear(6, 16), nn.Linear(6, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.same_kv = same_kv
+
+    def forward(self, x):
+        q, kv = self.emb(x), self.mem(x.flip(-2))
+        return self.attn(q, kv, kv if self.same_kv else torch.tanh(kv), need_weights=False)[0]
+
+
+@pytest.mark.parametrize("same_kv,unbatched", [(True, False), (False, False), (True, True)])
+def test_cross_attention_adapts_each_block_of_in_proj(same_kv, unbatched, tmp_path):
+    torch.manual_seed(0)
+    model = Cross(same_kv).eval()
+    lead = (5,) if unbatched else (2, 5)
+    x = torch.randn(*lead, 6, generator=torch.Generator().manual_seed(1))
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x,))
+    assert len(pm.sites["attn"].nodes) == (2 if same_kv and not unbatched else 3) == len(pm.sites["attn"].rows)
+    ref = reference(model, *deltas(pm))
+    with torch.no_grad():
+        assert (pm(x) - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(pm(x), ref(x), rtol=0, atol=TOL)
+        torch.testing.assert_close(pm.merge()(x), ref(x), rtol=0, atol=TOL)
+        pm.store["default"].sites["attn-out_proj"].B.zero_()     # PEFT doubles out_proj's delta (see above)
+    pm.save_adapter(tmp_path)
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    assert_equals_peft_merged_too(pm, theirs, x)
 
 
 class SeqFirst(nn.Module):
@@ -135,16 +220,39 @@ def test_mixed_batch_on_a_sequence_first_layer_routes_each_row():
             torch.testing.assert_close(mixed[i:i + 1], pm(x[i:i + 1], adapter_names=[name]), rtol=0, atol=TOL)
 
 
-def test_mixed_batch_through_attention_is_refused_clearly():
-    """MHA's out_proj reads (L * N, E), the rows interleaved with positions: refused, never routed wrong."""
-    pm = peftc.compile(net(), peftc.LoRA(r=2, targets=["attn"], init=False), example_inputs=(x_of(),))
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_mixed_batch_through_attention_is_refused_clearly(layout):
+    """PEFT refuses adapter_names on nn.MultiheadAttention; a row (dim 0) of an unbatched or sequence-first input is
+    a position, which attention mixes: refused in every layout, never routed wrong. Other layers of the same model
+    route dim 0 as PEFT does (there, unbatched, a row is a position)."""
+    pm = peftc.compile(net(layout=layout), peftc.LoRA(r=2, targets=["attn"], init=False),
+                       example_inputs=(x_of(layout=layout),))
     pm.add_adapter("b", peftc.LoRA(r=4, targets=["attn"], init=False))
-    x = x_of(batch=3)
+    x = x_of(3, 3, layout=layout)
     with torch.no_grad():
         single = pm(x)
-        with pytest.raises(peftc.InputError, match=r"attn.out_proj .* does not keep the batch as an outer dimension"):
+        with pytest.raises(peftc.InputError, match=r"attn \(nn.MultiheadAttention\) has no per-row form, as in PEFT"):
             pm(x, adapter_names=["default", "b", "__base__"])
         torch.testing.assert_close(pm(x), single, rtol=0, atol=0)      # nothing of the failed call is left
+        torch.testing.assert_close(pm(x, adapter_names=["default"] * 3), single, rtol=0, atol=0)   # one adapter: fine
+
+
+def test_mixed_rows_of_an_unbatched_input_route_positions_elsewhere_as_peft_does(tmp_path):
+    """Unbatched, the layers around the attention module take one adapter per row (a position), as PEFT's
+    adapter_names splits dim 0 there too."""
+    model = net(layout="unbatched")
+    pm = peftc.compile(model, peftc.LoRA(r=2, targets=["emb", "head"], init=False),
+                       example_inputs=(x_of(layout="unbatched"),))
+    pm.add_adapter("b", peftc.LoRA(r=3, targets=["head"], init=False))
+    pm.save_adapter(tmp_path)                                   # "default" there, "b" in tmp_path / "b"
+    theirs = PeftModel.from_pretrained(copy.deepcopy(model), tmp_path).eval()
+    theirs.load_adapter(tmp_path / "b", adapter_name="b")
+    x = x_of(seq=3, layout="unbatched")
+    rows = ["default", "b", "__base__"]
+    with torch.no_grad():
+        mixed = pm(x, adapter_names=rows)
+        assert (mixed - model(x)).abs().max() > 1e-3
+        torch.testing.assert_close(mixed, theirs(x, adapter_names=rows), rtol=0, atol=TOL)
 
 
 def test_all_linear_leaves_attention_modules_out_as_peft_does(tmp_path):

@@ -310,8 +310,6 @@ INVALID = {
     # name: (arch, dtype, LoRA keyword arguments, the message names)
     "dora on attention module": ("mha", torch.float32, dict(targets=["attn"], use_dora=True), r"use_dora .*attn"),
     "pissa on attention module": ("mha", torch.float32, dict(targets=["attn"], init="pissa"), r"init='pissa'"),
-    "dora on grouped conv": ("kinds", torch.float32, dict(r=2, targets=["blocks.1.conv"], use_dora=True),
-                             r"use_dora on blocks\.1\.conv"),
     "lora_bias on embedding": ("kinds", torch.float32, dict(targets=["emb"], lora_bias=True), r"lora_bias on emb"),
     "olora on conv": ("kinds", torch.float32, dict(targets=["img"], init="olora"), r"init='olora' on img"),
     "rank not a multiple of groups": ("kinds", torch.float32, dict(r=3, targets=["img2"]), r"r=3 at img2"),

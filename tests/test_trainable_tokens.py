@@ -286,7 +286,7 @@ def test_standalone_trainable_tokens_both_ways_with_peft(arch, targets, keys, tm
         assert_parity(merged, ref, x, TOL_TT)
         assert (main_output(pm(**x)) - main_output(base(**x))).abs().max() > 10 * TOL_TT
 
-    mine = peftc.compile(build(arch), peftc.TrainableTokens(token_indices=[3, 5, 40], targets=targets))
+    mine = peftc.compile(build(arch), peftc.TrainableTokens(token_indices=[3, 5, 40], target_modules=targets))
     randomize_ours_(mine, 3)
     mine.save_adapter(tmp_path / "ours")
     assert sorted(load_file(tmp_path / "ours" / "adapter_model.safetensors")) == sorted(saved)
@@ -298,7 +298,7 @@ def test_standalone_trainable_tokens_both_ways_with_peft(arch, targets, keys, tm
 
 
 def test_standalone_trainable_tokens_config_and_refusals(llama_pm):
-    spec = peftc.TrainableTokens(token_indices=[1, 2], targets="model\\.embed_tokens", init=False)
+    spec = peftc.TrainableTokens(token_indices=[1, 2], target_modules="model\\.embed_tokens", init=False)
     pm = llama_pm[1]
     pm.add_adapter("tt", spec)
     try:
