@@ -4,8 +4,8 @@
                                                     shared with the user's model
     After:   y = linear(x, W')                      W' = W + fold(adapter) (LoRA: W + s B A; Conv1D: W + (s B A)^T;
                                                     IA3: diag(l) W), a new constant
-             (the adapter's modules_to_save and trained-bias copies become plain constants; a trained bias is the
-             base of a bias fold there)
+             (the adapter's modules_to_save and trained-bias copies, and embeddings with its trained token rows,
+             become plain constants; a trained bias is the base of a bias fold there)
 
 Every method's rewrite only adds to the base graph, so merging never unwinds it: the pass folds each weight update,
 by the method's fold rule (Method.fold, the "merge" capability), into a copy of the base graph
@@ -24,6 +24,7 @@ from peftc.store import Adapter
 
 from .match import Site, tensor_at, weight_reader
 from .modules_to_save import fold_saved_copies
+from .trainable_tokens import fold_token_rows
 
 
 def folded_weight(adapter: Adapter, name: str, site: Site, weight: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     trained bias; then every adapted site's weight (and bias) becomes a new constant by its method's fold rule."""
     g = gm.graph
     fold_saved_copies(gm, adapter, _set_attr)
+    fold_token_rows(gm, adapter, name, _set_attr)   # before the sites' folds read (and replace) their weights
     method = method_of(adapter.spec)
     method.require("merge", f"merging adapter {name!r} into the weights", MergeError)
     count = 0

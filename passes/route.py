@@ -113,7 +113,8 @@ def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> l
     """The route of a call whose every row uses adapter `name`: its own tensors (no copies), in gm's order.
     `detach`: views without autograd history (for calls without autograd: frozen and trainable adapters then look
     alike to torch.compile). Dims whose size differs between the store's adapters (LoRA's ranks) are marked
-    dynamic, so one compiled graph serves all."""
+    dynamic, so one compiled graph serves all (unbacked where the value function says `fn.unbacked = True`: sizes
+    0 and 1 are then not specialized)."""
     out = []
     names = store.names() if store is not None else [name]
     for key, like in route_entries(gm):
@@ -121,9 +122,11 @@ def plain_route(gm: GraphModule, store, name: str, *, detach: bool = False) -> l
         t = t.detach() if detach else t
         if t.dim() and len(names) > 1:
             shapes = {tuple(t.shape) if a == name else _shape(store, a, key, like, gm) for a in names}
+            mark = torch._dynamo.decorators.mark_unbacked if getattr(_VALUES[key[0]][1], "unbacked", False) \
+                else torch._dynamo.maybe_mark_dynamic
             for d in range(t.dim()):
                 if len({s[d] for s in shapes if len(s) == t.dim()}) > 1:
-                    torch._dynamo.maybe_mark_dynamic(t, d)
+                    mark(t, d)
         out.append(t)
     return out
 

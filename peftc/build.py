@@ -18,6 +18,7 @@ from .errors import SpecError
 from .methods import METHODS, method_of, spec_from_config
 from .passes.match import Site, tensor_at
 from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
+from .passes.trainable_tokens import resolve_token_rows
 from .spec import SEQ_CLS_HEADS, AdapterSpec
 from .store import Adapter, site_key
 from .param_targets import all_linear_exclusions, resolve_parameters
@@ -111,16 +112,19 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     """Resolve `spec` against the graph's sites and make its weights through its method.
 
     A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
-    copies of the model's biases, kept beside the modules_to_save copies) and PEFT's layer selection
-    (layers_to_transform, exclude_modules, ...)."""
+    copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
+    embedding rows; passes.trainable_tokens) and PEFT's layer selection (layers_to_transform, exclude_modules, ...)."""
     method = method_of(spec)
     spec = resolved(spec, sites, model)
     chosen, saved, sites, peft_paths = choose_sites(gm, sites, model, spec)
     if method.check is not None:
         method.check(spec, sites, chosen, loading)
     biases = resolve_biases(gm, getattr(spec, "bias", "none"), chosen, saved)
+    tokens = resolve_token_rows(gm, sites, model, getattr(spec, "trainable_token_indices", None), chosen, saved,
+                                **getattr(spec, "token_options", {}))
     adapter = Adapter(spec, chosen, saved + biases)
     adapter.peft_paths = peft_paths
+    adapter.tokens.update({site_key(t.path): t for t in tokens})
     for path in chosen:
         site = site_for(sites, path, chosen)
         adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))

@@ -87,7 +87,12 @@ def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
     directory = Path(directory)
     _prepare_dir(directory)
     state = {**pm.store.peft_state_dict(adapter_name), **_bias_aliases(pm, adapter_name)}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    tensors, seen = {}, set()
+    for k, v in state.items():                 # a tensor saved under two keys (PEFT's tied token rows): two copies
+        tensors[k] = v.detach().to("cpu").contiguous()
+        ptr = tensors[k].untyped_storage().data_ptr()
+        tensors[k] = tensors[k].clone() if ptr in seen else tensors[k]
+        seen.add(ptr)
     cfg = adapter_config(pm, adapter_name)
     _atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
@@ -241,8 +246,9 @@ def _drop_bias_aliases(pm: PeftModule, adapter_name: str, tensors: dict, source:
 
 def _strip_adapter_name(key: str, name: str) -> str:
     """PEFT strips the adapter name on save; tolerate keys that kept it (lora_A.<name>.weight)."""
-    return key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.") \
-              .replace(f".modules_to_save.{name}.", ".")
+    key = key.replace(f".lora_A.{name}.", ".lora_A.").replace(f".lora_B.{name}.", ".lora_B.") \
+             .replace(f".modules_to_save.{name}.", ".")
+    return key.removesuffix(f".{name}") if key.endswith(f".trainable_tokens_delta.{name}") else key
 
 
 def load_spec(directory):

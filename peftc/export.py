@@ -17,6 +17,7 @@ from torch import nn
 
 from .errors import ExportError
 from .passes.merge import folded_bias, folded_weight
+from .passes.trainable_tokens import token_state
 from .store import site_key
 from .trace import export_with_fallback
 
@@ -80,7 +81,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]:
     """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight),
-    ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias);
+    ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias, a weight with trained
+    token rows);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
     adapter = pm.store[name]
     folded = {pm.sites[p].state_key: pm.sites[p] for p in adapter.targets}
@@ -103,15 +105,17 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     groups: dict[tuple, list[str]] = {}
     for k, v in state.items():
         groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
-    untied = any(len(g) > 1 and any(k in folded or k in saved or k in biased for k in g) for g in groups.values())
+    tokens = token_state(adapter, state)      # weights with trained token rows (one tensor per tied group of readers)
+    untied = any(len(g) > 1 and (any(k in folded or k in saved or k in biased for k in g)
+                                 or len({id(tokens.get(k)) for k in g}) > 1) for g in groups.values())
     keep = {k for g in groups.values() for k in (g if untied and len(g) > 1 else g[:1])}
     plan = []
     for k, v in state.items():
         if k not in keep:
             continue
-        v = saved.get(k, v)       # a trained bias is what lora_bias's fold starts from
+        v = saved.get(k, tokens.get(k, v))     # a trained bias is what lora_bias's fold starts from
         plan.append((k, ("fold", folded[k], v) if k in folded else ("fold_bias", biased[k], v) if k in biased
-                     else ("saved", v) if k in saved else v))
+                     else ("saved", v) if k in saved or k in tokens else v))
     return plan, untied
 
 

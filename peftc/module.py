@@ -178,8 +178,8 @@ class PeftModule(GraphModel):
 
     def _changes_graph(self, adapter: Adapter) -> bool:
         """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
-        modules_to_save or for targets outside the routed sites."""
-        if self.store.capacity is None or adapter.saved_modules:
+        modules_to_save, trainable tokens or for targets outside the routed sites."""
+        if self.store.capacity is None or adapter.saved_modules or adapter.tokens:
             return True
         fits = adapter.method.fits_graph
         if fits is not None and not fits(self._single_gm, adapter):
@@ -386,6 +386,11 @@ class PeftModule(GraphModel):
         if saving and len(set(adapter_names)) > 1:
             raise InputError(f"adapters {sorted(saving)} have modules_to_save or trained biases (bias != 'none'); "
                              "a mixed batch cannot route those copies per row; run their rows in a batch of their own")
+        tokens = {a for a in set(adapter_names) - {BASE} if self.store[a].tokens}
+        if tokens and len(set(adapter_names)) > 1:
+            raise InputError(f"adapters {sorted(tokens)} train embedding rows (trainable_token_indices); a mixed "
+                             "batch cannot route those rows per row; run their rows in a batch of their own, or "
+                             "merge() the adapter")
 
     def _batch_size(self, args, kwargs) -> int:
         first = args[0] if args else kwargs.get(self.main_input_name)

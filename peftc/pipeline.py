@@ -5,7 +5,8 @@
                                           activations): the base graph, which every form is built from
     emit(base_gm, sites, store, form)     a copy of the base graph -> each method's rewrite pass, for the adapters
                                           of that method in the store (Method.rewrite, in the order the methods
-                                          first appear) -> modules_to_save (plain form) -> lint, recompile
+                                          first appear) -> modules_to_save, trainable tokens (plain form) ->
+                                          lint, recompile
     emit_forms(base_gm, sites, store)     both forms at once (Forms), what a PeftModule receives
 
 Data flows one way: the compiler lowers the model once, builds adapters from (graph, sites, spec) (peftc.build),
@@ -37,6 +38,7 @@ from .passes.gated import fuse_gated_activations
 from .passes.match import Site, find_sites
 from .passes.modules_to_save import insert_saved_copies
 from .passes.sdpa_mask import float_attention_masks
+from .passes.trainable_tokens import insert_token_rows
 from .store import STORE, AdapterStore
 from .trace import Traced, trace
 
@@ -113,8 +115,9 @@ def emit(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form
         paths = [p for p in sites if p in routed]
         passes.append((m.tag, _tagged(m, functools.partial(m.rewrite, sites=sites, store=store, form=form,
                                                             paths=paths))))
-    if form == "single":      # a mixed batch holds no adapter with modules_to_save (PeftModule.check_mixed)
+    if form == "single":      # a mixed batch holds no adapter with copies or token rows (PeftModule.check_mixed)
         passes.append(("modules_to_save", functools.partial(insert_saved_copies, store=store)))
+        passes.append(("trainable_tokens", functools.partial(insert_token_rows, store=store)))
     run_passes(gm, passes, before=before)
     return gm
 

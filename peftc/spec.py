@@ -95,6 +95,32 @@ def _layers(value: Any) -> Union[None, int, tuple[int, ...]]:
     raise SpecError(f"layers_to_transform must be a layer index or a list of them, got {value!r}")
 
 
+def _token_indices(value: Any) -> Union[None, tuple[int, ...], tuple[tuple[str, tuple[int, ...]], ...]]:
+    """PEFT's trainable_token_indices: row indices of the input embedding (a list), or module name -> row indices
+    (a dict); kept as a tuple, or as ordered (name, indices) pairs. Empty means none."""
+    def rows(where: str, v: Any) -> tuple[int, ...]:
+        if not isinstance(v, (list, tuple)) or not v or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise SpecError(f"trainable_token_indices{where} must be a non-empty list of token indices (integers "
+                            f">= 0), got {v!r}")
+        dup = [i for i in v if list(v).count(i) > 1]
+        if dup:
+            raise SpecError(f"trainable_token_indices{where} lists token {dup[0]} twice; list each token once")
+        return tuple(v)
+
+    if value is None or (isinstance(value, (list, tuple, dict)) and not value):
+        return None
+    if isinstance(value, tuple) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                        for p in value):
+        value = dict(value)
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str) or not k:
+                raise SpecError(f"trainable_token_indices keys must be module names, got {k!r}")
+        return tuple((k, rows(f"[{k!r}]", v)) for k, v in value.items())
+    return rows("", value)
+
+
 def pattern_matches(key: str, path: str) -> bool:
     """Whether a rank_pattern / alpha_pattern key matches module path `path`, as PEFT matches it: a regex over the
     end of the path, at a component boundary."""
@@ -133,7 +159,13 @@ class LoRA(AdapterSpec):
     peftc refuses dropout, DoRA and lora_bias there. With targets=[] only the parameters are adapted. On a model
     whose MoE layers transformers 5 fused (Mixtral, Qwen3-MoE, ...) targets="all-linear" also adapts the router and
     the experts, as PEFT does: the adapter's spec then records target_parameters=[down_proj, gate.weight,
-    gate_up_proj] and rank r * 2 / alpha * 2 for gate_up_proj (what were two layers, gate and up)."""
+    gate_up_proj] and rank r * 2 / alpha * 2 for gate_up_proj (what were two layers, gate and up).
+
+
+    `trainable_token_indices` (PEFT's): rows of the input embedding (a list), or of named embeddings (a dict of
+    module name -> rows), that the adapter trains in full, e.g. the tokens a chat template adds; with tied word
+    embeddings the output head sees the same rows, as in PEFT. The model's matrix stays unchanged
+    (passes/trainable_tokens.py)."""
 
     peft_type: ClassVar[str] = "LORA"
     r: int = 8
@@ -153,6 +185,7 @@ class LoRA(AdapterSpec):
     lora_bias: bool = False
     bias: str = "none"
     target_parameters: Union[None, tuple[str, ...]] = None
+    trainable_token_indices: Union[None, tuple[int, ...], tuple[tuple[str, tuple[int, ...]], ...]] = None
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
@@ -187,6 +220,7 @@ class LoRA(AdapterSpec):
         object.__setattr__(self, "layers_to_transform", _layers(self.layers_to_transform))
         object.__setattr__(self, "layers_pattern", _names("layers_pattern", self.layers_pattern, regex=False))
         object.__setattr__(self, "exclude_modules", _names("exclude_modules", self.exclude_modules, regex=True))
+        object.__setattr__(self, "trainable_token_indices", _token_indices(self.trainable_token_indices))
         if isinstance(self.targets, str) and self.layers_to_transform is not None:
             raise SpecError(f"layers_to_transform cannot be used with targets given as a string ({self.targets!r}), "
                             "as in PEFT; list the target names instead")
@@ -231,10 +265,11 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "task_type": "task_type", "rank_pattern": "rank_pattern", "alpha_pattern": "alpha_pattern",
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
               "exclude_modules": "exclude_modules", "use_dora": "use_dora",
-              "lora_bias": "lora_bias", "bias": "bias", "target_parameters": "target_parameters"}
+              "lora_bias": "lora_bias", "bias": "bias", "target_parameters": "target_parameters",
+              "trainable_token_indices": "trainable_token_indices"}
 # LoRA options and variants peftc does not implement, at the value that switches them off
 _NEUTRAL = {"fan_in_fan_out": None, "layer_replication": None,
-            "trainable_token_indices": None, "use_qalora": False,
+            "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
             "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
             "monteclora_config": None, "arrow_config": None, "kasa_config": None,
@@ -302,8 +337,16 @@ def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: 
         "exclude_modules": list(spec.exclude_modules) if isinstance(spec.exclude_modules, tuple)
         else spec.exclude_modules,
         "target_parameters": list(spec.target_parameters) if spec.target_parameters else None,
+        "trainable_token_indices": token_indices_config(spec.trainable_token_indices),
     })
     return dict(sorted(cfg.items()))
+
+
+def token_indices_config(value) -> Union[None, list, dict]:
+    """trainable_token_indices as adapter_config.json holds it: a list, or a dict of module name -> list."""
+    if value is None:
+        return None
+    return list(value) if isinstance(value[0], int) else {k: list(v) for k, v in value}
 
 
 SPEC_FIELDS = tuple(f.name for f in fields(LoRA))

@@ -34,6 +34,7 @@ class Adapter(nn.Module):
         self.sites = nn.ModuleDict()
         self.saved = nn.ModuleDict()          # site_key(module path) -> module holding trainable parameter copies
         self.peft_paths: dict[str, str] = {}  # target -> PEFT's module path, for targets chosen by target_parameters
+        self.tokens = nn.ModuleDict()         # site_key(module path) -> its trained embedding rows (TokenRows)
 
     @property
     def method(self):
@@ -67,7 +68,8 @@ class AdapterStore(nn.Module):
     """Every adapter's state, and which adapter applies, as data.
 
     adapters[name].sites[site_key(path)] -> its method's weights at the site (passes.lora: LoraWeights);
-    adapters[name].saved[site_key(path)] -> modules_to_save param copies (and trained bias copies, LoRA's bias).
+    adapters[name].saved[site_key(path)] -> modules_to_save param copies (and trained bias copies, LoRA's bias);
+    adapters[name].tokens[site_key(path)] -> trained rows of an embedding (passes.trainable_tokens.TokenRows).
     Slots: 0 is the base model, then the adapters in insertion order. With a capacity the slots are fixed (None
     when empty) and lanes[str(slot)][method tag][site_key] holds each slot's weights at the capacity's size, per
     method (a slot's LoRA and IA3 lanes never mix; `lane_target`): the adapter's own
@@ -195,6 +197,9 @@ class AdapterStore(nn.Module):
             for key, t in keys(path, ad.sites[site_key(path)]):
                 yield f"base_model.model.{_peft_path(ad, path)}.{key}", t
         yield from self.peft_saved_parameters(name)
+        for rows in ad.tokens.values():
+            for key, t in rows.peft_keys():
+                yield f"base_model.model.{key}", t
 
     def peft_saved_parameters(self, name: str, paths=None) -> Iterator[tuple[str, nn.Parameter]]:
         """(PEFT's key, tensor) of the adapter's saved copies (modules_to_save, trained biases), of `paths` if given:

@@ -165,6 +165,10 @@ def weighted_adapter(store: AdapterStore, sites: dict, adapters: list[str], weig
             raise SpecError(f"adapter {name!r} has modules_to_save {ad.saved_modules}; whole-module copies have no "
                             "weighted combination (PEFT allows at most one such adapter and gives the new adapter "
                             "fresh copies); combine adapters without modules_to_save")
+        if ad.tokens:
+            raise SpecError(f"adapter {name!r} trains embedding rows (trainable_token_indices: "
+                            f"{[t.path for t in ad.tokens.values()]}); trained rows have no weighted combination; "
+                            "combine adapters without them")
     if len(adapters) == 1 and combination_type != "linear":   # PEFT's rule: one adapter is always scaled linearly
         log.info("one adapter: combination_type=%r becomes 'linear' (as in PEFT)", combination_type)
         combination_type = "linear"

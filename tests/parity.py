@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from peft import LoraConfig, get_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.utils.other import ModulesToSaveWrapper
 
 import peftc
@@ -91,7 +92,8 @@ def peft_targets(model) -> set[str]:
 
 @torch.no_grad()
 def randomize_ours_(pm, seed: int, std: float = STD, name: str = "default") -> None:
-    """Random non-zero B at every site (A is already random) and perturbed modules_to_save copies (changes `pm`)."""
+    """Random non-zero B at every site (A is already random), perturbed modules_to_save copies and trained token
+    rows (changes `pm`)."""
     g = torch.Generator().manual_seed(seed)
     ad = pm.store[name]
     for w in ad.sites.values():
@@ -99,11 +101,13 @@ def randomize_ours_(pm, seed: int, std: float = STD, name: str = "default") -> N
     for holder in ad.saved.values():
         for p in holder.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
+    for rows in ad.tokens.values():
+        rows.delta.add_(torch.randn(rows.delta.shape, generator=g) * std)
 
 
 @torch.no_grad()
 def randomize_peft_(model, seed: int, std: float = STD, name: str = "default") -> None:
-    """The same for a PEFT model: random lora_B and perturbed modules_to_save copies (changes `model`)."""
+    """The same for a PEFT model: random lora_B, perturbed modules_to_save copies and token rows (changes `model`)."""
     g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, LoraLayer):
@@ -112,6 +116,9 @@ def randomize_peft_(model, seed: int, std: float = STD, name: str = "default") -
         elif isinstance(m, ModulesToSaveWrapper):
             for p in m.modules_to_save[name].parameters():
                 p.add_(torch.randn(p.shape, generator=g) * std)
+        elif isinstance(m, TrainableTokensLayer) and m.tied_adapter is None and name in m.trainable_tokens_delta:
+            w = m.trainable_tokens_delta[name]
+            w.add_(torch.randn(w.shape, generator=g) * std)
 
 
 def assert_loads_and_merges(ref, directory, arch: str, tol: float = TOL[peftc.LoRA]):

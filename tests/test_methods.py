@@ -63,10 +63,11 @@ def test_registering_twice_is_refused(gate):
 
 
 def test_failed_lookups_list_the_registered_methods():
-    with pytest.raises(SpecError,
-                       match=r"Gate is not a registered method; registered: \['LoRA \(LORA\)', 'IA3 \(IA3\)'\]"):
+    with pytest.raises(SpecError, match=r"Gate is not a registered method; registered: \['LoRA \(LORA\)', "
+                                        r"'TrainableTokens \(TRAINABLE_TOKENS\)', 'IA3 \(IA3\)'\]"):
         method_of(Gate())
-    with pytest.raises(SpecError, match=r"peft_type='PEFTC_GATE' is not supported yet; supported: \['LORA', 'IA3'\]"):
+    with pytest.raises(SpecError, match=r"peft_type='PEFTC_GATE' is not supported yet; "
+                                        r"supported: \['LORA', 'TRAINABLE_TOKENS', 'IA3'\]"):
         spec_from_config({"peft_type": "PEFTC_GATE"})
     with pytest.raises(SpecError, match="must be a subclass of peftc.AdapterSpec"):
         Method(dict, "X", _gate_from_config, _gate_to_config)
@@ -74,8 +75,8 @@ def test_failed_lookups_list_the_registered_methods():
 
 def test_a_registered_method_without_a_rewrite_is_refused_by_compile(gate):
     model = nn.Sequential(nn.Linear(4, 4))
-    with pytest.raises(SpecError,
-                       match=r"method Gate is registered without build and rewrite .* compile: \['LoRA', 'IA3'\]"):
+    with pytest.raises(SpecError, match=r"method Gate is registered without build and rewrite .* "
+                                        r"compile: \['LoRA', 'TrainableTokens', 'IA3'\]"):
         peftc.compile(model, Gate(targets=("0",)), example_inputs=(torch.randn(2, 4),))
 
 

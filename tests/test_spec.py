@@ -170,7 +170,8 @@ def test_neutral_alternatives_are_accepted():
 @pytest.mark.parametrize("cfg, message", [
     ([1, 2], "expected a JSON object, got list"),
     ({"r": 4}, "missing 'peft_type'"),
-    ({"peft_type": "LOHA", "r": 4}, r"peft_type='LOHA' is not supported yet; supported: \['LORA', 'IA3'\]"),
+    ({"peft_type": "LOHA", "r": 4},
+     r"peft_type='LOHA' is not supported yet; supported: \['LORA', 'TRAINABLE_TOKENS', 'IA3'\]"),
     ({"peft_type": "LORA"}, "missing required key 'r'"),
     ({"peft_type": "LORA", "r": 0}, r"adapter_config.json: LoRA rank r must be a positive integer, got r=0"),
     ({"peft_type": "LORA", "r": 4, "modules_to_save": "classifier"}, "modules_to_save must be a list"),
