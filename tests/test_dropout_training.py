@@ -318,8 +318,9 @@ def row_dropouts(pm, x: dict) -> dict[str, RowDropout]:
     """The gathered form's RowDropout of each site (by module path), after a first mixed call builds that form."""
     with torch.no_grad():
         call(pm.eval(), x, adapter_names=row_names(next(iter(x.values())).shape[0]))
-    return {name.split(".banks.")[1].removesuffix(".dropout").replace("-", "."): mod
-            for name, mod in pm.named_modules() if isinstance(mod, RowDropout)}
+    gm = pm.mixed_graph_module              # the form's own modules, each called at its site's module path
+    return {list(n.meta["nn_module_stack"].values())[-1][0]: gm.get_submodule(n.target) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RowDropout)}
 
 
 def row_names(batch: int) -> list[str]:
