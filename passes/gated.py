@@ -7,7 +7,7 @@ backward keeps a and b only and computes act(a) again, instead of also keeping a
 Outputs and gradients are the same ops' as before, bit for bit: forward act(a) * b, backward
 grad_a = act_backward(g * b, a) and grad_b = g * act(a). Without autograd (eval, no_grad, inference_mode) the module
 runs the two ops it replaced. The module also tells later passes how to make its output again from its inputs
-(`recipe`), so that a LoRA site reading it (down_proj) need not keep a copy of it either (passes.lora_ops).
+(`recipe`), so that a LoRA site reading it (down_proj) need not keep a copy of it either (passes.lora.ops).
 """
 from __future__ import annotations
 

@@ -40,7 +40,7 @@ from peftc.spec import SEQ_CLS_HEADS, TASK_TYPES, AdapterSpec, Targets, _names, 
 from peftc.store import STORE, Adapter, AdapterStore, lane_target, site_key
 from peftc.targets import name_matches, output_head_paths, resolve_targets, select_layers
 
-from .lora import _batch_dim, _batch_source
+from .lora.gathered import batch_dim, batch_source
 from .match import Site, tensor_at
 from .route import route_input
 
@@ -404,7 +404,7 @@ def insert_ia3(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, for
     rows = batch = first = None
     if form == "mixed":
         rows = route_input(gm, ("rows",), torch.zeros(2, dtype=torch.long))            # (batch,) slot per row
-        first = _batch_source(gm)
+        first = batch_source(gm)
         with g.inserting_after(rows):
             batch = g.call_function(aten.sym_size.int, (first, 0))
     count = 0
@@ -492,7 +492,7 @@ def _scale_rows(gm, site: Site, node: Node, side: str, store: AdapterStore, rows
             dims = len(site.weight_shape) - 2
             out = call(aten.mul.Tensor, t, call(aten.view.default, L, [batch, n, *[1] * dims]))
         else:
-            bdim = _batch_dim(site, node.args[site.spec.input_arg], first)
+            bdim = batch_dim(site, node.args[site.spec.input_arg], first)
             src = call(aten.movedim.int, t, bdim, 0) if bdim else t
             sizes = [call(aten.sym_size.int, src, i) for i in range(len(t.meta["val"].shape))]
             t3 = call(aten.reshape.default, src, [batch, -1, n])                                 # (batch, T, n)

@@ -13,7 +13,8 @@ from .export import export_merged
 from .module import MergedModule, PeftModule
 from .methods import METHODS, Method, register_method
 from .passes.ia3 import IA3
-from .spec import AdapterSpec, LoRA
+from .passes.lora import LoRA
+from .spec import AdapterSpec
 from .store import Capacity
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError", "SpecError", "TargetNotFound",

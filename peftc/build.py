@@ -3,7 +3,7 @@
     build_adapter(gm, sites, model, spec) -> Adapter      (nothing is attached to any module yet)
 
 The generic part (targets, layer selection, modules_to_save) is here; what a method's weights are at one site, and
-what it checks first, is its Method's `check` and `build` (passes/lora.py for LoRA).
+what it checks first, is its Method's `check` and `build` (passes/lora/method.py for LoRA).
 """
 from __future__ import annotations
 

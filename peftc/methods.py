@@ -2,11 +2,11 @@
 
     METHODS: dict[type[AdapterSpec], Method]
 
-A method is a frozen spec dataclass, one pass file under passes/ and one `register_method(Method(...))` there
-(built-in methods: passes/lora.py); a user's own method registers the same way from outside the package. Everything
-that reads or writes adapter_config.json, merges or counts parameters looks the method up here, so adding one
-changes no other file. A failed look-up lists what is registered; registering a spec class or a peft_type twice is
-an error.
+A method is a frozen spec dataclass, a pass file (or package) under passes/ and one `register_method(Method(...))`
+there (built-in methods: passes/lora/, passes/ia3.py); a user's own method registers the same way from outside the
+package. Everything that reads or writes adapter_config.json, merges or counts parameters looks the method up here,
+so adding one changes no other file. A failed look-up lists what is registered; registering a spec class or a
+peft_type twice is an error.
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ import torch
 
 from .errors import InputError, SpecError
 from .methods import work_dtype
-from .spec import LoRA
+from .passes.lora.spec import LoRA
 from .build import check_adapter_name
-from .passes.lora_ops import LoraWeights
+from .passes.lora.weights import LoraWeights
 from .store import Adapter, AdapterStore, site_key
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,8 @@ from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dic
 from transformers.pytorch_utils import Conv1D
 
 import peftc
-from peftc.passes.lora_ops import DoraScale, _dropout
+from peftc.passes.lora.dora import DoraScale
+from peftc.passes.lora.ops import _dropout
 from tests.compare import assert_differs
 from tests.models import inputs, main_output, make
 from tests.parity import (MOVED, TOL, assert_loads_and_merges, assert_parity, assert_same_weights, max_diff,
@@ -350,7 +351,7 @@ def grouped_diff(a, b, x) -> float:
 
 def test_dora_magnitude_on_a_grouped_convolution_is_peft_norm():
     """A fresh PEFT adapter's magnitude (its norm of its own random A and B) is peftc's dora_norm of them."""
-    from peftc.passes.lora_ops import dora_norm
+    from peftc.passes.lora.dora import dora_norm
     torch.manual_seed(1)
     ref = get_peft_model(grouped(), LoraConfig(r=4, lora_alpha=6, target_modules=GROUPED, use_dora=True,
                                                init_lora_weights=False))

@@ -40,7 +40,7 @@ from transformers.pytorch_utils import Conv1D
 
 import peftc
 from peftc.passes.lora import RowDropout
-from peftc.passes.lora_ops import _dropout
+from peftc.passes.lora.ops import _dropout
 from tests.models import VOCAB, inputs, main_output, make
 from tests.parity import randomize_peft_
 from tests.recompiles import fresh_dynamo, no_recompiles  # noqa: F401 (fresh_dynamo: autouse fixture)

@@ -1,4 +1,4 @@
-"""peftc.inits against HF PEFT 0.21 (peft/tuners/lora/layer.py: LoraLayer.pissa_init, olora_init, orthogonal_init,
+"""passes/lora/inits.py against HF PEFT 0.21 (peft/tuners/lora/layer.py: LoraLayer.pissa_init, olora_init, orthogonal_init,
 called from update_layer after it has built lora_A = nn.Linear(in, r) and lora_B = nn.Linear(r, out)).
 
 Same seed before PEFT's layer and before ours, with ours first making the two nn.Linear draws PEFT makes: A, B and
@@ -19,7 +19,7 @@ from torch import nn  # noqa: E402
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
 from peftc.errors import SpecError  # noqa: E402
-from peftc.inits import changes_base_weight, orthogonal_init, parse_init, residual_init  # noqa: E402
+from peftc.passes.lora.inits import changes_base_weight, orthogonal_init, parse_init, residual_init  # noqa: E402
 from tests.compare import assert_differs
 
 IN, OUT = 24, 16

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 import peftc
 from peftc.checkpoint import adapter_config
 from peftc.errors import InputError, SpecError
-from peftc.spec import lora_from_config
+from peftc.passes.lora.spec import lora_from_config
 from tests.models import make
 from tests.parity import (MOVED, TOL, assert_loads_and_merges, assert_parity, max_diff, parity_inputs,
                           randomize_ours_, randomize_peft_)

@@ -27,7 +27,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
 import peftc
-from peftc.spec import lora_from_config
+from peftc.passes.lora.spec import lora_from_config
 from tests.models import make
 from tests.parity import MOVED, TOL, assert_parity, assert_same_weights, max_diff, parity_inputs, randomize_peft_
 

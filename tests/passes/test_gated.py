@@ -13,7 +13,7 @@ from torch import nn
 
 import peftc
 from peftc.passes.gated import GatedAct, fuse_gated_activations
-from peftc.passes.lora_ops import LoraGroup
+from peftc.passes.lora.ops import LoraGroup
 from peftc.trace import trace
 from tests.models import inputs, main_output, make
 

@@ -13,11 +13,11 @@ from peftc.passes.dropout import make_dropout_mode_aware
 from peftc.methods import method_of
 from peftc.passes.lora import RowDropout, SiteBank, insert_lora
 from peftc.pipeline import _tagged
-from peftc.passes.lora_ops import LoraGroup, lora_update
+from peftc.passes.lora.ops import LoraGroup, lora_update
 from peftc.passes.route import plain_route, route_keys
 from peftc.passes.match import find_sites
-from peftc.spec import LoRA
-from peftc.passes.lora_ops import LoraWeights
+from peftc.passes.lora import LoRA
+from peftc.passes.lora.weights import LoraWeights
 from peftc.store import STORE, Adapter, AdapterStore, site_key
 from peftc.trace import trace
 from tests.compare import assert_differs

@@ -18,7 +18,7 @@ from peftc.passes.batchnorm import make_batchnorm_mode_aware
 from peftc.passes.dropout import make_dropout_mode_aware
 from peftc.passes.merge import fold_adapter, merge_graph_module
 from peftc.passes.route import plain_route
-from peftc.spec import LoRA
+from peftc.passes.lora import LoRA
 from peftc.store import STORE, site_key
 from peftc.trace import trace
 from tests.compare import assert_differs

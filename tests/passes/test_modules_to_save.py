@@ -9,7 +9,7 @@ import peftc
 from peftc.errors import SpecError
 from peftc.passes.modules_to_save import insert_saved_copies, module_paths, resolve_modules_to_save, saved_copies
 from peftc.passes.route import plain_route, route_keys
-from peftc.spec import LoRA
+from peftc.passes.lora import LoRA
 from peftc.store import STORE, Adapter, AdapterStore, site_key
 from peftc.trace import trace
 from tests.models import inputs, make

@@ -1,4 +1,4 @@
-"""Parameter sites (passes.param_sites) and LoRA on them (passes.lora_params): a stacked expert weight read by
+"""Parameter sites (passes.param_sites) and LoRA on them (passes.lora.params): a stacked expert weight read by
 grouped_mm or index + bmm, in both layouts, gets y_e + s x A_e^T B_e^T per expert; other reads are refused by op."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from torch import nn
 
 import peftc
 from peftc.errors import SpecError
-from peftc.passes.lora_params import factors
+from peftc.passes.lora.params import factors
 from peftc.passes.param_sites import find_param_sites, param_reads
 from peftc.trace import trace
 

@@ -9,12 +9,12 @@ each expert's own activations; no full-size delta is formed (PEFT adds B_e A_e t
     Before:  y = bmm(index(W, [ids]), x3)                            x3 [S, in, 1]: one expert per row
     After:   y' = ExpertLora(x3, y, ids, A, B, s) = y + s * bmm(B_E[ids], bmm(A_E[ids], x3))
 
-A and B are PEFT's tensors (A, B, s: route inputs, the call's adapter's, as passes.lora's): A [r E, in], expert e's
+A and B are PEFT's tensors (A, B, s: route inputs, the call's adapter's, as passes.lora.plain's): A [r E, in], expert e's
 rows e r .. e r + r - 1, so A_E = A.view(E, r, in); B [out, r E], expert e's columns e, e + E, e + 2E, ..., so
 B_E = B.view(out, r, E).permute(2, 0, 1) [E, out, r]. A weight stored [E, in, out] (is_transposed) takes the same
 update in its layout. merge() folds W_e + s B_e A_e (expert_delta). As in PEFT there is no dropout, DoRA or
 lora_bias on a parameter target (check_parameter_targets), and no mixed (per-row) batch: the gathered form leaves
-these sites alone, and passes.lora refuses such an adapter from mixed batches.
+these sites alone, and passes.lora.method refuses such an adapter from mixed batches.
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from peftc.errors import SpecError
 from peftc.methods import form_module, work_dtype
 from peftc.store import AdapterStore, site_key
 
-from .lora_ops import LoraWeights
-from .match import Site
-from .route import route_input
+from ..match import Site
+from ..route import route_input
+from .weights import LoraWeights
 
 
 class ExpertLoraWeights(LoraWeights):

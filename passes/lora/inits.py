@@ -30,7 +30,7 @@ import math
 
 import torch
 
-from .errors import SpecError
+from peftc.errors import SpecError
 
 INITS = (True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora", "orthogonal")
 RESIDUAL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
