@@ -35,6 +35,7 @@ One idea per file:
     weights.py   LoraWeights: one adapter's tensors at one site
     values.py    which weights sit at a site, and the values a call routes to the graph's inputs
     ops.py       the grouped update the plain form calls (and its backward), the adapter's dropout
+    variants.py  DoRA, lora_bias, PiSSA / OLoRA, orthogonal as data (VARIANTS): what each adds, serves, refuses
     dora.py      DoRA's norm and per-channel rescale
     plain.py     the plain form;  gathered.py  the gathered form;  branches.py  embeddings and convolutions
     params.py    stacked expert weights (target_parameters)
@@ -46,6 +47,7 @@ from .spec import SPEC_FIELDS, LoRA, lora_from_config, lora_to_config
 from .weights import LoraWeights, zero_weights
 from .ops import LoraGroup, lora_update
 from .dora import DoraScale, dora_norm
+from .variants import VARIANTS, Variant
 from .gathered import RowDropout, SiteBank
 from .branches import LoraBranch, LoraBranchRows
 from .params import ExpertLora, ExpertLoraWeights
@@ -53,6 +55,6 @@ from .method import (FORMS, build_lora, check_lora, insert_lora, lora_bias_delta
                      lora_param_count)
 
 __all__ = ["LoRA", "lora_from_config", "lora_to_config", "SPEC_FIELDS", "LoraWeights", "zero_weights", "LoraGroup",
-           "lora_update", "DoraScale", "dora_norm", "RowDropout", "SiteBank", "LoraBranch", "LoraBranchRows",
-           "ExpertLora", "ExpertLoraWeights", "FORMS", "build_lora", "check_lora", "insert_lora", "lora_bias_delta",
-           "lora_delta", "lora_keys", "lora_param_count"]
+           "lora_update", "DoraScale", "dora_norm", "VARIANTS", "Variant", "RowDropout", "SiteBank", "LoraBranch",
+           "LoraBranchRows", "ExpertLora", "ExpertLoraWeights", "FORMS", "build_lora", "check_lora", "insert_lora",
+           "lora_bias_delta", "lora_delta", "lora_keys", "lora_param_count"]

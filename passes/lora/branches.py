@@ -16,10 +16,11 @@ from peftc.store import STORE, AdapterStore, lane_target, site_key
 
 from ..match import Site, tensor_at
 from ..route import route_input
-from .dora import DoraScale, dora_args
+from .dora import DoraScale
 from .gathered import SiteBank
 from .ops import _dropout
-from .values import dora_at, input_of, live_at, lora_bias_at, site_rank, weights_at
+from .values import input_of, live_at, site_rank, variant_at, weights_at
+from .variants import DORA, LORA_BIAS
 from .weights import zeros_at
 
 
@@ -104,11 +105,11 @@ def insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Adap
         key = site_key(site.fqn)
         w = tensor_at(gm, site.weight)
         op = {"embedding": "embedding", "conv": f"conv{len(site.weight_shape) - 2}d"}[site.kind]
-        dora = rows is None and dora_at(store, site.fqn)
+        dora = rows is None and variant_at(store, site.fqn, DORA)
         branch = (LoraBranch if rows is None else LoraBranchRows)(op, site.params, [site.fqn],
                                                                   live=live_at(store, [site.fqn]), dora=dora)
         x = input_of(site, node)
-        biased = lora_bias_at(store, site.fqn)
+        biased = variant_at(store, site.fqn, LORA_BIAS)
         if rows is None:
             r = site_rank(store, site.fqn)
             kernel, groups = site.weight_shape[2:] if site.kind == "conv" else (), site.params.get("groups", 1)
@@ -116,10 +117,9 @@ def insert_branches(gm: GraphModule, calls: list[tuple[Site, Node]], store: Adap
             B = w.new_empty(site.out_features, r // groups, *(1,) * len(kernel))
             parts = [route_input(gm, ("lora", site.fqn, part), ex) for part, ex in
                      (("A", A), ("B", B), ("s", w.new_empty(())), ("p", w.new_empty(())))]
-            parts.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
-                         if biased else None)
+            parts.append(LORA_BIAS.inputs(gm, site, node, w) if biased else None)
             if dora:
-                parts.append(dora_args(gm, site, node, w))
+                parts.append(DORA.inputs(gm, site, node, w))
             while parts[-1] is None:
                 parts.pop()
             target = form_module(gm, "single", branch, "b")

@@ -26,7 +26,8 @@ from peftc.store import STORE, AdapterStore, lane_target, site_key
 from peftc.targets import MHA
 
 from ..match import Site, tensor_at
-from .values import input_of, live_at, lora_adapter, lora_bias_at, weights_at
+from .values import input_of, live_at, lora_adapter, variant_at, weights_at
+from .variants import LORA_BIAS
 from .weights import zeros_at
 
 aten = torch.ops.aten
@@ -151,7 +152,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         made.append(g.get_attr(target))
         return made[-1]
 
-    with_bias = lora_bias_at(store, site.fqn)
+    with_bias = variant_at(store, site.fqn, LORA_BIAS)
     with g.inserting_before(node.next):
         if bdim:
             x, node = call(aten.movedim.int, x, bdim, 0), call(aten.movedim.int, node, bdim, 0)

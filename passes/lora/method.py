@@ -17,15 +17,13 @@ from peftc.targets import MHA, check_rank
 from ..match import Site
 from ..route import route_input
 from .branches import insert_branches
-from .dora import dora_norm
 from .gathered import insert_gathered
-from .inits import changes_base_weight
-from .ops import LoraGroup
 from .params import (build_expert_lora, check_parameter_targets, expert_delta, expert_param_count, insert_param_lora,
                      param_targets_refusal)
 from .plain import insert_plain
 from .spec import LoRA, lora_from_config, lora_to_config
 from .values import all_weights, lora_adapter, lora_value, residual_value
+from .variants import DORA, LORA_BIAS, VARIANTS, variants_at, variants_on
 from .weights import LoraWeights, shape_of
 
 FORMS = ("single", "mixed")
@@ -57,9 +55,9 @@ def insert_lora(gm: GraphModule, sites: dict[str, Site], store: AdapterStore, fo
 def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tensor:
     """LoRA's fold rule for merge(), in the layout of the site's weight (linear [out, in], Conv1D [in, out],
     embedding [num, dim], convolution [out, in, *kernel]), in work_dtype (float32; float64 for float64 weights):
-    s B A; with DoRA g (V + s B A) - W, where g = m / ||V + s B A|| per output channel (1 where the norm is 0, as the
-    unmerged graph has it) and V is the weight the adapter runs on: W, or its PiSSA / OLoRA residual (which the
-    delta then replaces W by)."""
+    s B A; with variants (passes.lora.variants) W' - W, where W' = V + s B A, V the weight the adapter runs on
+    (Variant.base: W, or its PiSSA / OLoRA residual, which the delta then replaces W by), then each variant's fold
+    (DoRA: g (V + s B A), g = m / ||V + s B A|| per output channel, 1 where the norm is 0 as in the unmerged graph)."""
     if site.param:                         # a stacked expert weight: passes.lora.params
         return expert_delta(adapter, site, weight)
     w = adapter.sites[site_key(site.fqn)]
@@ -74,28 +72,27 @@ def lora_delta(adapter: Adapter, site: Site, weight: torch.Tensor) -> torch.Tens
         delta = w.scale * (B @ A).t()                                             # [in, out] layouts
     else:
         delta = w.scale * (B @ A)                                                 # [out, in]
-    if not w.dora and w.residual is None:
+    variants = [v for v in variants_at(w) if v.base is not None or v.fold is not None]
+    if not variants:
         return delta
-    base = weight if w.residual is None else w.residual
+    base = next((v.base(w) for v in variants if v.base is not None), weight)
     W, V = weight.detach().to(dt), base.detach().to(dt)
-    if w.dora:
-        n = dora_norm(base, w.A_r, w.B_r, w.scale, site.kind)
-        m = w.magnitude.detach().to(dt).flatten()
-        g = torch.where(n > 0, m / torch.where(n > 0, n, torch.ones_like(n)), torch.ones_like(n))
-        channel = 1 if site.kind in ("embedding", "conv1d") else 0                # the output channels' axis
-        shape = [1] * W.dim()
-        shape[channel] = -1
-        return g.view(shape) * (V + delta) - W
-    return V + delta - W
+    merged = V + delta
+    for v in variants:
+        if v.fold is not None:
+            merged = v.fold(w, site, base, merged)
+    return merged - W
 
 
 def lora_bias_delta(adapter: Adapter, site: Site, bias: torch.Tensor | None) -> torch.Tensor | None:
-    """s b_B, what merge() adds to the layer's bias for lora_bias (None without it), in work_dtype."""
+    """s b, what merge() adds to the layer's bias for a variant with a bias (lora_bias: B's), in work_dtype; None
+    without one."""
     w = adapter.sites[site_key(site.fqn)]
-    if w.B_bias is None:
+    b = next((v.fold_bias(w) for v in variants_at(w) if v.fold_bias is not None), None)
+    if b is None:
         return None
-    dt = work_dtype(w.B_bias.dtype, *(() if bias is None else (bias.dtype,)))
-    return w.scale * w.B_bias.detach().to(dt)
+    dt = work_dtype(b.dtype, *(() if bias is None else (bias.dtype,)))
+    return w.scale * b.detach().to(dt)
 
 
 def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: bool) -> None:
@@ -105,52 +102,30 @@ def check_lora(spec: LoRA, sites: dict[str, Site], chosen: list[str], loading: b
     check_parameter_targets(spec, sites, chosen)
     if not loading:
         check_rank(spec, sites, chosen)
+    variants = variants_on(spec)
     for path in chosen:
         site = sites[path]
-        if site.param:
+        if site.param:                     # check_parameter_targets
             continue
-        if site.module_type == "MultiheadAttention" and (spec.use_dora or spec.init not in (True, False, "gaussian")):
-            raise SpecError(f"{'use_dora' if spec.use_dora else f'init={spec.init!r}'} on {path} "
-                            "(nn.MultiheadAttention) is not supported (as in PEFT); leave it out of targets "
-                            "(exclude_modules) or drop the option")
-        if site.module_type == "MultiheadAttention" and spec.lora_bias:
-            # PEFT 0.21.2 makes and saves the packed in_proj's lora_B.bias but never applies it (its forward adds
-            # only s B A to in_proj_weight): an adapter with that bias would mean one thing here and another there
-            raise SpecError(f"lora_bias on {path} (nn.MultiheadAttention) is not supported: PEFT keeps a bias for "
-                            "its packed in_proj but never applies it, so the adapter would not carry over between "
-                            "peftc and PEFT; leave it out of targets (exclude_modules) or pass lora_bias=False")
-        if site.linear_like:
-            if spec.init == "olora" and site.kind == "conv1d":
-                raise SpecError(f"init 'olora' on {path} (a GPT-2 Conv1D layer) is not supported: PEFT's OLoRA "
-                                "factors the stored [in, out] weight, which does not reproduce the layer; use "
-                                "'pissa' or another init there")
-            continue
-        what = {"embedding": "an embedding", "conv": "a convolution"}[site.kind]
-        unsupported = ["lora_bias"] if spec.lora_bias and site.kind == "embedding" else []
-        if spec.init not in (True, False, "gaussian"):
-            unsupported.append(f"init={spec.init!r}")
-        if unsupported:
-            raise SpecError(f"{', '.join(unsupported)} on {site.fqn} ({what}, {site.module_type or site.kind}) is "
-                            "not supported: peftc serves it on linear and Conv1D layers; leave the layer out "
-                            "of targets (exclude_modules) or drop the option")
+        for v in variants:
+            why = v.refusal(spec, site)
+            if why:
+                raise SpecError(why)
 
 
 def build_lora(spec: LoRA, site: Site, weight: torch.Tensor) -> LoraWeights:
-    """LoRA's weights at one site: A and B by the spec's init (PiSSA / OLoRA from the weight, with the residual the
-    adapter runs on), and DoRA's magnitude m = ||W + s B A|| per output channel, so that it starts as the identity."""
+    """LoRA's weights at one site: A and B by the spec's init, then each variant's own set-up (passes.lora.variants:
+    PiSSA / OLoRA's A, B and residual from the weight, DoRA's magnitude), so that a fresh adapter is the identity."""
     if site.param:
         return build_expert_lora(spec, site, weight)
     at = site.pattern_path        # an nn.MultiheadAttention's out_proj: its attention module's r and alpha
     p = 0.0 if site.module_type == MHA or site.parent else spec.dropout   # PEFT runs MHA on merged weights
     lw = LoraWeights(spec.rank_at(at), site.in_features, site.out_features, spec.scale_at(at), p,
-                     spec.init, dtype=weight.dtype, device=weight.device, dora=spec.use_dora, bias=spec.lora_bias,
-                     **shape_of(site))
-    if changes_base_weight(spec.init):
-        lw.set_residual_init(spec.init, weight, site.kind == "conv1d")
-    if spec.use_dora:
-        base = weight if lw.residual is None else lw.residual
-        with torch.no_grad():
-            lw.magnitude.copy_(dora_norm(base, lw.A_r, lw.B_r, lw.scale, site.kind).view(lw.magnitude.shape))
+                     spec.init, dtype=weight.dtype, device=weight.device, dora=DORA.on(spec),
+                     bias=LORA_BIAS.on(spec), **shape_of(site))
+    for v in sorted(variants_on(spec), key=lambda v: v.base is None):   # the weight it runs on first
+        if v.build is not None:
+            v.build(lw, spec, site, weight)
     return lw
 
 
@@ -162,45 +137,41 @@ def lora_keys(path: str, w: LoraWeights):
     else:
         yield "lora_A.weight", w.A_r
         yield "lora_B.weight", w.B_r
-    if w.B_bias is not None:
-        yield "lora_B.bias", w.B_bias
-    if w.dora:
-        yield "lora_magnitude_vector", w.magnitude
+    for v in variants_at(w):            # lora_B.bias, lora_magnitude_vector
+        for attr, key in v.tensors:
+            yield key, getattr(w, attr)
 
 
 def lora_param_count(spec: LoRA, site: Site) -> int:
-    """A [r, in, *kernel] + B [out, r / groups, 1...] + a magnitude (DoRA) or B's bias (lora_bias) per channel."""
+    """A [r, in, *kernel] + B [out, r / groups, 1...] + what the variants add per output channel."""
     if site.param:
         return expert_param_count(spec, site)
     r = spec.rank_at(site.pattern_path)
     kernel = math.prod(site.weight_shape[2:]) if site.kind == "conv" else 1
     groups = site.params.get("groups", 1) if site.kind == "conv" else 1
     return r * site.in_features * kernel + site.out_features * (r // groups) + \
-        (spec.use_dora or spec.lora_bias) * site.out_features
+        sum(v.channel_params for v in variants_on(spec)) * site.out_features
 
 
 def lora_mixed_refusal(adapter: Adapter) -> str | None:
-    """Why a LoRA adapter cannot join a mixed batch (the gathered form has no DoRA rescale and routes no residual
-    weights, nor parameter targets), or None."""
+    """Why a LoRA adapter cannot join a mixed batch (parameter targets, or a variant the gathered form does not
+    serve, Variant.mixed), or None."""
     if param_targets_refusal(adapter):
         return param_targets_refusal(adapter)
-    if adapter.spec.use_dora:
-        return "it uses DoRA, whose per-channel rescale the per-row form does not have yet (PEFT refuses " \
-               "adapter_names with DoRA too)"
-    if any(w.residual is not None for w in adapter.sites.values()):
-        return f"it runs on its own residual base weights (init {adapter.spec.init!r}), which the per-row form " \
-               "does not route"
+    for v in VARIANTS:
+        if v.mixed is not None and any(v.at(w) for w in adapter.sites.values()):
+            return v.mixed.format(spec=adapter.spec)
     return None
 
 
 def lora_fits_graph(gm: GraphModule, adapter: Adapter) -> bool:
-    """Whether the plain-form graph `gm`'s LoRA subgraph already serves `adapter` as data: no lora_bias or residual
-    inputs of its own, and DoRA only where the graph has DoRA's rescale."""
-    if any(w.B_bias is not None or w.residual is not None for w in adapter.sites.values()):
-        return False
-    dora = {p for p in adapter.targets if adapter.sites[site_key(p)].dora}
-    rescaled = {p for g in gm.modules() if isinstance(g, LoraGroup) for p, on in zip(g.paths, g.dora) if on}
-    return dora <= rescaled
+    """Whether the plain-form graph `gm`'s LoRA subgraph already serves `adapter` as data: each variant it has only
+    where the graph serves that variant (Variant.graph; lora_bias and residual weights: never, they rebuild)."""
+    for v in VARIANTS:
+        paths = {p for p in adapter.targets if v.at(adapter.sites[site_key(p)])}
+        if paths and (v.graph is None or not paths <= v.graph(gm)):
+            return False
+    return True
 
 
 def lora_room(adapter: Adapter, capacity: Capacity) -> str | None:

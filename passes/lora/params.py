@@ -9,8 +9,8 @@ each expert's own activations; no full-size delta is formed (PEFT adds B_e A_e t
     Before:  y = bmm(index(W, [ids]), x3)                            x3 [S, in, 1]: one expert per row
     After:   y' = ExpertLora(x3, y, ids, A, B, s) = y + s * bmm(B_E[ids], bmm(A_E[ids], x3))
 
-A and B are PEFT's tensors (A, B, s: route inputs, the call's adapter's, as passes.lora.plain's): A [r E, in], expert e's
-rows e r .. e r + r - 1, so A_E = A.view(E, r, in); B [out, r E], expert e's columns e, e + E, e + 2E, ..., so
+A and B are PEFT's tensors (A, B, s: route inputs, the call's adapter's, as passes.lora.plain's): A [r E, in], expert
+e's rows e r .. e r + r - 1, so A_E = A.view(E, r, in); B [out, r E], expert e's columns e, e + E, e + 2E, ..., so
 B_E = B.view(out, r, E).permute(2, 0, 1) [E, out, r]. A weight stored [E, in, out] (is_transposed) takes the same
 update in its layout. merge() folds W_e + s B_e A_e (expert_delta). As in PEFT there is no dropout, DoRA or
 lora_bias on a parameter target (check_parameter_targets), and no mixed (per-row) batch: the gathered form leaves
@@ -30,6 +30,7 @@ from peftc.store import AdapterStore, site_key
 
 from ..match import Site
 from ..route import route_input
+from .variants import variants_on
 from .weights import LoraWeights
 
 
@@ -184,9 +185,9 @@ def check_parameter_targets(spec, sites: dict[str, Site], chosen: list[str]) -> 
     if first is None:
         return
     name = sites[first].key or first
-    bad = [o for o, on in (("dropout", spec.dropout > 0), ("use_dora", spec.use_dora), ("lora_bias", spec.lora_bias),
-                           (f"init={spec.init!r}", spec.init not in (True, False, "gaussian")),
-                           (f"bias={spec.bias!r}", spec.bias != "none")) if on]
+    bad = ["dropout"] if spec.dropout > 0 else []
+    bad += [v.option(spec) for v in variants_on(spec) if "param" not in v.serves]    # DoRA, lora_bias, inits
+    bad += [f"bias={spec.bias!r}"] if spec.bias != "none" else []
     if bad:
         raise SpecError(f"{', '.join(bad)} with target_parameters (e.g. {name!r}) is not supported (PEFT's "
                         "ParamWrapper refuses it too: a parameter's update is a weight delta, so dropout cannot "

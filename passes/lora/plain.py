@@ -22,9 +22,12 @@ from peftc.store import AdapterStore
 
 from ..match import Site, tensor_at
 from ..route import route_input
-from .dora import dora_args
 from .ops import LoraGroup
-from .values import dora_at, input_of, live_at, lora_bias_at, residual_at, site_rank
+from .values import input_of, live_at, residual_at, site_rank, variant_at
+from .variants import DORA, VARIANTS
+
+# the variants whose tensors a site call takes (LoraGroup's doras, biases: in this order, the table's)
+INPUTS = [v for v in VARIANTS if v.inputs is not None]
 
 aten = torch.ops.aten
 
@@ -81,8 +84,7 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
         last = node
     parts: dict[str, list[Node]] = {"A": [], "B": [], "s": [], "p": []}
     paths = [site.fqn for site, _ in members]
-    doras: list = []
-    biases: list = []                   # lora_bias: B's bias, where some adapter has one
+    extras: dict[str, list] = {v.name: [] for v in INPUTS}   # each variant's inputs, where some adapter has it
     for site, node in members:
         w = tensor_at(gm, site.weight)
         r = site_rank(store, site.fqn)
@@ -90,17 +92,15 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
                 "p": w.new_empty(())}
         for part, example in like.items():
             parts[part].append(route_input(gm, ("lora", site.fqn, part), example))
-        doras.append(dora_args(gm, site, node, w) if dora_at(store, site.fqn) else None)
-        biases.append(route_input(gm, ("lora", site.fqn, "c"), w.new_empty(site.out_features))
-                      if lora_bias_at(store, site.fqn) else None)
+        for v in INPUTS:
+            extras[v.name].append(v.inputs(gm, site, node, w) if variant_at(store, site.fqn, v) else None)
     remake, srcs = _recipe(gm, x)
     target = form_module(gm, "single", LoraGroup(paths, live=live_at(store, paths), remake=remake,
-                                              dora=[d is not None for d in doras],
+                                              dora=[d is not None for d in extras[DORA.name]],
                                               kinds=[site.kind for site, _ in members]), "g")
     ys = [node for _, node in members]
     made = []
-    extra = [doras if any(d is not None for d in doras) else [],
-             biases if any(c is not None for c in biases) else [], srcs]
+    extra = [*(lst if any(e is not None for e in lst) else [] for lst in extras.values()), srcs]
     while extra and not extra[-1]:
         extra.pop()
     anchor = last

@@ -1,6 +1,6 @@
 """Which LoRA weights sit at a site, and the values a call routes to LoRA's inputs (passes.route): the call's
-adapter's A, B, scale, dropout rate (DoRA's magnitude and flag, lora_bias's bias) at a site, zeros where it has none,
-and the base weight it runs on (its PiSSA / OLoRA residual, else the model's)."""
+adapter's A, B, scale, dropout rate and its variants' tensors (passes.lora.variants) at a site, zeros where it has
+none, and the base weight it runs on (its PiSSA / OLoRA residual, else the model's)."""
 from __future__ import annotations
 
 import torch
@@ -10,7 +10,11 @@ from peftc.store import Adapter, AdapterStore, site_key
 
 from ..match import Site, tensor_at
 from .spec import LoRA
+from .variants import VARIANTS, Variant
 from .weights import LoraWeights
+
+# route key part -> LoraWeights attribute: the base method's, then each variant's (Variant.route)
+PARTS = {"A": "A", "B": "B", "s": "scale_t", "p": "p_t", **{k: a for v in VARIANTS for k, a in v.route.items()}}
 
 
 def input_of(site: Site, node: Node) -> Node:
@@ -33,19 +37,15 @@ def all_weights(store: AdapterStore, path: str) -> list[LoraWeights]:
     return [w for a in store.names() if (w := weights_at(store, a, path)) is not None]
 
 
-def dora_at(store: AdapterStore, path: str) -> bool:
-    """Whether any adapter is DoRA at `path` (the graph then has DoRA's rescale there)."""
-    return any(w.dora for w in all_weights(store, path))
-
-
-def lora_bias_at(store: AdapterStore, path: str) -> bool:
-    """Whether any adapter has a lora_bias at `path` (the graph then adds it there)."""
-    return any(w.B_bias is not None for w in all_weights(store, path))
+def variant_at(store: AdapterStore, path: str, variant: Variant) -> bool:
+    """Whether any adapter has `variant` at `path` (the graph then serves it there: DoRA's rescale, lora_bias's
+    bias)."""
+    return any(variant.at(w) for w in all_weights(store, path))
 
 
 def residual_at(store: AdapterStore, path: str) -> bool:
-    """Whether any adapter runs on its own residual base weight at `path` (PiSSA / OLoRA)."""
-    return any(w.residual is not None for w in all_weights(store, path))
+    """Whether any adapter runs on a base weight of its own at `path` (a variant's base: PiSSA / OLoRA)."""
+    return any(v.base is not None and variant_at(store, path, v) for v in VARIANTS)
 
 
 def dropout_live(store: AdapterStore, paths: list[str]) -> bool:
@@ -68,12 +68,10 @@ def site_rank(store: AdapterStore, path: str) -> int:
 
 
 def lora_value(w: LoraWeights | None, key: tuple, like: torch.Tensor, gm: GraphModule) -> torch.Tensor:
-    """An adapter's A, B, scale or dropout rate at a site (`w`: its weights there); zeros of the graph's rank where
-    it has none (another method's adapter, or one not targeting the site)."""
-    part = key[2]
-    t = None if w is None else {"A": w.A, "B": w.B, "s": w.scale_t, "p": w.p_t, "m": w.magnitude, "d": w.d_t,
-                                "c": w.B_bias}[part]
-    if t is None:             # not targeted here, or not DoRA / without lora_bias: zeros (d = 0: no rescale)
+    """An adapter's A, B, scale, dropout rate or a variant's tensor (PARTS) at a site (`w`: its weights there); zeros
+    of the graph's rank where it has none (another method's adapter, or one not targeting the site)."""
+    t = None if w is None else getattr(w, PARTS[key[2]])
+    if t is None:             # not targeted here, or without the variant: zeros (DoRA's d = 0: no rescale)
         t = torch.zeros(like.shape, dtype=like.dtype, device=device_of(gm))
     return t
 

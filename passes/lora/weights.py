@@ -11,6 +11,7 @@ from peftc.errors import SpecError
 
 from ..match import Site
 from .inits import orthogonal_init, residual_init
+from .variants import variants_at
 
 
 class LoraWeights(nn.Module):
@@ -71,10 +72,6 @@ class LoraWeights(nn.Module):
         self.register_buffer("residual", (res.t() if conv1d else res).contiguous(), persistent=False)
 
     @property
-    def dora(self) -> bool:
-        return self.magnitude is not None
-
-    @property
     def A_r(self) -> torch.Tensor:
         return self.A if self.A.shape[0] == self.r else self.A[: self.r]
 
@@ -91,8 +88,8 @@ class LoraWeights(nn.Module):
     def like(self, r: int, rank: int | None = None) -> "LoraWeights":
         """Zero weights of the same site shapes, rank r (allocated at `rank`), frozen flags as given by callers."""
         return LoraWeights(r, self.A.shape[1], self.B.shape[0], self.scale, self.p, True, dtype=self.A.dtype,
-                           device=self.A.device, rank=rank, dora=self.dora, bias=self.B_bias is not None,
-                           kind=self.kind, kernel=self.kernel, groups=self.groups)
+                           device=self.A.device, rank=rank, dora=self.magnitude is not None,
+                           bias=self.B_bias is not None, kind=self.kind, kernel=self.kernel, groups=self.groups)
 
     @torch.no_grad()
     def reset(self, init=True) -> None:
@@ -136,10 +133,9 @@ class LoraWeights(nn.Module):
         with torch.no_grad():
             new.A_r.copy_(self.A_r)
             new.B_r.copy_(self.B_r)
-            if self.dora:
-                new.magnitude.copy_(self.magnitude)
-            if self.B_bias is not None:
-                new.B_bias.copy_(self.B_bias)
+            for v in variants_at(self):          # DoRA's magnitude, lora_bias's bias
+                for attr, _ in v.tensors:
+                    getattr(new, attr).copy_(getattr(self, attr))
         if self.residual is not None:
             new.register_buffer("residual", self.residual, persistent=False)
         new.requires_grad_(self.A.requires_grad)
