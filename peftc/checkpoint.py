@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -20,7 +21,7 @@ from .store import site_key
 from .targets import peft_target_modules
 
 if TYPE_CHECKING:
-    from .module import PeftModule
+    from .store import AdapterStore
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,18 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 
+
+
+@dataclass(frozen=True)
+class ModelData:
+    """What checkpoints read and write (data, not the module): the adapter store, the sites, the base graph (the
+    model's own tensors) and the model's names (PeftModule.checkpoint_data)."""
+
+    store: "AdapterStore"
+    sites: dict
+    base_gm: Any
+    base_name: str | None = None
+    loss_type: str | None = None
 
 def _atomic_write(files: dict[Path, Any]) -> None:
     """Write every file to a temp file first (write(tmp_path)), then rename each over its target: a failure while
@@ -58,42 +71,42 @@ def _prepare_dir(directory: Path) -> None:
         raise CheckpointError(f"adapter directory {directory} is not writable; choose another path")
 
 
-def adapter_config(pm: PeftModule, adapter_name: str) -> dict:
-    ad = pm.store[adapter_name]
+def adapter_config(data: ModelData, adapter_name: str) -> dict:
+    ad = data.store[adapter_name]
     spec = ad.spec
-    task = getattr(spec, "task_type", None) or ("CAUSAL_LM" if pm.loss_type == "ForCausalLM" else None)
+    task = getattr(spec, "task_type", None) or ("CAUSAL_LM" if data.loss_type == "ForCausalLM" else None)
     return spec_to_config(
-        spec, target_modules=peft_target_modules(getattr(spec, "targets", None), pm.sites,
+        spec, target_modules=peft_target_modules(getattr(spec, "targets", None), data.sites,
                                                  [t for t in ad.targets if t not in ad.peft_paths]),
-        base_model_name_or_path=pm.base_name, task_type=task, modules_to_save=getattr(spec, "modules_to_save", ()),
+        base_model_name_or_path=data.base_name, task_type=task, modules_to_save=getattr(spec, "modules_to_save", ()),
     )
 
 
-def save_adapters(pm: PeftModule, directory, adapter_name: str | None = None) -> list[Path]:
+def save_adapters(data: ModelData, directory, adapter_name: str | None = None) -> list[Path]:
     """PEFT's layout: the adapter named "default" in `directory`, any other in `directory/<name>`; one adapter when
     `adapter_name` is given, else all of them. Returns the directories written."""
-    names = pm.adapters if adapter_name is None else [adapter_name]
+    names = data.store.names() if adapter_name is None else [adapter_name]
     for name in names:
-        if name not in pm.adapters:
-            raise CheckpointError(f"no adapter named {name!r}; adapters: {pm.adapters}")
+        if name not in data.store.names():
+            raise CheckpointError(f"no adapter named {name!r}; adapters: {data.store.names()}")
     directory = Path(directory)
-    return [save_adapter(pm, directory if n == "default" else directory / n, n) for n in names]
+    return [save_adapter(data, directory if n == "default" else directory / n, n) for n in names]
 
 
-def save_adapter(pm: PeftModule, directory, adapter_name: str) -> Path:
+def save_adapter(data: ModelData, directory, adapter_name: str) -> Path:
     """One adapter's adapter_config.json + adapter_model.safetensors in `directory`."""
-    if adapter_name not in pm.adapters:
-        raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {pm.adapters}")
+    if adapter_name not in data.store.names():
+        raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {data.store.names()}")
     directory = Path(directory)
     _prepare_dir(directory)
-    state = {**pm.store.peft_state_dict(adapter_name), **_bias_aliases(pm, adapter_name)}
+    state = {**data.store.peft_state_dict(adapter_name), **_bias_aliases(data, adapter_name)}
     tensors, seen = {}, set()
     for k, v in state.items():                 # a tensor saved under two keys (PEFT's tied token rows): two copies
         tensors[k] = v.detach().to("cpu").contiguous()
         ptr = tensors[k].untyped_storage().data_ptr()
         tensors[k] = tensors[k].clone() if ptr in seen else tensors[k]
         seen.add(ptr)
-    cfg = adapter_config(pm, adapter_name)
+    cfg = adapter_config(data, adapter_name)
     _atomic_write({
         directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
         directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
@@ -139,13 +152,13 @@ def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); re-save the adapter") from None
 
 
-def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
-    """Copy PEFT-keyed tensors into the store, after checking that every key and shape fits (changes `pm`)."""
-    expected = dict(pm.store.peft_parameters(adapter_name))
+def load_weights_(data: ModelData, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
+    """Copy PEFT-keyed tensors into the store, after checking that every key and shape fits (changes `data.store`)."""
+    expected = dict(data.store.peft_parameters(adapter_name))
     tensors = {_strip_adapter_name(k, adapter_name): v for k, v in tensors.items()}
-    tensors = _drop_embedding_copies(pm, adapter_name, tensors, source)
-    tensors = _drop_bias_aliases(pm, adapter_name, tensors, source)
-    kept = _trained_bias_keys(pm, adapter_name) - set(tensors)
+    tensors = _drop_embedding_copies(data, adapter_name, tensors, source)
+    tensors = _drop_bias_aliases(data, adapter_name, tensors, source)
+    kept = _trained_bias_keys(data, adapter_name) - set(tensors)
     if kept:      # as PEFT loads such a file (strict=False): those biases stay at the model's values
         log.warning("%s: %d trained bias(es) of adapter %r are not in the checkpoint (e.g. %s); they start from "
                     "the model's own", source, len(kept), adapter_name, sorted(kept)[0])
@@ -171,16 +184,16 @@ def load_weights_(pm: PeftModule, adapter_name: str, tensors: dict[str, torch.Te
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))
 
 
-def _drop_embedding_copies(pm: PeftModule, adapter_name: str, tensors: dict, source: Any) -> dict:
+def _drop_embedding_copies(data: ModelData, adapter_name: str, tensors: dict, source: Any) -> dict:
     """PEFT also saves the base weight of a targeted embedding (save_embedding_layers="auto"), under
     <path>.base_layer.weight. A copy equal to the model's own is dropped; a different one (a resized or retrained
     vocabulary) is refused, since peftc never replaces the model's weights from an adapter."""
     out = dict(tensors)
-    for path in pm.store[adapter_name].targets:
+    for path in data.store[adapter_name].targets:
         key = f"base_model.model.{path}.base_layer.weight"
-        if key not in out or pm.sites[path].kind != "embedding":
+        if key not in out or data.sites[path].kind != "embedding":
             continue
-        saved, own = out.pop(key), tensor_at(pm.base_graph_module, pm.sites[path].weight)
+        saved, own = out.pop(key), tensor_at(data.base_gm, data.sites[path].weight)
         if tuple(saved.shape) != tuple(own.shape) or not torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu()):
             raise CheckpointError(f"{source}: {key} is a copy of embedding {path} (shape {tuple(saved.shape)}) that "
                                   f"differs from this model's (shape {tuple(own.shape)}): the adapter was trained with "
@@ -189,21 +202,21 @@ def _drop_embedding_copies(pm: PeftModule, adapter_name: str, tensors: dict, sou
     return out
 
 
-def _trained_bias_keys(pm: PeftModule, adapter_name: str) -> set[str]:
+def _trained_bias_keys(data: ModelData, adapter_name: str) -> set[str]:
     """PEFT keys of the adapter's trained-bias copies (LoRA's bias; not its modules_to_save copies)."""
-    ad = pm.store[adapter_name]
+    ad = data.store[adapter_name]
     paths = {p for p in ad.saved_modules if not getattr(ad.saved[site_key(p)], "whole", True)}
-    return {k for k, _ in pm.store.peft_saved_parameters(adapter_name, paths)}
+    return {k for k, _ in data.store.peft_saved_parameters(adapter_name, paths)}
 
 
-def _saved_bias_aliases(pm: PeftModule, adapter_name: str) -> Iterator[tuple[str, str, str]]:
+def _saved_bias_aliases(data: ModelData, adapter_name: str) -> Iterator[tuple[str, str, str]]:
     """(copy alias, original alias, get_attr target) of each bias inside a modules_to_save module, for bias="all".
 
     PEFT's bias="all" saves every state-dict key ending in ".bias", so a modules_to_save module's biases come twice
     more, under its wrapper's names: <m>.modules_to_save.bias (the copy; the adapter name is stripped only when the
     bias is the module's own, else it stays: <m>.modules_to_save.<name>.dense.bias) and <m>.original_module.bias
     (the model's). PEFT's load ignores the first and writes the second into the model."""
-    ad = pm.store[adapter_name]
+    ad = data.store[adapter_name]
     if getattr(ad.spec, "bias", "none") != "all":
         return
     for m in ad.saved_modules:
@@ -217,25 +230,25 @@ def _saved_bias_aliases(pm: PeftModule, adapter_name: str) -> Iterator[tuple[str
                 yield f"base_model.model.{copy}", f"base_model.model.{m}.original_module.{sub}", f"{m}.{sub}"
 
 
-def _bias_aliases(pm: PeftModule, adapter_name: str) -> dict[str, torch.Tensor]:
-    ad = pm.store[adapter_name]
+def _bias_aliases(data: ModelData, adapter_name: str) -> dict[str, torch.Tensor]:
+    ad = data.store[adapter_name]
     out = {}
-    for copy, orig, target in _saved_bias_aliases(pm, adapter_name):
+    for copy, orig, target in _saved_bias_aliases(data, adapter_name):
         out[copy] = copy_of(ad, target)[0].detach().clone()     # its own storage: safetensors refuses shared ones
-        out[orig] = tensor_at(pm.base_graph_module, target).detach().clone()
+        out[orig] = tensor_at(data.base_gm, target).detach().clone()
     return out
 
 
-def _drop_bias_aliases(pm: PeftModule, adapter_name: str, tensors: dict, source: Any) -> dict:
+def _drop_bias_aliases(data: ModelData, adapter_name: str, tensors: dict, source: Any) -> dict:
     """Drop the modules_to_save aliases of bias="all" (see _saved_bias_aliases); an original_module bias that
     differs from the model's is refused, since peftc never changes the model's weights from an adapter."""
     out = dict(tensors)
-    for copy, orig, target in _saved_bias_aliases(pm, adapter_name):
+    for copy, orig, target in _saved_bias_aliases(data, adapter_name):
         wrapper = copy[:copy.index(".modules_to_save.") + len(".modules_to_save.")]
         for k in [k for k in out if k.startswith(wrapper)]:    # with whichever adapter name PEFT saved it under
             del out[k]
         saved = out.pop(orig, None)
-        own = tensor_at(pm.base_graph_module, target)
+        own = tensor_at(data.base_gm, target)
         if saved is not None and (tuple(saved.shape) != tuple(own.shape)
                                   or not torch.equal(saved.to(own.dtype).cpu(), own.detach().cpu())):
             raise CheckpointError(f"{source}: {orig} (the model's own bias under a modules_to_save module) differs "

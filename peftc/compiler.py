@@ -52,7 +52,7 @@ def load_adapter(model: nn.Module, directory, adapter_name: str = "default", *, 
     spec = load_spec(directory)
     tensors = read_adapter_weights(directory)
     pm = compile(model, spec, adapter_name=adapter_name, example_inputs=example_inputs, _loading=True)
-    load_weights_(pm, adapter_name, tensors, source=str(directory))
+    load_weights_(pm.checkpoint_data, adapter_name, tensors, source=str(directory))
     if not is_trainable:
         pm.eval()
         for p in pm.store[adapter_name].parameters():

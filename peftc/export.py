@@ -18,7 +18,7 @@ from torch import nn
 from .errors import ExportError
 from .passes.merge import folded_bias, folded_weight
 from .passes.trainable_tokens import token_state
-from .store import site_key
+from .store import Adapter, site_key
 from .trace import export_with_fallback
 
 if TYPE_CHECKING:
@@ -79,25 +79,25 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
-def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]:
+def _state_plan(adapter: Adapter, name: str, sites: dict, model: nn.Module,
+                model_class: str) -> tuple[list[tuple[str, Any]], bool]:
     """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight),
     ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias, a weight with trained
     token rows);
     tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
-    adapter = pm.store[name]
-    folded = {pm.sites[p].state_key: pm.sites[p] for p in adapter.targets}
-    state = pm.base_model.state_dict()
+    folded = {sites[p].state_key: sites[p] for p in adapter.targets}
+    state = model.state_dict()
     biased = {}
     for p in adapter.targets:
         bias = state.get(f"{p}.bias")
-        like = bias if bias is not None else torch.zeros(pm.sites[p].out_features)
-        if folded_bias(adapter, name, pm.sites[p], bias, like) is None:
+        like = bias if bias is not None else torch.zeros(sites[p].out_features)
+        if folded_bias(adapter, name, sites[p], bias, like) is None:
             continue
         if bias is None:
             raise ExportError(f"adapter {name!r} changes the bias at {p} (lora_bias), which has no bias in "
-                              f"{pm.model_class}: its Hugging Face checkpoint has no place for it; use "
+                              f"{model_class}: its Hugging Face checkpoint has no place for it; use "
                               "pm.export(path) (.pt2), or pm.merge()")
-        biased[f"{p}.bias"] = pm.sites[p]
+        biased[f"{p}.bias"] = sites[p]
     saved = {}
     for path in adapter.saved_modules:
         for pname, p in adapter.saved[site_key(path)].named_parameters():
@@ -119,11 +119,11 @@ def _state_plan(pm: PeftModule, name: str) -> tuple[list[tuple[str, Any]], bool]
     return plan, untied
 
 
-def _materialize(how, pm: PeftModule, name: str, dtype) -> torch.Tensor:
+def _materialize(how, adapter: Adapter, name: str, dtype) -> torch.Tensor:
     if isinstance(how, tuple) and how[0] == "fold":
-        t = folded_weight(pm.store[name], name, how[1], how[2])
+        t = folded_weight(adapter, name, how[1], how[2])
     elif isinstance(how, tuple) and how[0] == "fold_bias":
-        t = folded_bias(pm.store[name], name, how[1], how[2], how[2])
+        t = folded_bias(adapter, name, how[1], how[2], how[2])
     elif isinstance(how, tuple):
         t = how[1]
     else:
@@ -143,18 +143,27 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
     computed. Tied weights stay tied. Everything is written to a temp directory that replaces `directory` only when
     complete; nothing existing is touched on failure.
     """
-    from tqdm.auto import tqdm
-
     name = adapter_name or pm.active_adapter
     if name not in pm.adapters:
         raise ExportError(f"no adapter named {name!r}; adapters: {pm.adapters}")
-    if not hasattr(pm.base_model, "save_pretrained") or pm.config is None:
-        raise ExportError(f"{pm.model_class} is not a Hugging Face model; use pm.export(path) for a .pt2 program")
+    return write_merged(pm.store[name], name, pm.sites, pm.base_model, pm.config, pm.model_class, directory,
+                        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+
+
+def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, config: Any, model_class: str,
+                 directory, *, dtype: Any = None, max_shard_size: Any = "2GB", overwrite: bool = False,
+                 progress: bool = True) -> Path:
+    """export_merged from data: `adapter` (named `name`) folded at `sites` into the weights of `model` (the user's
+    model, whose state dict gives the key names and tied tensors), written with `config` as `model_class`."""
+    from tqdm.auto import tqdm
+
+    if not hasattr(model, "save_pretrained") or config is None:
+        raise ExportError(f"{model_class} is not a Hugging Face model; use pm.export(path) for a .pt2 program")
     dtype = parse_dtype(dtype)
     limit = parse_size(max_shard_size)
     out = Path(directory)
     _check_target(out, overwrite)
-    plan, untied = _state_plan(pm, name)
+    plan, untied = _state_plan(adapter, name, sites, model, model_class)
 
     # shard plan from sizes alone, so file names are known before any tensor is computed
     shards: list[list[tuple[str, Any]]] = [[]]
@@ -172,8 +181,8 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.peftc-tmp-", dir=out.parent))
     try:
-        cfg = copy.deepcopy(pm.config)
-        cfg.architectures = [pm.model_class]
+        cfg = copy.deepcopy(config)
+        cfg.architectures = [model_class]
         if dtype is not None:
             cfg.dtype = dtype
         if untied:
@@ -181,8 +190,8 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
                         "written untied and config.tie_word_embeddings is set to False")
             cfg.tie_word_embeddings = False
         cfg.save_pretrained(tmp)
-        gen = getattr(pm.base_model, "generation_config", None)
-        if gen is not None and pm.base_model.can_generate():
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and model.can_generate():
             gen.save_pretrained(tmp)
         weight_map: dict[str, str] = {}
         total = 0
@@ -190,7 +199,7 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
         for fname, shard in zip(files, shards):
             tensors = {}
             for k, how in shard:
-                tensors[k] = _materialize(how, pm, name, dtype)
+                tensors[k] = _materialize(how, adapter, name, dtype)
                 total += tensors[k].numel() * tensors[k].itemsize
                 weight_map[k] = fname
                 bar.update()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .build import as_spec, check_adapter_name
-from .checkpoint import load_spec, load_weights_, read_adapter_weights, save_adapters
+from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
 from .errors import InputError, MergeError, SpecError
 from .export import export_program
 from .graph_model import GraphModel
@@ -244,7 +244,7 @@ class PeftModule(GraphModel):
         adapter.requires_grad_(is_trainable)   # before it takes a slot: a capacity's frozen slots stay alike
         self._add(adapter_name, adapter)
         try:
-            load_weights_(self, adapter_name, tensors, source=str(directory))
+            load_weights_(self.checkpoint_data, adapter_name, tensors, source=str(directory))
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -430,9 +430,14 @@ class PeftModule(GraphModel):
     def save_adapter(self, directory, adapter_name: str | None = None) -> list[Path]:
         """Write adapter_config.json + adapter_model.safetensors in PEFT's format and layout (atomically): the
         adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`."""
-        return save_adapters(self, directory, adapter_name)
+        return save_adapters(self.checkpoint_data, directory, adapter_name)
 
     save_pretrained = save_adapter
+
+    @property
+    def checkpoint_data(self) -> ModelData:
+        """What checkpoints read and write: the store, the sites, the base graph and the model's names."""
+        return ModelData(self.store, self.sites, self.base_graph_module, self.base_name, self.loss_type)
 
     # --- merging and export ----------------------------------------------------------------------------------------
     def merge(self, adapter_name: str | None = None) -> "MergedModule":

@@ -115,7 +115,7 @@ def test_loading_weights_into_a_slot_no_recompile():
             w.B.copy_(torch.randn(w.B.shape, generator=g))
         copied, copied_eager = out(compiled), out(pm)
         tensors = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in pm.store.peft_state_dict("default").items()}
-        load_weights_(pm, "default", tensors, source="test")
+        load_weights_(pm.checkpoint_data, "default", tensors, source="test")
         loaded = out(compiled)
     assert differ(copied, before) and close(copied, copied_eager)
     assert differ(loaded, copied) and close(loaded, out(pm))

@@ -244,8 +244,8 @@ def test_config_round_trip_and_refusals():
     spec = lora_from_config(cfg)
     assert spec.bias == "lora_only"
     pm = peftc.compile(make("llama"), spec)
-    assert adapter_config(pm, "default")["bias"] == "lora_only"
-    assert LoraConfig(**{k: v for k, v in adapter_config(pm, "default").items()
+    assert adapter_config(pm.checkpoint_data, "default")["bias"] == "lora_only"
+    assert LoraConfig(**{k: v for k, v in adapter_config(pm.checkpoint_data, "default").items()
                          if k in LoraConfig.__dataclass_fields__}).bias == "lora_only"
     with pytest.raises(SpecError, match="bias must be one of"):
         peftc.LoRA(bias="some")
