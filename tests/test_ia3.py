@@ -87,7 +87,7 @@ def test_explicit_forms_select_the_same_layers_in_peft(spec, ff, tmp_path):
 
 
 # --- checkpoints both ways -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", *[pytest.param(a, marks=pytest.mark.slow) for a in ("bert", "vit")]])
 def test_peft_checkpoint_loads_into_peftc_and_merges(arch, tmp_path):
     ref = random_peft(arch)
     ref.save_pretrained(tmp_path)
@@ -103,7 +103,7 @@ def test_peft_checkpoint_loads_into_peftc_and_merges(arch, tmp_path):
     assert diff(ours, make(arch), parity_inputs(arch)[0]) > 100 * TOL, "the adapter left the output unchanged"
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "vit"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", *[pytest.param(a, marks=pytest.mark.slow) for a in ("bert", "vit")]])
 def test_peftc_checkpoint_loads_into_peft(arch, tmp_path):
     torch.manual_seed(4)
     pm = peftc.compile(make(arch), peftc.IA3(init_ia3_weights=False))
