@@ -80,7 +80,9 @@ class Method:
     mixed_refusal: (adapter) -> why this adapter cannot join a mixed batch, or None
     pad, empty:  "capacity". pad(site weights, capacity) -> the same weights allocated at the capacity's size (new
                  Parameters, same values, same requires_grad); empty(site weights, capacity) -> frozen weights of
-                 that size that change nothing (a slot the adapter left). A capacity's lanes hold them.
+                 that size that change nothing (a slot the adapter left). A capacity's lanes hold them, so the
+                 method's adapters come and go as data; a method without them still joins a module with a capacity
+                 (it takes a slot), but adding or deleting one rebuilds the graph.
     room:        (adapter, capacity) -> why the adapter does not fit the capacity (e.g. its rank), or None
     fits_graph:  (gm, adapter) -> whether the plain-form graph `gm` already serves the adapter as data (a
                  capacity then adds it without a rebuild)

@@ -171,7 +171,6 @@ class PeftModule(GraphModel):
                              f"full ({self.adapters}); delete_adapter() one, or pm.reserve(adapters=...) for more "
                              "(one recompile)")
         method = adapter.method
-        method.require("capacity", f"adding adapter {name!r} to a module with a declared capacity", InputError)
         why = method.room(adapter, cap) if method.room is not None else None
         if why:
             raise InputError(f"adapter {name!r} does not fit the declared capacity: {why}")
@@ -180,6 +179,8 @@ class PeftModule(GraphModel):
         """Whether adding or deleting `adapter` needs a new graph: always without a capacity; with one, only for
         modules_to_save, trainable tokens or for targets outside the routed sites."""
         if self.store.capacity is None or adapter.saved_modules or adapter.tokens:
+            return True
+        if "capacity" not in adapter.method.capabilities:   # no lane of its size: it comes with a rebuild
             return True
         fits = adapter.method.fits_graph
         if fits is not None and not fits(self._single_gm, adapter):
@@ -199,7 +200,6 @@ class PeftModule(GraphModel):
                              f"({self.adapters}); delete some first")
         for a in self.adapters:
             method = self.store[a].method
-            method.require("capacity", f"declaring a capacity with adapter {a!r} present", InputError)
             why = method.room(self.store[a], cap) if method.room is not None else None
             if why:
                 raise InputError(f"capacity {cap} does not fit adapter {a!r}: {why}")

@@ -110,6 +110,8 @@ class AdapterStore(nn.Module):
             del self._slots[slot]
         else:
             self._slots[slot] = None
+            if "capacity" not in adapter.method.capabilities:
+                return slot
             lane = self._lane(slot, adapter.method.tag)
             empty = adapter.method.empty
             for key, w in adapter.sites.items():   # fresh weights: the old ones stay the old adapter's alone
@@ -135,7 +137,8 @@ class AdapterStore(nn.Module):
         """Allocate `adapter`'s weights at the capacity's size (its method's pad) and make them slot `slot`'s lane
         entries."""
         method = adapter.method
-        method.require("capacity", f"adding a {method.name} adapter to a module with a declared capacity")
+        if "capacity" not in method.capabilities:   # its own weights, no lane: the graph is rebuilt around them
+            return
         lane = self._lane(slot, method.tag)
         for key, w in adapter.sites.items():
             padded = method.pad(w, self.capacity)

@@ -348,3 +348,38 @@ def test_switching_adapters_with_other_row_counts_never_recompiles():
                 assert (compiled(**x).logits - eager[name]).abs().max() <= TOL_TT, name
     assert graphs() == before
     dynamo.reset()
+
+
+def test_every_method_joins_and_leaves_a_module_with_a_capacity():
+    """A LoRA module with a declared capacity takes a LoRA adapter as data, and an IA3 and a TrainableTokens adapter
+    too (TrainableTokens has no lane: it comes with a rebuild); each gives its own outputs, and deleting each leaves
+    the others exact."""
+    x = inputs("llama")
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=4, init=False), capacity=peftc.Capacity(4, rank=8)).eval()
+    with torch.no_grad():
+        lora = pm(**x).logits
+    pm.add_adapter("ia3", peftc.IA3(init_ia3_weights=False))
+    pm.add_adapter("tok", peftc.TrainableTokens(token_indices=[1, 2, 3]))
+    with torch.no_grad():
+        for w in pm.store["tok"].tokens.values():
+            for p in w.parameters():
+                p.normal_()
+    pm.add_adapter("b", peftc.LoRA(r=8, init=False))
+    assert pm.store.slots() == ["__base__", "default", "ia3", "tok", "b"]
+    outs = {}
+    for name in ("default", "ia3", "tok", "b"):
+        pm.set_adapter(name)
+        with torch.no_grad():
+            outs[name] = pm(**x).logits
+    assert torch.equal(outs["default"], lora)
+    for a, b in [("default", "ia3"), ("ia3", "tok"), ("tok", "b"), ("default", "b")]:
+        assert (outs[a] - outs[b]).abs().max() > 1e-3, f"{a} and {b} give the same outputs"
+    pm.set_adapter("default")
+    for gone in ("tok", "ia3", "b"):
+        pm.delete_adapter(gone)
+        for name in [n for n in ("default", "ia3", "tok", "b") if n in pm.adapters]:
+            pm.set_adapter(name)
+            with torch.no_grad():
+                torch.testing.assert_close(pm(**x).logits, outs[name], rtol=0, atol=1e-5)
+        pm.set_adapter("default")
+    assert pm.store.slots() == ["__base__", "default", None, None, None]
