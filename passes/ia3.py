@@ -36,7 +36,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.errors import SpecError, TargetNotFound
 from peftc.methods import Method, form_module, register_method, work_dtype
-from peftc.spec import SEQ_CLS_HEADS, TASK_TYPES, AdapterSpec, Targets, _names, _normalize_targets
+from peftc.spec import TASK_TYPES, AdapterSpec, Targets, _names, _normalize_targets, modules_to_save_of
 from peftc.store import STORE, Adapter, AdapterStore, lane_target, site_key
 from peftc.targets import name_matches, output_head_paths, resolve_targets, select_layers
 
@@ -94,13 +94,7 @@ class IA3(AdapterSpec):
                                 "feedforward module is a target whose input is scaled, so it must be a target too "
                                 "(PEFT requires feedforward_modules to be a subset of target_modules); add them to "
                                 "targets or drop them from feedforward")
-        mts = self.modules_to_save
-        if isinstance(mts, str) or not all(isinstance(m, str) and m for m in (mts or ())):
-            raise SpecError(f"modules_to_save must be a list of module names, got {mts!r}")
-        mts = tuple(dict.fromkeys(mts or ()))
-        if self.task_type == "SEQ_CLS":  # as PEFT does: the classification head is trained and saved
-            mts = mts + tuple(h for h in SEQ_CLS_HEADS if h not in mts)
-        object.__setattr__(self, "modules_to_save", mts)
+        object.__setattr__(self, "modules_to_save", modules_to_save_of(self.modules_to_save, self.task_type))
 
     def is_feedforward(self, path: str) -> bool:
         """PEFT's rule: a regex must match the whole path; a name matches the end of the path (plain endswith)."""

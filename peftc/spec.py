@@ -120,6 +120,17 @@ def _token_indices(value: Any) -> Union[None, tuple[int, ...], tuple[tuple[str, 
     return rows("", value)
 
 
+def modules_to_save_of(value: Any, task_type: Any) -> tuple[str, ...]:
+    """A spec's modules_to_save as a tuple of names (duplicates dropped); with task_type SEQ_CLS the classification
+    heads are added, as PEFT trains and saves them."""
+    if isinstance(value, str) or not all(isinstance(m, str) and m for m in (value or ())):
+        raise SpecError(f"modules_to_save must be a list of module names, got {value!r}")
+    mts = tuple(dict.fromkeys(value or ()))
+    if task_type == "SEQ_CLS":
+        mts = mts + tuple(h for h in SEQ_CLS_HEADS if h not in mts)
+    return mts
+
+
 def pattern_matches(key: str, path: str) -> bool:
     """Whether a rank_pattern / alpha_pattern key matches module path `path`, as PEFT matches it: a regex over the
     end of the path, at a component boundary."""

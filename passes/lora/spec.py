@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence, Union
 
 from peftc.errors import SpecError
-from peftc.spec import (BIAS_MODES, SEQ_CLS_HEADS, TASK_TYPES, AdapterSpec, Targets, _layers, _names,
+from peftc.spec import (BIAS_MODES, TASK_TYPES, modules_to_save_of, AdapterSpec, Targets, _layers, _names,
                         _normalize_targets, _pairs, _parameter_names, _token_indices, pattern_matches)
 
 from .inits import parse_init
@@ -111,13 +111,7 @@ class LoRA(AdapterSpec):
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise SpecError(f"layers_pattern={self.layers_pattern!r} needs layers_to_transform (the layer indices "
                             "to adapt); give both or neither")
-        mts = self.modules_to_save
-        if isinstance(mts, str) or not all(isinstance(m, str) and m for m in (mts or ())):
-            raise SpecError(f"modules_to_save must be a list of module names, got {mts!r}")
-        mts = tuple(dict.fromkeys(mts or ()))
-        if self.task_type == "SEQ_CLS":  # as PEFT does: the classification head is trained and saved
-            mts = mts + tuple(h for h in SEQ_CLS_HEADS if h not in mts)
-        object.__setattr__(self, "modules_to_save", mts)
+        object.__setattr__(self, "modules_to_save", modules_to_save_of(self.modules_to_save, self.task_type))
 
     @property
     def scale(self) -> float:
