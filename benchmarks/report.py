@@ -2,11 +2,12 @@
 its main, in this process, under harness.py's rules) and write its table between that table's report markers
 (`<!-- report:NAME:start -->` ... `<!-- report:NAME:end -->`).
 
-    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick]
+    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick] [--only ia3,moe]
 
 Takes about 15 minutes on a 2-core CPU (most of it compiling). --no-compiled skips the compiled mode and
 compile_speed.py (their tables are left as they are); --dry-run prints the tables instead of writing them; --quick
-runs 2 rounds after 1 warm-up (a smoke test: its figures are noise).
+runs 2 rounds after 1 warm-up (a smoke test: its figures are noise); --only regenerates the named tables
+(each benchmark runs once, however many of them read it).
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ import torch  # noqa: E402
 import blocks  # noqa: E402
 import compile_speed  # noqa: E402
 import dora  # noqa: E402
+import ia3  # noqa: E402
 import lora_modes  # noqa: E402
 import lora_overhead  # noqa: E402
 import merge_speed  # noqa: E402
 import mixed_batch  # noqa: E402
+import moe  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_README = os.path.join(HERE, "README.md")
@@ -159,43 +162,74 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--no-compiled", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--quick", action="store_true", help="2 rounds after 1 warm-up (a smoke test)")
+    ap.add_argument("--only", default=None, help="comma-separated tables to regenerate (default: all): "
+                    + ", ".join(TABLES))
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    only = list(TABLES) if args.only is None else args.only.split(",")
+    unknown = sorted(set(only) - set(TABLES))
+    if unknown:
+        raise SystemExit(f"--only: no table named {unknown}; the tables are {', '.join(TABLES)}")
+    if args.no_compiled:
+        only = [n for n in only if n != "compile_speed"]
     rounds, warmup = (2, 1) if args.quick else (args.rounds, args.warmup)
     common = ["--rounds", str(rounds), "--warmup", str(warmup)]
     common += ["--threads", str(args.threads)] if args.threads else []
     modes = "no_grad,inference,train,saved" + ("" if args.no_compiled else ",compiled")
-    got = lora_modes.main(common + ["--modes", modes])
-    overhead = lora_overhead.main(common)
-    merge = merge_speed.main(common)
-    mixed = mixed_batch.main(common)
-    dora_r = dora.main(common)
-    blocks_r = blocks.main(common)
-    bench = {
-        "modes": modes_table(got, mixed, argv),
-        "lora_overhead": ratio_table(overhead, lora_overhead.PAIRS, argv, f" `torch.inference_mode()`; ideal "
-                                     f"{overhead['ideal']:.3f}."),
-        "merge_speed": ratio_table(merge, merge_speed.PAIRS, argv, " `torch.inference_mode()`."),
-        "mixed_batch": ratio_table(mixed, [("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"), ("peftc 1", "base"),
-                                           ("peftc 1x8", "peftc 1"), ("peftc 8", "PEFT 8")], argv,
-                                   " `torch.inference_mode()`."),
-        "dora": modes_by_mode(dora_r, dora.PAIRS, argv, (("no_grad", "eval, `torch.no_grad()`"),
-                                                         ("inference", "eval, `torch.inference_mode()`"),
-                                                         ("train", "training step"))),
-        "blocks": modes_by_mode(blocks_r, [("blocks", "flat")], argv, (("no_grad", "eval, `torch.no_grad()`"),
-                                                                       ("inference", "eval, `torch.inference_mode()`"),
-                                                                       ("train", "training step"))),
+    runs = {
+        "lora_modes": lambda: lora_modes.main(common + ["--modes", modes]),
+        "lora_overhead": lambda: lora_overhead.main(common),
+        "merge_speed": lambda: merge_speed.main(common),
+        "mixed_batch": lambda: mixed_batch.main(common),
+        "dora": lambda: dora.main(common),
+        "blocks": lambda: blocks.main(common),
+        "ia3": lambda: ia3.main(common),
+        "moe": lambda: moe.main(common),
+        "compile_speed": lambda: compile_speed.main(common + ["--compile-base"]),
     }
-    if not args.no_compiled:
-        comp = compile_speed.main(common + ["--compile-base"])
-        bench["compile_speed"] = ratio_table(comp, [("peftc compiled", "peftc"), ("peftc compiled", "PEFT compiled"),
-                                                    ("peftc compiled", "base compiled"), ("base compiled", "base"),
-                                                    ("PEFT compiled", "PEFT"), ("peftc", "base")], argv,
-                                             " `torch.inference_mode()`, `--compile-base`.")
-    write(BENCH_README, bench, args.dry_run)
-    write(ROOT_README, {"summary": summary(got, merge, mixed, argv)}, args.dry_run)
+    done: dict = {}
+
+    def result(name: str) -> dict:
+        """Each benchmark runs once, however many tables read it."""
+        if name not in done:
+            done[name] = runs[name]()
+        return done[name]
+
+    tables = {name: TABLES[name](result, argv) for name in only}
+    readme = {n: t for n, t in tables.items() if n != "summary"}
+    write(BENCH_README, readme, args.dry_run)
+    if "summary" in tables:
+        write(ROOT_README, {"summary": tables["summary"]}, args.dry_run)
     if not args.dry_run:
-        print("\n\n".join(bench.values()))
+        print("\n\n".join(readme.values()))
+
+
+EVAL_TITLES = (("no_grad", "eval, `torch.no_grad()`"), ("inference", "eval, `torch.inference_mode()`"))
+TRAIN_TITLE = (("train", "training step"),)
+# table name -> (result(benchmark name) -> dict, argv) -> its text
+TABLES = {
+    "modes": lambda r, argv: modes_table(r("lora_modes"), r("mixed_batch"), argv),
+    "lora_overhead": lambda r, argv: ratio_table(r("lora_overhead"), lora_overhead.PAIRS, argv,
+                                                 f" `torch.inference_mode()`; ideal {r('lora_overhead')['ideal']:.3f}."),
+    "merge_speed": lambda r, argv: ratio_table(r("merge_speed"), merge_speed.PAIRS, argv, " `torch.inference_mode()`."),
+    "mixed_batch": lambda r, argv: ratio_table(r("mixed_batch"), [("peftc 8", "peftc 1"), ("PEFT 8", "PEFT 1"),
+                                                                  ("peftc 1", "base"), ("peftc 1x8", "peftc 1"),
+                                                                  ("peftc 8", "PEFT 8")], argv,
+                                               " `torch.inference_mode()`."),
+    "dora": lambda r, argv: modes_by_mode(r("dora"), dora.PAIRS, argv, EVAL_TITLES + TRAIN_TITLE),
+    "blocks": lambda r, argv: modes_by_mode(r("blocks"), [("blocks", "flat")], argv, EVAL_TITLES + TRAIN_TITLE),
+    "ia3": lambda r, argv: modes_by_mode(r("ia3"), ia3.PAIRS, argv, EVAL_TITLES),
+    "moe": lambda r, argv: modes_by_mode(r("moe"), [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT")], argv,
+                                         EVAL_TITLES[:1]) + "\n\n" + modes_by_mode(r("moe"), [("peftc", "PEFT")], argv,
+                                                                                 TRAIN_TITLE),
+    "compile_speed": lambda r, argv: ratio_table(r("compile_speed"), [("peftc compiled", "peftc"),
+                                                                      ("peftc compiled", "PEFT compiled"),
+                                                                      ("peftc compiled", "base compiled"),
+                                                                      ("base compiled", "base"),
+                                                                      ("PEFT compiled", "PEFT"), ("peftc", "base")],
+                                                 argv, " `torch.inference_mode()`, `--compile-base`."),
+    "summary": lambda r, argv: summary(r("lora_modes"), r("merge_speed"), r("mixed_batch"), argv),
+}
 
 
 if __name__ == "__main__":
