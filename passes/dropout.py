@@ -7,6 +7,12 @@ so one graph serves both modes.
     After:   y = self.peftc_dropout_0(x)             a = self.peftc_sdpa_1(q, k, v, m, 0.1)
              (the same op with train=self.training)   (dropout_p is 0.0 in eval)
 
+Ops that take their mode as an argument (bitsandbytes' 8-bit matmul, whose CPU kernel differs between training and
+inference) read it from the graph's mode flag:
+
+    Before:  y = peftc.linear_8bit(x, CB, SCB, b, 6.0, True)
+    After:   m = self.peftc_mode();  y = peftc.linear_8bit(x, CB, SCB, b, 6.0, m)     (m: self.training)
+
 Every dropout kind keeps its own op (element-wise, channel-wise "feature", alpha); in-place variants become their
 out-of-place op (the result is what the graph uses).
 """
@@ -16,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
+
+import peftc.quant  # noqa: F401  (registers torch.ops.peftc)
 
 aten = torch.ops.aten
 # traced op -> the out-of-place op called with train=self.training
@@ -29,6 +37,8 @@ DROPOUTS = {
     aten.feature_alpha_dropout.default: aten.feature_alpha_dropout.default,   # nn.FeatureAlphaDropout
     aten.feature_alpha_dropout_.default: aten.feature_alpha_dropout.default,
 }
+# op -> the index of its `training` argument
+MODE_ARGS = {torch.ops.peftc.linear_8bit.default: 5}
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
@@ -56,6 +66,13 @@ class ModeAwareSDPA(nn.Module):
                                               enable_gqa=enable_gqa)
 
 
+class Mode(nn.Module):
+    """The module's mode (self.training) as a value in the graph."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
 def replace_with_module(gm: GraphModule, node: Node, name: str, module: nn.Module, args, kwargs) -> Node:
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):
@@ -69,10 +86,18 @@ def replace_with_module(gm: GraphModule, node: Node, name: str, module: nn.Modul
 def make_dropout_mode_aware(gm: GraphModule) -> int:
     """Rewrite every train-mode dropout and SDPA-with-dropout; returns the number of rewrites."""
     count = 0
+    mode = None
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in DROPOUTS:
+        if node.target in MODE_ARGS:
+            if mode is None:
+                gm.add_submodule("peftc_mode", Mode())
+                with gm.graph.inserting_before(next(n for n in gm.graph.nodes if n.op != "placeholder")):
+                    mode = gm.graph.call_module("peftc_mode", ())
+            node.update_arg(MODE_ARGS[node.target], mode)
+            count += 1
+        elif node.target in DROPOUTS:
             x, p, train = node.args[0], float(node.args[1]), node.args[2]
             if p == 0.0 or train is False:
                 node.replace_all_uses_with(x)

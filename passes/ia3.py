@@ -41,7 +41,7 @@ from peftc.store import STORE, Adapter, AdapterStore, lane_target, site_key
 from peftc.targets import name_matches, output_head_paths, resolve_targets, select_layers
 
 from .lora.gathered import batch_dim, batch_source
-from .match import Site, tensor_at
+from .match import Site, tensor_at, weight_like
 from .route import route_input
 
 log = logging.getLogger(__name__)
@@ -452,7 +452,7 @@ def _scale_rows(gm, site: Site, node: Node, side: str, store: AdapterStore, rows
     """t' = t * L[rows] per row, L = stack([ones, l_1, ...]) (ones for slot 0 and slots that do not scale here)."""
     g = gm.graph
     key = site_key(site.fqn)
-    w0 = tensor_at(gm, site.weight)
+    w0 = weight_like(gm, site)
     bank = form_module(gm, "mixed", IA3Bank(site.in_features, site.out_features, w0.dtype, w0.device), "ia3_")
     t = _target(site, node, side)
     n = site.in_features if side == "in" else site.out_features
@@ -542,7 +542,8 @@ def ia3_fits_graph(gm: GraphModule, adapter: Adapter) -> bool:
 
 
 register_method(Method(IA3, "IA3", ia3_from_config, ia3_to_config, build=ia3_build, rewrite=insert_ia3,
-                       peft_keys=ia3_keys, route_values={"ia3": _ia3_value}, site_kinds=("linear", "conv1d", "conv"),
+                       peft_keys=ia3_keys, route_values={"ia3": _ia3_value}, site_kinds=("linear", "conv1d", "conv", "linear4bit",
+                                                                        "linear8bit"),
                        check=ia3_check, resolve=ia3_resolve, fold=ia3_delta, fold_bias=ia3_bias_delta, forms=FORMS,
                        pad=lambda w, cap: w, empty=lambda w, cap: w.ones(), fits_graph=ia3_fits_graph,
                        param_count=ia3_param_count))

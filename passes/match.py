@@ -24,6 +24,8 @@ import networkx as nx
 import torch
 from torch.fx import GraphModule, Node
 
+from peftc.quant import OPS_4BIT, OPS_8BIT, dense_from_args
+
 aten = torch.ops.aten
 SDPA = (aten.scaled_dot_product_attention.default,)
 ROLES = ("q", "k", "v", "o")
@@ -42,6 +44,7 @@ class SiteKind:
     matmul: bool
     module_type: str = ""        # required module type name ("" for any)
     param: bool = False          # a parameter read, not a module's layer op: matched by passes.param_sites
+    shape_args: tuple | None = None   # (out, in) argument indices where the weight input is not W itself (quantized)
     def args_of(self, node: Node) -> dict:
         """The op's arguments past input, weight and bias, by name, defaults filled in (conv: stride, padding,
         dilation, groups; embedding: padding_idx)."""
@@ -51,6 +54,8 @@ class SiteKind:
             if i in (self.weight_arg, self.input_arg, self.bias_arg):
                 continue
             v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value)
+            if isinstance(v, Node):      # a tensor the op reads (a quantized weight's scales): not a setting
+                continue
             out[a.name] = list(v) if isinstance(v, (list, tuple)) else v
         return out
 
@@ -66,7 +71,11 @@ KINDS: dict[str, SiteKind] = {k.name: k for k in (
     SiteKind("grouped_mm", ("transformers::grouped_mm_fallback", "aten::_grouped_mm"), 1, 0, None, False,
              param=True),
     SiteKind("batched_mm", ("aten::bmm",), 0, 1, None, False, param=True),
+    # bitsandbytes' layers as peftc's ops (peftc.quant): the weight input is the packed codes
+    SiteKind("linear4bit", OPS_4BIT, 1, 0, 6, True, shape_args=(7, 8)),
+    SiteKind("linear8bit", OPS_8BIT, 1, 0, 3, True),
 )}
+QUANTIZED = ("linear4bit", "linear8bit")
 _BY_OP = {op: k for k in KINDS.values() if not k.param for op in k.ops}
 
 
@@ -154,6 +163,8 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
         shape = tuple(tensor_at(gm, w.target).shape)
     except AttributeError:   # a plain tensor attribute: the traced value's shape
         shape = tuple(w.meta["val"].shape)
+    if kind.shape_args is not None:
+        shape = tuple(int(node.args[i]) for i in kind.shape_args)
     params = kind.args_of(node)
     if kind.name == "conv":
         if len(shape) < 3:
@@ -161,7 +172,7 @@ def _site_of(gm: GraphModule, node: Node) -> Site | None:
         out_f, in_f = shape[0], shape[1] * params.get("groups", 1)
     elif len(shape) != 2:
         return None
-    elif kind.name == "linear":
+    elif kind.name in ("linear", *QUANTIZED):     # [out, in]
         out_f, in_f = shape
     else:                        # Conv1D [in, out]; embedding [num, dim]
         in_f, out_f = shape
@@ -198,6 +209,50 @@ def weight_reader(site: Site, node: Node) -> tuple[Node, int]:
     if node.name in site.rows:
         return node.args[site.spec.weight_arg].args[0], 0
     return node, site.spec.weight_arg
+
+
+def site_node(gm: GraphModule, site: Site) -> Node:
+    """The site's first call in `gm` (the graph it was matched on, or a copy of it), by name."""
+    name = site.nodes[0].name
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def dense_weight(gm: GraphModule, site: Site, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The site's weight as a dense tensor: the parameter itself, or a quantized site's weight dequantized (a new
+    tensor, [out, in], in `dtype` or the dtype the layer computes its output in)."""
+    if site.kind not in QUANTIZED:
+        return tensor_at(gm, site.weight)
+    node = site_node(gm, site)
+    args = [tensor_at(gm, a.target) if isinstance(a, Node) and a.op == "get_attr" else a for a in node.args]
+    return dense_from_args(node.target, args, dtype or node.meta["val"].dtype)
+
+
+def weight_like(gm: GraphModule, site: Site) -> torch.Tensor:
+    """A tensor with the shape, floating dtype and device of the site's (dense) weight, for new_empty and the like:
+    the weight itself, or for a quantized site a zero-stride view that holds no memory."""
+    if site.kind not in QUANTIZED:
+        return tensor_at(gm, site.weight)
+    codes = tensor_at(gm, site.weight)
+    return torch.empty(1, dtype=site_dtype(gm, site), device=codes.device).as_strided(site.weight_shape, (0, 0))
+
+
+def weight_node(gm: GraphModule, site: Site, node: Node) -> Node:
+    """The graph value of the site's dense weight at call `node`: the weight input itself, or for a quantized site a
+    dequantization of it inserted before the call (a temporary, as the layer's own op makes)."""
+    if site.kind not in QUANTIZED:
+        return node.args[site.spec.weight_arg]
+    with gm.graph.inserting_before(node):
+        w = gm.graph.call_function(dense_from_args, (node.target, list(node.args), node.meta["val"].dtype))
+    w.meta.update(nn_module_stack=node.meta.get("nn_module_stack", {}),
+                  val=node.meta["val"].new_empty(site.weight_shape))
+    return w
+
+
+def site_dtype(gm: GraphModule, site: Site) -> torch.dtype:
+    """The floating dtype of the site's weight (a quantized site's: its output's, which adapters take)."""
+    if site.kind in QUANTIZED:
+        return site_node(gm, site).meta["val"].dtype
+    return tensor_at(gm, site.weight).dtype
 
 
 def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from .errors import SpecError
 from .methods import METHODS, method_of, spec_from_config
-from .passes.match import Site, tensor_at
+from .passes.match import Site, dense_weight
 from .passes.modules_to_save import resolve_biases, resolve_modules_to_save, saved_copies
 from .passes.trainable_tokens import resolve_token_rows
 from .spec import SEQ_CLS_HEADS, AdapterSpec
@@ -102,7 +102,7 @@ def count_parameters(gm: GraphModule, sites: dict[str, Site], spec: AdapterSpec,
         if method.param_count is not None:
             out[path] = method.param_count(spec, site)
         else:
-            built = method.build(spec, site, tensor_at(gm, site.weight))
+            built = method.build(spec, site, dense_weight(gm, site))
             out[path] = sum(p.numel() for p in built.parameters() if p.requires_grad)
     return out
 
@@ -127,7 +127,7 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
     adapter.tokens.update({site_key(t.path): t for t in tokens})
     for path in chosen:
         site = site_for(sites, path, chosen)
-        adapter.sites[site_key(path)] = method.build(spec, site, tensor_at(gm, site.weight))
+        adapter.sites[site_key(path)] = method.build(spec, site, dense_weight(gm, site))
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     for path in biases:

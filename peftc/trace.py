@@ -14,7 +14,8 @@ from torch import nn
 from torch.export import Dim
 
 from .blocks import block_paths
-from .errors import TraceError
+from .errors import PeftcError, TraceError
+from .quant import stand_in
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,8 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def _dtype(model: nn.Module) -> torch.dtype:
-    p = next(model.parameters(), None)
-    return p.dtype if p is not None and p.is_floating_point() else torch.float32
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)   # past a quantized layer's codes
+    return p.dtype if p is not None else torch.float32
 
 
 class _ModuleTracker:
@@ -218,13 +219,17 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
         raise TraceError(f"example_inputs must be a tuple of args or a dict of kwargs, got {type(example_inputs).__name__}")
 
     was_training = {m: m.training for m in model.modules()}
-    tracker = _ModuleTracker(model)
+    tracker = None
     try:
         model.train()
-        with tracker:
-            ep = export_with_fallback(model, args, kwargs, dyn)
+        with stand_in(model):       # bitsandbytes layers as peftc's ops while tracing; the model's own afterwards
+            tracker = _ModuleTracker(model)
+            with tracker:
+                ep = export_with_fallback(model, args, kwargs, dyn)
+    except PeftcError:
+        raise
     except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
-        where = tracker.failed_in
+        where = tracker.failed_in if tracker is not None else None
         culprit = f"module '{where[0]}' ({where[1]})" if where else f"model {type(model).__name__}"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(

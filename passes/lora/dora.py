@@ -11,7 +11,7 @@ from torch.fx import GraphModule, Node
 
 from peftc.methods import work_dtype
 
-from ..match import Site
+from ..match import Site, weight_node
 from ..route import route_input
 
 
@@ -114,7 +114,7 @@ class DoraScale:
 def dora_args(gm: GraphModule, site: Site, node: Node, w: torch.Tensor) -> list:
     """DoRA's inputs at one site call: the site's own weight and bias nodes, and the call's magnitude and flag."""
     kind = site.spec
-    weight = node.args[kind.weight_arg]
+    weight = weight_node(gm, site, node)
     bias = node.args[kind.bias_arg] if kind.bias_arg is not None and kind.bias_arg < len(node.args) else None
     shape = (1, site.out_features, *(1,) * (w.dim() - 2)) if site.kind == "conv" else (site.out_features,)
     m = route_input(gm, ("lora", site.fqn, "m"), w.new_empty(shape))

@@ -25,7 +25,7 @@ from peftc.methods import form_module
 from peftc.store import STORE, AdapterStore, lane_target, site_key
 from peftc.targets import MHA
 
-from ..match import Site, tensor_at
+from ..match import Site, tensor_at, weight_like
 from .values import input_of, live_at, lora_adapter, variant_at, weights_at
 from .variants import LORA_BIAS
 from .weights import zeros_at
@@ -86,7 +86,7 @@ def insert_gathered(gm: GraphModule, calls: list[tuple[Site, Node]], store: Adap
     for site, node in calls:
         key = site_key(site.fqn)
         if key not in banks:
-            w = tensor_at(gm, site.weight)
+            w = weight_like(gm, site)
             banks[key] = form_module(gm, "mixed", SiteBank(rank, site.in_features, site.out_features, w.dtype,
                                                            w.device, live_at(store, [site.fqn])), "bank")
             if capacity is not None:       # fixed shapes: every slot's lane has weights here, whoever fills it

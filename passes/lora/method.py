@@ -187,7 +187,8 @@ def lora_room(adapter: Adapter, capacity: Capacity) -> str | None:
 
 register_method(Method(LoRA, "LORA", lora_from_config, lora_to_config, build=build_lora, rewrite=insert_lora,
                        peft_keys=lora_keys, route_values={"lora": lora_value, "residual": residual_value},
-                       site_kinds=("linear", "conv1d", "embedding", "conv", "grouped_mm", "batched_mm"), check=check_lora,
+                       site_kinds=("linear", "conv1d", "embedding", "conv", "grouped_mm", "batched_mm",
+                                   "linear4bit", "linear8bit"), check=check_lora,
                        fold=lora_delta, fold_bias=lora_bias_delta, mixed_refusal=lora_mixed_refusal,
                        pad=lambda w, cap: w.padded(cap.rank), empty=lambda w, cap: w.zeros(cap.rank),
                        room=lora_room, fits_graph=lora_fits_graph, param_count=lora_param_count,

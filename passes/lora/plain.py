@@ -20,7 +20,7 @@ from torch.fx import GraphModule, Node
 from peftc.methods import form_module
 from peftc.store import AdapterStore
 
-from ..match import Site, tensor_at
+from ..match import Site, tensor_at, weight_like
 from ..route import route_input
 from .ops import LoraGroup
 from .values import input_of, live_at, residual_at, site_rank, variant_at
@@ -86,7 +86,7 @@ def _rewrite_group(gm: GraphModule, x: Node, members: list[tuple[Site, Node]], s
     paths = [site.fqn for site, _ in members]
     extras: dict[str, list] = {v.name: [] for v in INPUTS}   # each variant's inputs, where some adapter has it
     for site, node in members:
-        w = tensor_at(gm, site.weight)
+        w = weight_like(gm, site)
         r = site_rank(store, site.fqn)
         like = {"A": w.new_empty(r, site.in_features), "B": w.new_empty(site.out_features, r), "s": w.new_empty(()),
                 "p": w.new_empty(())}

@@ -32,8 +32,10 @@ from .ops import LoraGroup
 # where a site is, for the variants: its kind (passes.match), "attention" for an nn.MultiheadAttention's packed
 # in_proj, "param" for a stacked expert weight (target_parameters)
 WHERE = {"linear": "a linear layer", "conv1d": "a GPT-2 Conv1D layer", "embedding": "an embedding",
-         "conv": "a convolution", "attention": "nn.MultiheadAttention", "param": "a parameter target"}
-SERVED = {"linear": "linear", "conv1d": "Conv1D", "embedding": "embedding", "conv": "convolution"}
+         "conv": "a convolution", "attention": "nn.MultiheadAttention", "param": "a parameter target",
+         "linear4bit": "a 4-bit quantized linear layer", "linear8bit": "an 8-bit quantized linear layer"}
+SERVED = {"linear": "linear", "conv1d": "Conv1D", "embedding": "embedding", "conv": "convolution",
+          "linear4bit": "4-bit", "linear8bit": "8-bit"}
 ATTENTION = ("{option} on {path} (nn.MultiheadAttention) is not supported (as in PEFT); leave it out of targets "
              "(exclude_modules) or drop the option")
 ELSEWHERE = ("{option} on {path} ({what}, {type}) is not supported: peftc serves it on {served} layers; leave the "
@@ -134,14 +136,15 @@ _RESIDUAL = dict(_INIT, at=lambda w: w.residual is not None, build=_residual, ba
 DORA = Variant(
     "dora", on=lambda spec: spec.use_dora, option=lambda spec: "use_dora", at=lambda w: w.magnitude is not None,
     tensors=(("magnitude", "lora_magnitude_vector"),), channel_params=1,
-    serves=("linear", "conv1d", "embedding", "conv"),
+    serves=("linear", "conv1d", "embedding", "conv", "linear4bit", "linear8bit"),
     mixed="it uses DoRA, whose per-channel rescale the per-row form does not have yet (PEFT refuses adapter_names "
           "with DoRA too)",
     graph=_rescaled_paths, route={"m": "magnitude", "d": "d_t"}, inputs=dora_args, build=_magnitude, fold=_rescale)
 
 LORA_BIAS = Variant(
     "lora_bias", on=lambda spec: spec.lora_bias, option=lambda spec: "lora_bias", at=lambda w: w.B_bias is not None,
-    tensors=(("B_bias", "lora_B.bias"),), channel_params=1, serves=("linear", "conv1d", "conv"),
+    tensors=(("B_bias", "lora_B.bias"),), channel_params=1,
+    serves=("linear", "conv1d", "conv", "linear4bit", "linear8bit"),
     # PEFT 0.21.2 makes and saves the packed in_proj's lora_B.bias but never applies it (its forward adds only
     # s B A to in_proj_weight): an adapter with that bias would mean one thing here and another there
     refusals={"attention": "lora_bias on {path} (nn.MultiheadAttention) is not supported: PEFT keeps a bias for its "
