@@ -4,7 +4,8 @@
                                                     shared with the user's model
     After:   y = linear(x, W')                      W' = W + fold(adapter) (LoRA: W + s B A; Conv1D: W + (s B A)^T;
                                                     IA3: diag(l) W), a new constant
-             (the adapter's modules_to_save and trained-bias copies, and embeddings with its trained token rows,
+             (a quantized layer is dequantized first, passes.dequantize: the fold is exact;
+             the adapter's modules_to_save and trained-bias copies, and embeddings with its trained token rows,
              become plain constants; a trained bias is the base of a bias fold there)
 
 Every method's rewrite only adds to the base graph, so merging never unwinds it: the pass folds each weight update,
@@ -22,6 +23,7 @@ from peftc.errors import MergeError
 from peftc.methods import method_of, work_dtype
 from peftc.store import Adapter
 
+from .dequantize import dequantize_sites, requantize_sites
 from .match import Site, tensor_at, weight_reader
 from .modules_to_save import fold_saved_copies
 from .trainable_tokens import fold_token_rows
@@ -133,10 +135,15 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     return count
 
 
-def merge_graph_module(base: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> GraphModule:
+def merge_graph_module(base: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str, *,
+                       requantize: bool = False) -> GraphModule:
     """A new GraphModule: the base graph `base` (the model's, before any adapter) with `adapter`'s weight updates
     folded in. Weights it does not fold are shared with `base`; mode-carrying modules (dropout) are copied so the
-    two modules' train()/eval() stay apart."""
+    two modules' train()/eval() stay apart.
+
+    Quantized layers the adapter adapts are dequantized first (passes.dequantize), so the fold is exact and the
+    merged layers are full precision; with `requantize` they are quantized again in their own format afterwards,
+    and gm.meta["peftc_requantize"] holds the error that introduces (a RequantizeReport)."""
     gm = GraphModule(base, copy.deepcopy(base.graph))
     for node in gm.graph.nodes:
         if node.op == "call_module":
@@ -149,7 +156,10 @@ def merge_graph_module(base: GraphModule, sites: dict[str, Site], adapter: Adapt
                 own = buf.detach().clone()
                 own._peftc_owned = True
                 mod._buffers[key] = own
-    fold_adapter(gm, sites, adapter, name)
+    dense = dequantize_sites(gm, sites, adapter.targets)
+    fold_adapter(gm, dense, adapter, name)
+    if requantize:
+        gm.meta["peftc_requantize"] = requantize_sites(gm, dense, sites, adapter.targets)
     gm.delete_all_unused_submodules()
     gm.graph.lint()
     gm.recompile()

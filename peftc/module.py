@@ -440,15 +440,24 @@ class PeftModule(GraphModel):
         return ModelData(self.store, self.sites, self.base_graph_module, self.base_name, self.loss_type)
 
     # --- merging and export ----------------------------------------------------------------------------------------
-    def merge(self, adapter_name: str | None = None) -> "MergedModule":
+    def merge(self, adapter_name: str | None = None, *, requantize: bool = False) -> "MergedModule":
         """A new module with the adapter (the active one, or `adapter_name`) folded into the weights: its graph has
-        the base model's ops only. This PeftModule is not changed, so the unmerged model stays exact."""
+        the base model's ops only. This PeftModule is not changed, so the unmerged model stays exact.
+
+        On a quantized base (bitsandbytes 4-bit / 8-bit) each adapted layer is dequantized and the update added in
+        full precision, so the merged model computes what the adapted one does (lossless; its adapted layers are
+        full precision, the others stay quantized). `requantize=True` quantizes the merged layers again in their
+        own format instead, and `merged.requantize_report` says what error that introduced (it is also logged)."""
         name = adapter_name or self.active_adapter
         if name not in self.adapters:
             raise MergeError(f"no adapter named {name!r}; adapters: {self.adapters}")
-        gm = merge_graph_module(self.base_graph_module, self.sites, self.store[name], name)
+        gm = merge_graph_module(self.base_graph_module, self.sites, self.store[name], name, requantize=requantize)
         merged = MergedModule(dataclasses.replace(self._traced, gm=gm), config=self.config, loss_type=self.loss_type,
                               model_class=self.model_class, base_name=self.base_name)
+        report = gm.meta.get("peftc_requantize")
+        if report is not None:
+            log.warning("merge(requantize=True): %s", report)
+        object.__setattr__(merged, "requantize_report", report)
         return merged.train(self.training)
 
     def export(self, path, *, merged: bool = True, adapter_name: str | None = None) -> Path:
