@@ -330,14 +330,19 @@ def _method_spec(method: str, **given):
               help="Cast the merged weights (default: the base model's dtype).")
 @click.option("--max-shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 500MB.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists (only once the new one is complete).")
+@click.option("--requantize", is_flag=True,
+              help="A quantized (bitsandbytes) base: write the merged layers quantized again in their own format "
+                   "(default: full precision, exact).")
 @verbose_option
-def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_size: str, overwrite: bool) -> None:
+def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_size: str, overwrite: bool,
+          requantize: bool) -> None:
     """Fold an adapter into its base model and write a Hugging Face directory.
 
     Loads BASE with the model class the adapter was made for (its task_type; else config.json's architectures;
     else AutoModel), loads the adapter, and streams the merged weights (W + alpha/r B A) layer by layer into
     safetensors shards under the model's own key names, with config.json and the base's tokenizer files. The
-    result loads with plain transformers (AutoModelFor...from_pretrained(OUT)). OUT is written in full to a
+    result loads with plain transformers (AutoModelFor...from_pretrained(OUT)). A base saved quantized by
+    bitsandbytes is written in full precision (exact), or with --requantize in its own quantized format. OUT is written in full to a
     temporary directory first: nothing existing is touched if anything fails.
 
     \b
@@ -356,7 +361,8 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_siz
     pm = peftc.load_adapter(model, adapter)
     ad = pm.store[pm.active_adapter]
     click.echo(f"loaded adapter {adapter} ({ad.method.name}: {len(ad.targets)} sites)")
-    peftc.export_merged(pm, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite)
+    peftc.export_merged(pm, out, dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite,
+                        requantize=requantize)
     copied = _copy_tokenizer(base, out)
     click.echo(f"wrote {out} ({_dir_size(out) / 2**20:.1f} MiB{', with the tokenizer' if copied else ''}); "
                f"load it with transformers.{type(model).__name__}.from_pretrained({str(out)!r})")

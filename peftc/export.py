@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .errors import ExportError
+from .quant import quant_kind, quant_weight, quantized_state
 from .passes.merge import folded_bias, folded_weight
 from .passes.trainable_tokens import token_state
 from .store import Adapter, site_key
@@ -79,14 +80,62 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+class _Dense:
+    """A quantized layer's weight, dequantized when it is written (sizes the shard plan without computing it)."""
+
+    def __init__(self, path: str, layer: nn.Module, dtype: torch.dtype):
+        self.q = quant_weight(path, layer)
+        self.dtype, self.shape = dtype, (self.q.out_features, self.q.in_features)
+
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def is_floating_point(self) -> bool:
+        return True
+
+    def get(self) -> torch.Tensor:
+        return self.q.dense(self.dtype)
+
+
+def _quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {path: m for path, m in model.named_modules() if quant_kind(m) is not None}
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    p = next((p for p in model.parameters() if p.is_floating_point()), None)
+    return p.dtype if p is not None else torch.float32
+
+
 def _state_plan(adapter: Adapter, name: str, sites: dict, model: nn.Module,
-                model_class: str) -> tuple[list[tuple[str, Any]], bool]:
+                model_class: str, requantize: bool = False) -> tuple[list[tuple[str, Any]], bool]:
     """[(key, how)] in the model's state-dict order, where how is a tensor, ("fold", site, base weight),
     ("fold_bias", site, base bias) or ("saved", trained copy: modules_to_save, LoRA's bias, a weight with trained
     token rows);
-    tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied)."""
+    tied duplicates are left out (as save_pretrained does) unless folding would untie them. Returns (plan, untied).
+    A quantized layer's weight is its dequantization (a _Dense, folded where adapted); the entries of its
+    quantization state are left out. With `requantize`, an adapted quantized layer's entries are its folded weight
+    quantized again (("requant", site, dense base, entry)); the other quantized layers keep theirs."""
     folded = {sites[p].state_key: sites[p] for p in adapter.targets}
     state = model.state_dict()
+    quantized = _quantized_layers(model)
+    if requantize:
+        adapted = [p for p in adapter.targets if p in quantized]
+        if not adapted:
+            raise ExportError("requantize=True: no adapted layer of this model is quantized (requantizing applies "
+                              "to bitsandbytes 4-bit and 8-bit bases); export without it")
+        plan = []
+        for k, v in state.items():
+            path = next((p for p in adapted if k.startswith(f"{p}.") and k != f"{p}.bias"), None)
+            if path is None:
+                plan.append((k, v))
+            else:
+                dense = _Dense(path, quantized[path], _float_dtype(model))
+                plan.append((k, ("requant", sites[path], dense, k[len(path) + 1:], v)))
+        return plan, False
+    dense_dtype = _float_dtype(model)
+    for path, layer in quantized.items():
+        state = {k: (_Dense(path, layer, dense_dtype) if k == f"{path}.weight" else v) for k, v in state.items()
+                 if not k.startswith(f"{path}.") or k in (f"{path}.weight", f"{path}.bias")}
     biased = {}
     for p in adapter.targets:
         bias = state.get(f"{p}.bias")
@@ -104,6 +153,9 @@ def _state_plan(adapter: Adapter, name: str, sites: dict, model: nn.Module,
             saved[f"{path}.{pname.replace('-', '.')}"] = p.detach()
     groups: dict[tuple, list[str]] = {}
     for k, v in state.items():
+        if isinstance(v, _Dense):
+            groups[("dense", k)] = [k]
+            continue
         groups.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape)), []).append(k)
     tokens = token_state(adapter, state)      # weights with trained token rows (one tensor per tied group of readers)
     untied = any(len(g) > 1 and (any(k in folded or k in saved or k in biased for k in g)
@@ -119,9 +171,27 @@ def _state_plan(adapter: Adapter, name: str, sites: dict, model: nn.Module,
     return plan, untied
 
 
-def _materialize(how, adapter: Adapter, name: str, dtype) -> torch.Tensor:
+def _requantized(adapter: Adapter, name: str, site, dense: _Dense, cache: dict) -> dict[str, torch.Tensor]:
+    """The adapted quantized layer's state-dict entries: W + delta quantized again in the layer's format (once per
+    layer; the rounding error is logged)."""
+    if site.fqn not in cache:
+        merged = folded_weight(adapter, name, site, dense.get())
+        entries, back = quantized_state(dense.q, merged)
+        log.info("requantized %s: max |error| %.3g", site.fqn, float((back.float() - merged.float()).abs().max()))
+        cache.clear()
+        cache[site.fqn] = entries
+    return cache[site.fqn]
+
+
+def _materialize(how, adapter: Adapter, name: str, dtype, cache: dict | None = None) -> torch.Tensor:
+    if isinstance(how, tuple) and how[0] == "requant":
+        _, site, dense, entry, _ = how
+        return _requantized(adapter, name, site, dense, cache if cache is not None else {})[entry].to("cpu")
     if isinstance(how, tuple) and how[0] == "fold":
-        t = folded_weight(adapter, name, how[1], how[2])
+        base = how[2].get() if isinstance(how[2], _Dense) else how[2]
+        t = folded_weight(adapter, name, how[1], base)
+    elif isinstance(how, _Dense):
+        t = how.get()
     elif isinstance(how, tuple) and how[0] == "fold_bias":
         t = folded_bias(adapter, name, how[1], how[2], how[2])
     elif isinstance(how, tuple):
@@ -135,24 +205,31 @@ def _materialize(how, adapter: Adapter, name: str, dtype) -> torch.Tensor:
 
 
 def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_size: Any = "2GB",
-                  adapter_name: str | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+                  adapter_name: str | None = None, overwrite: bool = False, progress: bool = True,
+                  requantize: bool = False) -> Path:
     """Write the merged model as a Hugging Face directory that `AutoModel...from_pretrained(directory)` loads.
 
     config.json (+ generation_config.json), safetensors weights under the model's own key names, sharded with an
     index above `max_shard_size`. Streams layer by layer: extra memory is one shard plus the folded weight being
     computed. Tied weights stay tied. Everything is written to a temp directory that replaces `directory` only when
     complete; nothing existing is touched on failure.
+
+    A quantized base (bitsandbytes 4-bit / 8-bit) is written in full precision (its quantization_config dropped):
+    every quantized layer dequantized, adapted ones with the update added exactly (`dtype` to pick the precision).
+    `requantize=True` writes the adapted layers quantized again in their own format instead, beside the others'
+    quantized weights, with the model's quantization_config (the rounding error is logged per layer).
     """
     name = adapter_name or pm.active_adapter
     if name not in pm.adapters:
         raise ExportError(f"no adapter named {name!r}; adapters: {pm.adapters}")
     return write_merged(pm.store[name], name, pm.sites, pm.base_model, pm.config, pm.model_class, directory,
-                        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress)
+                        dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
+                        requantize=requantize)
 
 
 def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, config: Any, model_class: str,
                  directory, *, dtype: Any = None, max_shard_size: Any = "2GB", overwrite: bool = False,
-                 progress: bool = True) -> Path:
+                 progress: bool = True, requantize: bool = False) -> Path:
     """export_merged from data: `adapter` (named `name`) folded at `sites` into the weights of `model` (the user's
     model, whose state dict gives the key names and tied tensors), written with `config` as `model_class`."""
     from tqdm.auto import tqdm
@@ -163,7 +240,10 @@ def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, con
     limit = parse_size(max_shard_size)
     out = Path(directory)
     _check_target(out, overwrite)
-    plan, untied = _state_plan(adapter, name, sites, model, model_class)
+    plan, untied = _state_plan(adapter, name, sites, model, model_class, requantize)
+    if requantize and dtype is not None:
+        raise ExportError("requantize=True writes the quantized layers in their own format; dtype applies to a "
+                          "full-precision export: pass one or the other")
 
     # shard plan from sizes alone, so file names are known before any tensor is computed
     shards: list[list[tuple[str, Any]]] = [[]]
@@ -183,6 +263,8 @@ def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, con
     try:
         cfg = copy.deepcopy(config)
         cfg.architectures = [model_class]
+        if not requantize and _quantized_layers(model) and hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config          # the weights written are full precision
         if dtype is not None:
             cfg.dtype = dtype
         if untied:
@@ -196,10 +278,11 @@ def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, con
         weight_map: dict[str, str] = {}
         total = 0
         bar = tqdm(total=len(plan), desc="exporting merged weights", unit="tensor", disable=not progress)
+        cache: dict = {}
         for fname, shard in zip(files, shards):
             tensors = {}
             for k, how in shard:
-                tensors[k] = _materialize(how, adapter, name, dtype)
+                tensors[k] = _materialize(how, adapter, name, dtype, cache)
                 total += tensors[k].numel() * tensors[k].itemsize
                 weight_map[k] = fname
                 bar.update()

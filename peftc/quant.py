@@ -192,6 +192,23 @@ class QuantWeight:
                                t.get("weight_nested_code"), t.get("weight_nested_offset"), out_f, in_f, bs, qt, dtype)
 
 
+def quantized_state(like: QuantWeight, w: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+    """W quantized again in the format of `like`, as bitsandbytes' layer writes it into a state dict (keys relative
+    to the layer: "weight", and "weight.absmax", "weight.quant_map", ... or "SCB", "weight_format"), and that
+    quantization dequantized (to measure its error)."""
+    b = bnb()
+    if like.kind == "linear8bit":
+        cb, scb, _ = b.functional.int8_vectorwise_quant(w.to(torch.float16))
+        entries = {"weight": cb, "SCB": scb, "weight_format": torch.tensor(0, dtype=torch.uint8)}
+        return entries, dequantize_8bit(cb, scb, w.dtype)
+    _, _, bs, qt, _ = like.consts
+    packed, state = b.functional.quantize_4bit(w.contiguous(), blocksize=bs,
+                                               compress_statistics="weight_nested_absmax" in like.tensors,
+                                               quant_type=qt)
+    entries = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
+    return entries, b.functional.dequantize_4bit(packed, state).to(w.dtype)
+
+
 def quant_kind(layer: nn.Module) -> str | None:
     """"linear4bit" / "linear8bit" for a bitsandbytes linear layer, else None (bitsandbytes is not imported here
     unless the model already did)."""
