@@ -311,11 +311,73 @@ class QuantLinear(nn.Module):
                                            _compute_dtype(*self.compute, x.dtype))
 
 
+def _check_method(model: nn.Module) -> None:
+    """A model quantized by something other than bitsandbytes gets an error that says what peftc knows."""
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method is not None and str(method) != "bitsandbytes":
+        raise SpecError(f"this model is quantized with {method!r}; peftc knows bitsandbytes quantization "
+                        f"(4-bit nf4 / fp4 with or without double quantization, 8-bit LLM.int8()): load the model "
+                        "with BitsAndBytesConfig, or in full precision")
+
+
+def _check_rest(model: nn.Module, served: set[str]) -> None:
+    """Quantized weights outside the layers peftc stands in (bitsandbytes' 4-bit embeddings, ...) are refused by
+    name: they cannot be traced."""
+    if "bitsandbytes" not in __import__("sys").modules:
+        return
+    nn_ = __import__("sys").modules["bitsandbytes"].nn
+    kinds = tuple(k for k in (getattr(nn_, "Params4bit", None), getattr(nn_, "Int8Params", None)) if k is not None)
+    for path, m in model.named_modules():
+        if path in served:
+            continue
+        for name, p in m.named_parameters(recurse=False):
+            if isinstance(p, kinds):
+                raise SpecError(f"{path or '<root>'} ({type(m).__name__}) holds a bitsandbytes-quantized {name}; "
+                                "peftc serves quantized Linear4bit and Linear8bitLt layers only: keep this module "
+                                "out of quantization (BitsAndBytesConfig(llm_int8_skip_modules=[...]))")
+
+
+def _check_backend(found: list[tuple[str, nn.Module]]) -> None:
+    """One layer of each kind and device dequantized once: a bitsandbytes build without kernels for that device
+    fails here, by name, instead of in the middle of tracing."""
+    seen = set()
+    for path, layer in found:
+        key = (quant_kind(layer), layer.weight.device.type)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            q = quant_weight(path, layer)
+            t = q.tensors
+            if q.kind == "linear4bit":
+                dequantize_4bit(t["weight"], t["weight_absmax"], t.get("weight_nested_absmax"),
+                                t.get("weight_nested_code"), t.get("weight_nested_offset"), *q.consts[:4],
+                                torch.float32)
+            else:
+                bnb()
+                torch.ops.bitsandbytes.int8_vectorwise_quant.default(
+                    torch.zeros(1, q.in_features, dtype=torch.float16, device=layer.weight.device), 0.0)
+        except SpecError:
+            raise
+        except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
+            import bitsandbytes as b
+            raise SpecError(f"bitsandbytes {getattr(b, '__version__', '?')} cannot run {key[0]} layer {path} on "
+                            f"{key[1]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; install a "
+                            f"bitsandbytes build with the {key[1]} backend") from e
+
+
 @contextlib.contextmanager
 def stand_in(model: nn.Module) -> Iterator[dict[str, str]]:
     """Within the block, every bitsandbytes linear layer of `model` is a QuantLinear (yields path -> kind); the
     model's own layers are back in place afterwards, whatever happened."""
+    _check_method(model)
     found = [(path, m) for path, m in model.named_modules() if quant_kind(m) is not None]
+    _check_rest(model, {path for path, _ in found})
+    _check_backend(found)
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     try:
         for path, layer in found:
