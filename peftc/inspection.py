@@ -10,6 +10,7 @@ from torch import nn
 
 from .build import choose_sites, count_parameters, resolved
 from .errors import SpecError, TargetNotFound
+from .quant import logical_numel
 from .methods import method_of
 from .passes.match import Site, find_sites
 from .spec import AdapterSpec
@@ -59,7 +60,7 @@ def plan_sites(model: nn.Module, spec: AdapterSpec, *, example_inputs: Any = Non
               sum(bool(s.roles) for s in sites.values()))
     spec = resolved(spec, sites, model)
     plan = SitePlan(type(model).__name__, spec, sites,
-                    all_params=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()))
+                    all_params=sum(logical_numel(p) for p in {id(p): p for p in model.parameters()}.values()))
     targets = getattr(spec, "targets", None)
     if isinstance(targets, tuple):
         found = [t for t in targets if any(name_matches(f, t) for f in sites)]

@@ -19,6 +19,7 @@ from .errors import InputError, MergeError, SpecError
 from .export import export_program
 from .graph_model import GraphModel
 from .methods import method_of
+from .passes.match import QUANTIZED
 from .passes.merge import merge_graph_module
 from .passes.route import plain_route
 from .pipeline import Compiler, Forms
@@ -420,7 +421,9 @@ class PeftModule(GraphModel):
         # place: counted once, as the model's
         copies = {id(p): p.numel() for a in self.adapters for h in self.store[a].saved.values()
                   if not getattr(h, "whole", True) for p in h.parameters()}
-        return trainable, total - sum(copies.values())
+        # a quantized layer's weight is a buffer of packed codes here: counted as its out x in parameters
+        quantized = sum(s.in_features * s.out_features for s in self.sites.values() if s.kind in QUANTIZED)
+        return trainable, total - sum(copies.values()) + quantized
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()

@@ -224,6 +224,13 @@ def quant_kind(layer: nn.Module) -> str | None:
     return None
 
 
+def logical_numel(p: Tensor) -> int:
+    """The parameters a tensor stands for: a 4-bit weight packs two per byte (as PEFT counts them)."""
+    if type(p).__name__ == "Params4bit":
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
+
+
 def _plain(t: Tensor | None) -> Tensor | None:
     """The tensor as a plain torch.Tensor over the same storage (bitsandbytes' Parameter subclasses are not
     traceable)."""
@@ -311,6 +318,17 @@ class QuantLinear(nn.Module):
                                            _compute_dtype(*self.compute, x.dtype))
 
 
+class Linear4bit(QuantLinear):
+    """Stands in for bitsandbytes.nn.Linear4bit (the name a site's module type shows)."""
+
+
+class Linear8bitLt(QuantLinear):
+    """Stands in for bitsandbytes.nn.Linear8bitLt."""
+
+
+STAND_INS = {"linear4bit": Linear4bit, "linear8bit": Linear8bitLt}
+
+
 def _check_method(model: nn.Module) -> None:
     """A model quantized by something other than bitsandbytes gets an error that says what peftc knows."""
     qc = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -383,7 +401,7 @@ def stand_in(model: nn.Module) -> Iterator[dict[str, str]]:
         for path, layer in found:
             owner, _, leaf = path.rpartition(".")
             parent = model.get_submodule(owner) if owner else model
-            standin = QuantLinear(path, layer)
+            standin = STAND_INS[quant_kind(layer)](path, layer)
             parent._modules[leaf] = standin
             swapped.append((parent, leaf, layer))
         yield {path: quant_kind(layer) for path, layer in found}
