@@ -21,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from peft.tuners.lora.config import LoftQConfig
 
 import peftc
+from peftc.quant_math import nf4_roundtrip
 from tests.models import make
 from tests.parity import assert_parity, assert_same_weights, max_diff, parity_inputs
 from tests.peft_cpu import cuda_as_cpu
@@ -49,7 +50,8 @@ def base(arch: str) -> torch.nn.Module:
 
 def peft_loftq(model, targets, bits: int, iters: int, alpha: float = R, **kw):
     with cuda_as_cpu():
-        return get_peft_model(model, LoraConfig(r=R, lora_alpha=alpha, target_modules=targets, init_lora_weights="loftq",
+        return get_peft_model(model, LoraConfig(r=R, lora_alpha=alpha, target_modules=targets,
+                                                init_lora_weights="loftq",
                                                 loftq_config=LoftQConfig(loftq_bits=bits, loftq_iter=iters), **kw))
 
 
@@ -93,7 +95,11 @@ def test_peft_checkpoint_loads_on_the_base_peft_saved_and_on_the_original(tmp_pa
     ref.eval().save_pretrained(tmp_path / "adapter")
     copy.deepcopy(ref).unload().save_pretrained(tmp_path / "base")         # the quantized base, PEFT's LoftQ workflow
     xs = parity_inputs("llama")
-    for name, model in (("saved", tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base")), ("original", make("llama"))):
+    saved = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    q_proj = saved.model.layers[0].self_attn.q_proj.weight                # Q, not the original weight
+    assert torch.equal(q_proj, ref.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight)
+    assert (q_proj - make("llama").model.layers[0].self_attn.q_proj.weight).abs().max() > 1e-3
+    for model in (saved, make("llama")):            # the base PEFT saved, the original
         ours = peftc.load_adapter(model.eval(), tmp_path / "adapter")
         spec = ours.store["default"].spec
         assert (spec.init, spec.loftq_bits, spec.loftq_iter) == ("loftq", 4, 2)
@@ -167,7 +173,7 @@ def test_tied_lm_head_keeps_the_quantized_copy_at_the_head():
     model = make("gpt2")
     pm = ours_loftq(model, ["lm_head"], 4, 1)
     w = pm.store["default"].sites["lm_head"]
-    assert torch.equal(w.residual, peftc.quant_math.nf4_roundtrip(model.lm_head.weight))
+    assert torch.equal(w.residual, nf4_roundtrip(model.lm_head.weight))
     assert torch.equal(model.transformer.wte.weight, model.lm_head.weight)        # not changed
     ref = peft_loftq(make("gpt2"), ["lm_head"], 4, 1)
     assert torch.equal(ref.base_model.model.transformer.wte.weight, w.residual)   # PEFT: the embedding is Q too

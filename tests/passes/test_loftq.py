@@ -109,8 +109,8 @@ def test_nf4_roundtrip_where_bitsandbytes_cpu_kernel_splits_blocks_across_rows()
     """Rows of 32 (a block of 64 spans two rows): bitsandbytes 0.50's CPU dequantize_4bit kernel reads the packed
     codes row by row and comes back wrong there, so PEFT's loftq_init run on the CPU gets another (wrong) Q. The
     packed codes and scales are bitsandbytes' own; dequantized as the flat block sequence they are, they give peftc's
-    round trip, whose error stays within nf4's bound (half the widest gap between levels, -1 and -0.6962, times the block's
-    absmax)."""
+    round trip, whose error stays within nf4's bound (half the widest gap between levels, -1 and -0.6962, times the
+    block's absmax)."""
     import bitsandbytes.functional as F
 
     w = weight((64, 32))
