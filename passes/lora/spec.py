@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence, Union
 
-from peftc.errors import SpecError
+from peftc.errors import MissingDependency, SpecError
 from peftc.spec import (BIAS_MODES, TASK_TYPES, modules_to_save_of, AdapterSpec, Targets, _layers, _names,
                         _normalize_targets, _pairs, _parameter_names, _token_indices, pattern_matches)
 
@@ -141,7 +141,6 @@ class LoRA(AdapterSpec):
             raise SpecError(f"loftq_iter (LoftQ's alternating quantize / SVD steps) must be an integer >= 1, got "
                             f"loftq_iter={iters!r}; pass loftq_iter=1 (PEFT's default) or more")
         if importlib.util.find_spec("bitsandbytes") is None:
-            from peftc.errors import MissingDependency
             raise MissingDependency("init='loftq' quantizes the base weights with bitsandbytes, which is not "
                                     "installed; pip install bitsandbytes  (or: pip install 'peftc[quant]'), or "
                                     "choose another init")
@@ -177,7 +176,7 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
               "exclude_modules": "exclude_modules", "use_dora": "use_dora",
               "lora_bias": "lora_bias", "bias": "bias", "target_parameters": "target_parameters",
-              "trainable_token_indices": "trainable_token_indices", "loftq_config": None}   # loftq_config: _loftq
+              "trainable_token_indices": "trainable_token_indices", "loftq_config": None}   # None: _loftq_from_config
 # PEFT's LoftQConfig fields (in loftq_config) -> LoRA fields
 _LOFTQ_KEYS = {"loftq_bits": "loftq_bits", "loftq_iter": "loftq_iter"}
 # LoRA options and variants peftc does not implement, at the value that switches them off

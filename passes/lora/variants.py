@@ -12,8 +12,8 @@ Variant per variant in VARIANTS, declaring what the method surface (passes.lora.
     loftq        init loftq                     its quantized base weight      linear              no     rebuild
 
 Fold (merge): V + s B A - W, where V is the weight the adapter runs on (`base`: W, its residual or its quantized
-weight); DoRA then
-rescales each output channel, g (V + s B A) - W; lora_bias adds s b_B to the layer's bias (`fold_bias`).
+weight); DoRA then rescales each output channel, g (V + s B A) - W; lora_bias adds s b_B to the layer's bias
+(`fold_bias`).
 """
 from __future__ import annotations
 
@@ -161,6 +161,7 @@ OLORA = Variant(
                         "stored [in, out] weight, which does not reproduce the layer; use 'pissa' or another init "
                         "there"},
     **_RESIDUAL)
+
 
 def _loftq(lw, spec, site: Site, weight: torch.Tensor) -> None:
     """LoftQ (inits.loftq_init): A, B and the quantized-dequantized weight the adapter runs on, from `weight`."""
