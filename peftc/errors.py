@@ -36,3 +36,7 @@ class MergeError(PeftcError):
 
 class ExportError(PeftcError):
     """An export target path or dtype is unusable; nothing existing was changed."""
+
+
+class MissingDependency(PeftcError, ImportError):
+    """An optional package a feature needs (bitsandbytes for quantization) is not installed; the message names it."""

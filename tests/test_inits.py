@@ -278,7 +278,7 @@ def test_conv1d_olora_in_peft_skips_the_transpose():
 @pytest.mark.parametrize("value,expected", [
     (True, True), (False, False), ("gaussian", "gaussian"), ("Gaussian", "gaussian"), ("pissa", "pissa"),
     ("pissa_niter_4", "pissa_niter_4"), ("pissa_niter_0", "pissa_niter_0"), ("pissa_niter_016", "pissa_niter_16"),
-    ("olora", "olora"), ("OLoRA", "olora"), ("orthogonal", "orthogonal"),
+    ("olora", "olora"), ("OLoRA", "olora"), ("orthogonal", "orthogonal"), ("loftq", "loftq"),
 ])
 def test_parse_init_accepts(value, expected):
     got = parse_init(value)
@@ -296,7 +296,7 @@ def test_parse_init_accepts(value, expected):
     ("pissa_niter_", r"must be a non-negative integer"),
     ("pissa_niter_-1", r"must be a non-negative integer"),
     ("pissa_niter_ 3", r"must be a non-negative integer"),
-    ("loftq", r"'loftq' is not supported yet: LoftQ quantizes the base weight"),
+    ("LoftQ", r"unknown LoRA init 'LoftQ'; did you mean 'loftq'\?"),
     ("corda", r"'corda' is not supported yet: CorDA needs .* calibration data"),
     ("eva", r"'eva' is not supported yet: EVA needs .* data"),
     ("lora_ga", r"'lora_ga' is not supported yet: LoRA-GA needs gradients computed from data"),
@@ -307,7 +307,7 @@ def test_parse_init_accepts(value, expected):
 def test_parse_init_refuses(value, match):
     with pytest.raises(SpecError, match=match) as info:
         parse_init(value)
-    choices = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal'"
+    choices = "True, False, 'gaussian', 'pissa', 'pissa_niter_<N>', 'olora', 'orthogonal', 'loftq'"
     fix = "e.g. 'pissa_niter_4'" if "non-negative" in match else choices
     assert str(info.value).endswith(fix)  # every refusal names the fix
 

@@ -333,7 +333,7 @@ INVALID = {
     "zero rank": ("attn", torch.float32, dict(r=0), r"r=0"),
     "dropout of one": ("attn", torch.float32, dict(dropout=1.0), r"dropout"),
     "unknown bias mode": ("attn", torch.float32, dict(bias="some"), r"bias must be one of"),
-    "data-driven init": ("attn", torch.float32, dict(init="loftq"), r"loftq|LoftQ"),
+    "data-driven init": ("attn", torch.float32, dict(init="corda"), r"corda|CorDA"),
     "lora_bias on attention module": ("mha", torch.float32, dict(targets=["attn"], lora_bias=True),
                                       r"lora_bias on blocks\.0\.attn \(nn\.MultiheadAttention\)"),
     "lora_bias with a gaussian init": ("attn", torch.float32, dict(lora_bias=True, init="gaussian"),

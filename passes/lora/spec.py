@@ -1,15 +1,19 @@
 """LoRA's spec (a frozen dataclass, checked on construction) and its adapter_config.json mapping, PEFT's LoraConfig."""
 from __future__ import annotations
 
+import importlib.util
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Sequence, Union
 
-from peftc.errors import SpecError
+from peftc.errors import MissingDependency, SpecError
 from peftc.spec import (BIAS_MODES, TASK_TYPES, modules_to_save_of, AdapterSpec, Targets, _layers, _names,
                         _normalize_targets, _pairs, _parameter_names, _token_indices, pattern_matches)
 
-from .inits import parse_init
+from .inits import LOFTQ_BITS, parse_init
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,11 @@ class LoRA(AdapterSpec):
     "gaussian", "orthogonal" (B A = 0 from orthogonal halves), "pissa" / "pissa_niter_N" (A, B from the top-r
     singular part of W) and "olora" (from W's QR). PiSSA and OLoRA start from W = residual + s B A: the compiled
     module reads the residual at those layers, its own copy, when this adapter runs; the user's model is not
-    changed (PEFT overwrites its weights).
+    changed (PEFT overwrites its weights). "loftq" (arXiv:2310.08659; PEFT's loftq_config: `loftq_bits` 4 for nf4 or
+    8 for int8, `loftq_iter` alternations, defaults 4 and 1) quantizes W with bitsandbytes (pip install bitsandbytes)
+    and takes A, B from the SVD of W - Q: the adapter runs on its own copy of Q, the quantized-dequantized weight, on
+    linear layers only. As in PEFT, B A approximates W - Q without the scale, so W is approximated only with
+    alpha == r; and loading a LoftQ adapter quantizes the base weight again (its A, B come from the file).
 
     `target_parameters` (PEFT's): parameter names (matched as the whole name or its dotted tail) adapted as weights
     in their own right, notably the stacked expert weights of transformers 5 MoE layers (`["mlp.experts.gate_up_proj",
@@ -70,6 +78,8 @@ class LoRA(AdapterSpec):
     bias: str = "none"
     target_parameters: Union[None, tuple[str, ...]] = None
     trainable_token_indices: Union[None, tuple[int, ...], tuple[tuple[str, tuple[int, ...]], ...]] = None
+    loftq_bits: Union[int, None] = None      # init="loftq" only (None: 4)
+    loftq_iter: Union[int, None] = None      # init="loftq" only (None: 1)
     extra: dict = field(default_factory=dict, compare=False, repr=False)  # PEFT config keys kept verbatim
 
     def __post_init__(self):
@@ -80,6 +90,7 @@ class LoRA(AdapterSpec):
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise SpecError(f"LoRA dropout must be in [0, 1), got dropout={self.dropout!r}")
         object.__setattr__(self, "init", parse_init(self.init))
+        self._check_loftq()
         for flag in ("use_dora", "lora_bias", "use_rslora"):
             if not isinstance(getattr(self, flag), bool):
                 raise SpecError(f"{flag} must be True or False, got {flag}={getattr(self, flag)!r}")
@@ -113,6 +124,27 @@ class LoRA(AdapterSpec):
                             "to adapt); give both or neither")
         object.__setattr__(self, "modules_to_save", modules_to_save_of(self.modules_to_save, self.task_type))
 
+    def _check_loftq(self) -> None:
+        if self.init != "loftq":
+            given = [f"{k}={getattr(self, k)!r}" for k in ("loftq_bits", "loftq_iter") if getattr(self, k) is not None]
+            if given:
+                raise SpecError(f"{', '.join(given)} only applies with init='loftq', got init={self.init!r}; pass "
+                                "init='loftq' or drop the LoftQ options")
+            return
+        object.__setattr__(self, "loftq_bits", 4 if self.loftq_bits is None else self.loftq_bits)
+        object.__setattr__(self, "loftq_iter", 1 if self.loftq_iter is None else self.loftq_iter)
+        bits, iters = self.loftq_bits, self.loftq_iter
+        if isinstance(bits, bool) or not isinstance(bits, int) or bits not in LOFTQ_BITS:
+            raise SpecError(f"loftq_bits must be 4 (nf4) or 8 (int8), the quantizations LoftQ supports (as in PEFT), "
+                            f"got loftq_bits={bits!r}; pass loftq_bits=4 or loftq_bits=8")
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise SpecError(f"loftq_iter (LoftQ's alternating quantize / SVD steps) must be an integer >= 1, got "
+                            f"loftq_iter={iters!r}; pass loftq_iter=1 (PEFT's default) or more")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise MissingDependency("init='loftq' quantizes the base weights with bitsandbytes, which is not "
+                                    "installed; pip install bitsandbytes  (or: pip install 'peftc[quant]'), or "
+                                    "choose another init")
+
     @property
     def scale(self) -> float:
         return self.alpha / math.sqrt(self.r) if self.use_rslora else self.alpha / self.r
@@ -144,15 +176,17 @@ _LORA_KEYS = {"r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout", "targe
               "layers_to_transform": "layers_to_transform", "layers_pattern": "layers_pattern",
               "exclude_modules": "exclude_modules", "use_dora": "use_dora",
               "lora_bias": "lora_bias", "bias": "bias", "target_parameters": "target_parameters",
-              "trainable_token_indices": "trainable_token_indices"}
+              "trainable_token_indices": "trainable_token_indices", "loftq_config": None}   # None: _loftq_from_config
+# PEFT's LoftQConfig fields (in loftq_config) -> LoRA fields
+_LOFTQ_KEYS = {"loftq_bits": "loftq_bits", "loftq_iter": "loftq_iter"}
 # LoRA options and variants peftc does not implement, at the value that switches them off
 _NEUTRAL = {"fan_in_fan_out": None, "layer_replication": None,
             "use_qalora": False,
             "alora_invocation_tokens": None, "use_bdlora": None, "megatron_config": None, "eva_config": None,
-            "corda_config": None, "loftq_config": {}, "lora_ga_config": None, "velora_config": None,
+            "corda_config": None, "lora_ga_config": None, "velora_config": None,
             "monteclora_config": None, "arrow_config": None, "kasa_config": None,
             "ensure_weight_tying": False}
-_NEUTRAL_ALT = {"fan_in_fan_out": (False, True), "loftq_config": (None,)}
+_NEUTRAL_ALT = {"fan_in_fan_out": (False, True)}
 # Keys that describe the checkpoint, not the adapter's function (or only matter with a refused option switched on).
 _METADATA = {"peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
              "megatron_core", "qalora_group_size"}
@@ -178,8 +212,9 @@ def lora_from_config(cfg: dict, source: str = "adapter_config.json") -> LoRA:
         raise SpecError(f"{source}: missing required key 'r' (the LoRA rank)")
     kwargs: dict[str, Any] = {}
     for key, name in _LORA_KEYS.items():
-        if key in cfg and cfg[key] is not None:
+        if name is not None and key in cfg and cfg[key] is not None:
             kwargs[name] = cfg[key]
+    kwargs.update(_loftq_from_config(cfg, source))
     kwargs.setdefault("alpha", 8)
     if isinstance(kwargs.get("targets"), list):
         kwargs["targets"] = tuple(kwargs["targets"])
@@ -216,8 +251,27 @@ def lora_to_config(spec: LoRA, *, target_modules: Any, base_model_name_or_path: 
         else spec.exclude_modules,
         "target_parameters": list(spec.target_parameters) if spec.target_parameters else None,
         "trainable_token_indices": token_indices_config(spec.trainable_token_indices),
+        "loftq_config": {k: getattr(spec, name) for k, name in _LOFTQ_KEYS.items()} if spec.init == "loftq" else {},
     })
     return dict(sorted(cfg.items()))
+
+
+def _loftq_from_config(cfg: dict, source: str) -> dict:
+    """LoRA's loftq_bits / loftq_iter from PEFT's loftq_config. As in PEFT, init_lora_weights="loftq" needs it (PEFT
+    raises without it); with another init PEFT drops it with a warning, and so does peftc."""
+    loftq = cfg.get("loftq_config")
+    if cfg.get("init_lora_weights") != "loftq":
+        if loftq:
+            log.warning("%s: loftq_config=%r is ignored: init_lora_weights is %r, not 'loftq' (as in PEFT)", source,
+                        loftq, cfg.get("init_lora_weights"))
+        return {}
+    if not isinstance(loftq, dict) or not loftq:
+        raise SpecError(f"{source}: init_lora_weights='loftq' needs loftq_config (a dict with loftq_bits and "
+                        f"loftq_iter, as PEFT's LoftQConfig writes it), got loftq_config={loftq!r}")
+    if set(loftq) != set(_LOFTQ_KEYS):
+        raise SpecError(f"{source}: loftq_config must hold exactly {sorted(_LOFTQ_KEYS)} (PEFT's LoftQConfig; PEFT "
+                        f"reads both), got keys {sorted(loftq)}")
+    return {name: loftq[k] for k, name in _LOFTQ_KEYS.items()}
 
 
 def token_indices_config(value) -> Union[None, list, dict]:

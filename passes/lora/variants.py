@@ -9,9 +9,11 @@ Variant per variant in VARIANTS, declaring what the method surface (passes.lora.
     pissa        init pissa / pissa_niter_N     its residual base weight       linear, conv1d      no     rebuild
     olora        init olora                     its residual base weight       linear              no     rebuild
     orthogonal   init orthogonal                -                              linear, conv1d      yes    as data
+    loftq        init loftq                     its quantized base weight      linear              no     rebuild
 
-Fold (merge): V + s B A - W, where V is the weight the adapter runs on (`base`: W, or its residual); DoRA then
-rescales each output channel, g (V + s B A) - W; lora_bias adds s b_B to the layer's bias (`fold_bias`).
+Fold (merge): V + s B A - W, where V is the weight the adapter runs on (`base`: W, its residual or its quantized
+weight); DoRA then rescales each output channel, g (V + s B A) - W; lora_bias adds s b_B to the layer's bias
+(`fold_bias`).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from peftc.targets import MHA
 from ..match import Site
 from ..route import route_input
 from .dora import dora_args, dora_norm
-from .inits import changes_base_weight
+from .inits import changes_base_weight, loftq_init
 from .ops import LoraGroup
 
 # where a site is, for the variants: its kind (passes.match), "attention" for an nn.MultiheadAttention's packed
@@ -163,10 +165,28 @@ OLORA = Variant(
                         "there"},
     **_RESIDUAL)
 
+
+def _loftq(lw, spec, site: Site, weight: torch.Tensor) -> None:
+    """LoftQ (inits.loftq_init): A, B and the quantized-dequantized weight the adapter runs on, from `weight`."""
+    lw.set_base(*loftq_init(weight, lw.r, spec.loftq_bits, spec.loftq_iter))
+
+
+# PEFT 0.21.2 factors a Conv1D's stored [in, out] weight (its adapter then fails at the forward, or on a square layer
+# no longer reproduces it), and its embedding and convolution layers call loftq_init without the config (a TypeError)
+_NOT_LOFTQ = "init 'loftq' on {path} ({what}) is not supported: {why}; leave the layer out of targets " \
+             "(exclude_modules) or use another init"
+LOFTQ = Variant(
+    "loftq", on=lambda spec: spec.init == "loftq", serves=("linear",),
+    refusals={"conv1d": _NOT_LOFTQ.replace("{why}", "PEFT's LoftQ factors the stored [in, out] weight, which does not "
+                                                    "reproduce the layer (its adapter fails at the forward)"),
+              "embedding": _NOT_LOFTQ.replace("{why}", "PEFT's LoftQ fails on embeddings (it serves linear layers)"),
+              "conv": _NOT_LOFTQ.replace("{why}", "PEFT's LoftQ fails on convolutions (it serves linear layers)")},
+    **dict(_RESIDUAL, build=_loftq))
+
 ORTHOGONAL = Variant("orthogonal", on=lambda spec: spec.init == "orthogonal", at=lambda w: False,
                      serves=("linear", "conv1d"), **_INIT)
 
-VARIANTS: tuple[Variant, ...] = (DORA, LORA_BIAS, PISSA, OLORA, ORTHOGONAL)
+VARIANTS: tuple[Variant, ...] = (DORA, LORA_BIAS, PISSA, OLORA, ORTHOGONAL, LOFTQ)
 
 
 def variants_on(spec) -> list[Variant]:

@@ -49,7 +49,7 @@ class LoraWeights(nn.Module):
         self.register_buffer("d_t", torch.tensor(float(dora), dtype=dtype, device=device), persistent=False)
         # lora_bias: B's own bias (PEFT's lora_B.bias), y + s (B A x + B_bias)
         self.B_bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
-        self.register_buffer("residual", None, persistent=False)   # PiSSA / OLoRA: the base weight it runs on
+        self.register_buffer("residual", None, persistent=False)   # PiSSA / OLoRA / LoftQ: the weight it runs on
         if r:
             self.reset(init)
 
@@ -67,9 +67,15 @@ class LoraWeights(nn.Module):
                 A, B, res = residual_init(init, w, self.r, self.scale)
         else:
             A, B, res = residual_init(init, w, self.r, self.scale)
+        self.set_base(A, B, res.t() if conv1d else res)
+
+    @torch.no_grad()
+    def set_base(self, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor) -> None:
+        """A, B, and the base weight the adapter's calls read instead of the site's (PiSSA / OLoRA's residual, LoftQ's
+        quantized weight; a frozen buffer in the site's layout)."""
         self.A_r.copy_(A)
         self.B_r.copy_(B)
-        self.register_buffer("residual", (res.t() if conv1d else res).contiguous(), persistent=False)
+        self.register_buffer("residual", base.contiguous(), persistent=False)
 
     @property
     def A_r(self) -> torch.Tensor:
