@@ -56,11 +56,16 @@ def _absmax(absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Option
 def dequantize_4bit(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tensor], nested_code: Optional[Tensor],
                     nested_offset: Optional[Tensor], out_features: int, in_features: int, blocksize: int,
                     quant_type: str, dtype: torch.dtype) -> Tensor:
-    """W [out_features, in_features] in `dtype` from its packed 4-bit codes (two per byte) and block scales."""
+    """W [out_features, in_features] in `dtype` from its packed 4-bit codes (two per byte) and block scales.
+
+    The codes are dequantized as one flat run and then viewed as [out, in]: bitsandbytes blocks W in memory order
+    whatever its shape, but its CPU kernel (0.50) given the shape [out, in] reads it row by row and is wrong when a
+    row is shorter than a block or not a multiple of it ([64, 32] comes back off by up to the block's absmax)."""
     bnb()
     scales = _absmax(absmax, nested_absmax, nested_code, nested_offset)
-    return torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), scales, blocksize, quant_type,
-                                                          [out_features, in_features], dtype)
+    flat = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), scales, blocksize, quant_type,
+                                                          [out_features * in_features], dtype)
+    return flat.view(out_features, in_features)
 
 
 @dequantize_4bit.register_fake
@@ -206,7 +211,11 @@ def quantized_state(like: QuantWeight, w: Tensor) -> tuple[dict[str, Tensor], Te
                                                compress_statistics="weight_nested_absmax" in like.tensors,
                                                quant_type=qt)
     entries = {"weight": packed, **{f"weight.{k}": v for k, v in state.as_dict(packed=True).items()}}
-    return entries, b.functional.dequantize_4bit(packed, state).to(w.dtype)
+    nested = state.state2
+    again = dequantize_4bit(packed, state.absmax, None if nested is None else nested.absmax,
+                            None if nested is None else nested.code, None if nested is None else state.offset,
+                            like.out_features, like.in_features, bs, qt, w.dtype)
+    return entries, again
 
 
 def quant_kind(layer: nn.Module) -> str | None:
