@@ -35,6 +35,7 @@ KINDS = {
     "nf4": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
     "nf4-dq": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                    bnb_4bit_compute_dtype=torch.float32),
+    "fp4": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32),
     "int8": dict(load_in_8bit=True),
 }
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
@@ -102,7 +103,7 @@ def assert_unchanged(pm, before: dict, name: str = "default") -> None:
     assert all(torch.equal(before[k], after[k]) for k in before), "the adapter changed"
 
 
-@pytest.mark.parametrize("kind", ["nf4", "nf4-dq"])
+@pytest.mark.parametrize("kind", ["nf4", "nf4-dq", pytest.param("fp4", marks=pytest.mark.slow)])
 def test_equals_peft(base_dir, kind):
     pm = ours(base_dir, kind)
     before = logits(pm)
@@ -241,6 +242,19 @@ def test_file_layouts(base_dir, tmp_path):
         pm.replace_lora_weights_loftq(where)
         for k, v in want.store.peft_state_dict("default").items():
             assert torch.equal(v, pm.store.peft_state_dict("default")[k]), (where, k)
+
+
+def test_tied_and_prefixed_keys():
+    """Where a layer's weight may sit in the file: its own key, without or with the model's base_model_prefix, and
+    the same for the weight it is tied to (transformers' all_tied_weights_keys: target -> source)."""
+    from peftc.loftq import _candidates
+
+    tied = {"lm_head.weight": "model.embed_tokens.weight"}
+    assert _candidates("lm_head.weight", "model", tied) == ["lm_head.weight", "model.lm_head.weight",
+                                                             "model.embed_tokens.weight", "embed_tokens.weight"]
+    assert _candidates("model.layers.0.mlp.up_proj.weight", "model", tied) == [
+        "model.layers.0.mlp.up_proj.weight", "layers.0.mlp.up_proj.weight"]
+    assert _candidates("fc.weight", "", {}) == ["fc.weight"]
 
 
 # --- bad input: a peftc error naming the culprit and the fix, the adapter unchanged -----------------------------------
