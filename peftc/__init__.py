@@ -10,6 +10,7 @@ from .errors import (CheckpointError, ExportError, InputError, MergeError, Missi
                      SpecError, TargetNotFound, TraceError)
 from .compiled import CompiledPeftModule
 from .export import export_merged
+from .loftq import replace_lora_weights_loftq
 from .module import MergedModule, PeftModule
 from .methods import METHODS, Method, register_method
 from .passes.ia3 import IA3
@@ -20,7 +21,7 @@ from .store import Capacity
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MissingDependency",
            "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS",
-           "register_method", "Block"]
+           "register_method", "Block", "replace_lora_weights_loftq"]
 __version__ = "0.1.0"
 
 

@@ -287,6 +287,14 @@ class PeftModule(GraphModel):
                                                  combination_type, svd_rank, svd_clamp, svd_full_matrices,
                                                  svd_driver, density, majority_sign_method))
 
+    def replace_lora_weights_loftq(self, model_path=None, adapter_name: str = "default", callback=None) -> list[str]:
+        """LoftQ on a 4-bit base (PEFT's replace_lora_weights_loftq): LoRA adapter `adapter_name`'s A and B on each
+        bitsandbytes 4-bit layer from the SVD of W - Q, W read from the full-precision safetensors at `model_path`
+        (default: the model's name_or_path), Q the layer's weight; `callback(self, module_path)` -> keep? after
+        each layer. Written in place (every form sees them, no rebuild); returns the paths kept. See peftc.loftq."""
+        from .loftq import replace_lora_weights_loftq
+        return replace_lora_weights_loftq(self, model_path, adapter_name, callback)
+
     @contextlib.contextmanager
     def disable_adapters(self):
         """Within the block every call without adapter_names runs the base model exactly."""

@@ -149,12 +149,20 @@ def loftq_init(weight: torch.Tensor, r: int, bits: int, iters: int) -> tuple[tor
     target = w                                      # what Q approximates: W - B A, with B A = 0 at first
     for i in range(iters):
         Q = quantize(target)
-        U, S, Vh = torch.linalg.svd(w - Q, full_matrices=False)
-        root = torch.sqrt(S[:r])
-        B, A = U[:, :r] * root, root[:, None] * Vh[:r]   # U diag(sqrt S), diag(sqrt S) Vh: the top-r part of W - Q
+        A, B = top_r(w - Q, r)
         if i + 1 < iters:
             target = w - B @ A
     return A.to(weight.dtype), B.to(weight.dtype), Q.to(weight.dtype)
+
+
+@torch.no_grad()
+def top_r(residual: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A [r, in], B [out, r]) with B @ A the top-r part of `residual` ([out, in], float32):
+    residual = U S Vh (torch.linalg.svd, full_matrices=False),  B = U[:, :r] diag(sqrt(S[:r])),
+    A = diag(sqrt(S[:r])) Vh[:r]  (one LoftQ step; also peftc.loftq's, on a base already quantized)."""
+    U, S, Vh = torch.linalg.svd(residual, full_matrices=False)
+    root = torch.sqrt(S[:r])
+    return root[:, None] * Vh[:r], U[:, :r] * root
 
 
 @torch.no_grad()
