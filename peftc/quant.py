@@ -26,19 +26,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import SpecError
+from .quant_math import bitsandbytes_module
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 NESTED_BLOCKSIZE = 256      # bitsandbytes' double quantization: absmax in 8-bit blocks of 256
 
 
 def bnb():
-    """bitsandbytes, imported when a quantized model is first met (it registers the torch.ops.bitsandbytes kernels)."""
-    try:
-        import bitsandbytes
-    except ImportError as e:   # pragma: no cover - bitsandbytes is installed wherever a quantized model exists
-        raise SpecError("this model has bitsandbytes layers but bitsandbytes cannot be imported "
-                        f"({e}); install it: pip install 'peftc[quant]'") from e
-    return bitsandbytes
+    """bitsandbytes, imported when a quantized model is first met (it registers the torch.ops.bitsandbytes kernels);
+    MissingDependency with the install command where it is absent."""
+    return bitsandbytes_module("a model with bitsandbytes layers")
 
 
 # --- the ops ----------------------------------------------------------------------------------------------------------
@@ -391,7 +388,7 @@ def _check_backend(found: list[tuple[str, nn.Module]]) -> None:
         except SpecError:
             raise
         except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
-            import bitsandbytes as b
+            b = bnb()
             raise SpecError(f"bitsandbytes {getattr(b, '__version__', '?')} cannot run {key[0]} layer {path} on "
                             f"{key[1]}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; install a "
                             f"bitsandbytes build with the {key[1]} backend") from e
