@@ -10,6 +10,7 @@ from torch import nn
 from .build import as_spec, check_adapter_name
 from .checkpoint import load_spec, load_weights_, read_adapter_weights
 from .compiled import CompiledPeftModule
+from .errors import SpecError
 from .loss import loss_type_of
 from .module import PeftModule
 from .pipeline import Compiler, lower
@@ -19,18 +20,24 @@ log = logging.getLogger(__name__)
 
 
 def compile(model: nn.Module, spec: Any, *, adapter_name: str = "default", example_inputs: Any = None,
-            backend: str | None = None, capacity: Capacity | None = None, _loading: bool = False):
+            backend: str | None = None, capacity: Capacity | None = None, fuse_quant: bool = True,
+            _loading: bool = False):
     """Trace `model`, insert the adapter described by `spec` and return a new PeftModule (with `backend`, e.g.
     "inductor": a CompiledPeftModule, the PeftModule under torch.compile with routing as data). `capacity`
     declares room for more adapters (PeftModule.reserve), so that adding them never changes the graph.
+    `fuse_quant`: on a model with bitsandbytes layers, each quantized layer and the LoRA update after it run as one
+    fused op (passes.fuse_quant); False keeps them apart (the same numbers, more memory: for comparisons).
 
     The user's model is never changed: its weights are shared with the PeftModule (not copied) and frozen there,
     its own parameters, flags and mode stay as they were, and a compile that fails leaves nothing behind.
     """
+    if not isinstance(fuse_quant, bool):
+        raise SpecError(f"fuse_quant must be True or False, got {fuse_quant!r} ({type(fuse_quant).__name__}); "
+                        "pass fuse_quant=False to keep quantized layers and their adapters apart")
     spec = as_spec(spec)
     check_adapter_name(adapter_name)
     traced, sites, base_passes = lower(model, example_inputs)
-    compiler = Compiler(traced.gm, sites, model, base_passes)
+    compiler = Compiler(traced.gm, sites, model, base_passes, skip=() if fuse_quant else ("fuse_quant",))
     adapter = compiler.adapter(spec, loading=_loading)
     cfg = getattr(model, "config", None)
     pm = PeftModule(traced, compiler, loss_type=loss_type_of(model), base_name=getattr(cfg, "name_or_path", None) or None)

@@ -5,8 +5,10 @@
                                           activations): the base graph, which every form is built from
     emit(base_gm, sites, store, form)     a copy of the base graph -> each method's rewrite pass, for the adapters
                                           of that method in the store (Method.rewrite, in the order the methods
-                                          first appear) -> modules_to_save, trainable tokens (plain form) ->
-                                          lint, recompile
+                                          first appear) -> modules_to_save, trainable tokens (plain form)
+                                          -> on a model with quantized sites, the plain form's quantized base
+                                          calls and the adapter calls after them fused (passes.fuse_quant;
+                                          FORM_PASSES, turned off with fuse_quant=False) -> lint, recompile
     emit_forms(base_gm, sites, store)     both forms at once (Forms), what a PeftModule receives
 
 Data flows one way: the compiler lowers the model once, builds adapters from (graph, sites, spec) (peftc.build),
@@ -34,8 +36,9 @@ from .methods import method_of
 from . import passes as _passes
 from .passes.batchnorm import make_batchnorm_mode_aware
 from .passes.dropout import make_dropout_mode_aware
+from .passes.fuse_quant import fuse_quantized
 from .passes.gated import fuse_gated_activations
-from .passes.match import Site, find_sites
+from .passes.match import QUANTIZED, Site, find_sites
 from .passes.modules_to_save import insert_saved_copies
 from .passes.sdpa_mask import float_attention_masks
 from .passes.trainable_tokens import insert_token_rows
@@ -55,6 +58,14 @@ Pass = tuple[str, Callable[[GraphModule], int]]
 BASE_PASSES: tuple[Pass, ...] = (("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware),
                                  ("sdpa_mask", float_attention_masks), ("gated", fuse_gated_activations))
 FORMS = ("single", "mixed")
+# what a form's graph gets after its adapters, in order: (name, fn, the forms it runs on, whether it runs for these
+# sites, why it does not run on the other forms: logged); each can be turned off by name (emit's `skip`;
+# peftc.compile(fuse_quant=False) skips "fuse_quant")
+FORM_PASSES: tuple[tuple[str, Callable[[GraphModule], int], tuple[str, ...], Callable[[dict], bool], str], ...] = (
+    ("fuse_quant", fuse_quantized, ("single",), lambda sites: any(s.kind in QUANTIZED for s in sites.values()),
+     "a mixed batch gathers each row's A and B (LoRA's gathered form); the fused op takes one adapter per call, so "
+     "the gathered form keeps its quantized base calls and adapter calls apart"),
+)
 
 
 def run_passes(gm: GraphModule, passes: Sequence[Pass], before: Sequence[str] = ()) -> dict[str, int]:
@@ -97,11 +108,11 @@ def _tagged(method, rewrite: Callable[[GraphModule], int]) -> Callable[[GraphMod
 
 
 def emit(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form: str,
-         before: Sequence[str] = ()) -> GraphModule:
+         before: Sequence[str] = (), skip: Sequence[str] = ()) -> GraphModule:
     """A new GraphModule for `form` ("single": one adapter per call; "mixed": one per row): a copy of the base
-    graph with every adapter in `store` inserted by its method's rewrite, each given the paths its adapters adapt.
-    The store becomes a submodule (shared by every form's graph, data only); the modules a rewrite calls are the
-    new graph's own."""
+    graph with every adapter in `store` inserted by its method's rewrite, each given the paths its adapters adapt,
+    then the FORM_PASSES that apply, but those named in `skip`. The store becomes a submodule (shared by every
+    form's graph, data only); the modules a rewrite calls are the new graph's own."""
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}, got {form!r}")
     gm = GraphModule(base_gm, copy.deepcopy(base_gm.graph))
@@ -118,6 +129,16 @@ def emit(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore, form
     if form == "single":      # a mixed batch holds no adapter with copies or token rows (PeftModule.check_mixed)
         passes.append(("modules_to_save", functools.partial(insert_saved_copies, store=store)))
         passes.append(("trainable_tokens", functools.partial(insert_token_rows, store=store)))
+    unknown = set(skip) - {name for name, *_ in FORM_PASSES}
+    if unknown:
+        raise ValueError(f"skip names no form pass: {sorted(unknown)}; form passes: {[p[0] for p in FORM_PASSES]}")
+    for name, fn, forms, applies, elsewhere in FORM_PASSES:
+        if name in skip or not applies(sites):
+            continue
+        if form in forms:
+            passes.append((name, fn))
+        else:
+            log.info("%s: not run on the %s form: %s", name, form, elsewhere)
     run_passes(gm, passes, before=before)
     return gm
 
@@ -133,11 +154,12 @@ class Forms:
 
 
 def emit_forms(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore,
-               before: Sequence[str] = ()) -> Forms:
-    """Both forms for the adapters in `store`, built now: a call never builds a graph."""
-    single = emit(base_gm, sites, store, "single", before)
+               before: Sequence[str] = (), skip: Sequence[str] = ()) -> Forms:
+    """Both forms for the adapters in `store`, built now: a call never builds a graph. `skip`: form passes left
+    out (emit)."""
+    single = emit(base_gm, sites, store, "single", before, skip)
     try:
-        return Forms(single, emit(base_gm, sites, store, "mixed", before))
+        return Forms(single, emit(base_gm, sites, store, "mixed", before, skip))
     except InputError as e:        # a site whose rows cannot be routed apart: the plain form still serves
         return Forms(single, None, str(e))
 
@@ -146,12 +168,14 @@ def emit_forms(base_gm: GraphModule, sites: dict[str, Site], store: AdapterStore
 class Compiler:
     """What the compiler made of one model, and how it makes more from it: the base graph (mode passes applied), its
     sites and the user's model. A PeftModule is given one: adding or deleting adapters asks it for adapters
-    (`adapter`) and for new forms (`forms`) and installs what it returns; a call never comes back here."""
+    (`adapter`) and for new forms (`forms`) and installs what it returns; a call never comes back here. `skip`:
+    the FORM_PASSES its forms leave out (e.g. ("fuse_quant",), to compare fused and unfused quantized sites)."""
 
     base_gm: GraphModule
     sites: dict[str, Site]
     model: nn.Module | None
     base_passes: list[str]
+    skip: tuple[str, ...] = ()
 
     def adapter(self, spec, *, loading: bool = False):
         """`spec`'s adapter, built from the base graph's data (peftc.build)."""
@@ -159,7 +183,7 @@ class Compiler:
 
     def forms(self, store: AdapterStore) -> Forms:
         """Both forms of the base graph with every adapter in `store` inserted."""
-        return emit_forms(self.base_gm, self.sites, store, before=self.base_passes)
+        return emit_forms(self.base_gm, self.sites, store, before=self.base_passes, skip=self.skip)
 
     def paths(self, targets: Any) -> list[str]:
         """Module paths that `targets` (LoRA's target syntax) selects among the sites."""
