@@ -2,7 +2,7 @@
 its main, in this process, under harness.py's rules) and write its table between that table's report markers
 (`<!-- report:NAME:start -->` ... `<!-- report:NAME:end -->`).
 
-    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick] [--only ia3,moe]
+    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick] [--only ia3,moe,qlora]
 
 Takes about 15 minutes on a 2-core CPU (most of it compiling). --no-compiled skips the compiled mode and
 compile_speed.py (their tables are left as they are); --dry-run prints the tables instead of writing them; --quick
@@ -30,6 +30,7 @@ import lora_overhead  # noqa: E402
 import merge_speed  # noqa: E402
 import mixed_batch  # noqa: E402
 import moe  # noqa: E402
+import qlora  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCH_README = os.path.join(HERE, "README.md")
@@ -139,6 +140,41 @@ def summary(m: dict, merge: dict, mixed: dict, argv) -> str:
     return "\n".join(lines)
 
 
+def qlora_table(q: dict, argv) -> str:
+    """QLoRA (qlora.py): eval forwards, the training step and the saved activations, with the requirement and goal
+    of the training step met or not."""
+    graphs = "; ".join(f"{name}'s graph calls " + (", ".join(f"`{k}` x{v}" for k, v in sorted(ops.items()))
+                                                  or "no peftc op") for name, ops in q["peftc_ops"].items())
+    fusion = ("peftc.compile takes `fuse_quant` ('peftc' its default, 'peftc unfused' fuse_quant=False)"
+              if q.get("fuse_quant") else "peftc.compile has no `fuse_quant` keyword")
+    note = ("" if q.get("bf16_max_diff") is None else
+            f" '{qlora.BF16}' is PEFT with bitsandbytes' default bf16 CPU path (max |logit diff| from fp32 PEFT "
+            f"{q['bf16_max_diff']:.2e}).")
+    if q.get("bf16_refused"):
+        note = (f" '{qlora.BF16}' (PEFT with bitsandbytes' default bf16 CPU path) is left out: its first eval forward "
+                f"fails on this model ({q['bf16_refused']}).")
+    lines = [f"{stamp(argv)} 4-bit nf4, double quantization, fp32 compute (bitsandbytes' bf16 CPU repack off for base "
+             f"and PEFT); LoRA r={qlora.H.R}, alpha={qlora.H.ALPHA}, dropout {qlora.DROPOUT}, all-linear; {fusion}; "
+             f"{graphs}. Ratios of medians, of minimums and the median per-round ratio; '{qlora.ENTRY.strip()}': the "
+             f"hidden state entering `{qlora.H.FIRST_BLOCK}` requires grad (the base trains nothing otherwise).{note}",
+             "", row("mode", "ratio", "medians", "minimums", "per round", "target"), "|---|---|---|---|---|---|"]
+    goal = qlora.verdicts(q)
+    for mode, title in EVAL_TITLES:
+        if mode in q:
+            lines += [row(title, k, *three(q[mode], k), "") for k in q[mode]["ratios"]]
+    if "train" in q:
+        lines += [row(f"training step, train mode (dropout {qlora.DROPOUT})", k, *three(q["train"], k),
+                      goal["train"] if k == "peftc / PEFT" else "") for k in q["train"]["ratios"]]
+    mib = lambda d, k: f"{d['bytes'][k] / 2**20:.2f}"   # noqa: E731
+    for key, title in (("saved", f"activations saved, train mode (dropout {qlora.DROPOUT})"),
+                       ("saved_no_dropout", "activations saved, without LoRA dropout")):
+        if key in q:
+            d = q[key]
+            lines += [row(title, k, f"{v:.3f}", "", "", "{} vs {} MiB".format(*(mib(d, x) for x in k.split(" / "))))
+                      for k, v in d["ratios"].items()]
+    return "\n".join(lines)
+
+
 def write(path: str, blocks_: dict[str, str], dry_run: bool) -> None:
     with open(path) as f:
         doc = f.read()
@@ -185,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
         "blocks": lambda: blocks.main(common),
         "ia3": lambda: ia3.main(common),
         "moe": lambda: moe.main(common),
+        "qlora": lambda: qlora.main(common),
         "compile_speed": lambda: compile_speed.main(common + ["--compile-base"]),
     }
     done: dict = {}
@@ -222,6 +259,7 @@ TABLES = {
     "moe": lambda r, argv: modes_by_mode(r("moe"), [("peftc", "base"), ("PEFT", "base"), ("peftc", "PEFT")], argv,
                                          EVAL_TITLES[:1]) + "\n\n" + modes_by_mode(r("moe"), [("peftc", "PEFT")], argv,
                                                                                  TRAIN_TITLE),
+    "qlora": lambda r, argv: qlora_table(r("qlora"), argv),
     "compile_speed": lambda r, argv: ratio_table(r("compile_speed"), [("peftc compiled", "peftc"),
                                                                       ("peftc compiled", "PEFT compiled"),
                                                                       ("peftc compiled", "base compiled"),
