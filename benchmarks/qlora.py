@@ -20,13 +20,11 @@ libraries). Batch 4 x 128 tokens, fp32 activations.
           is off for both: it trades backward time for activations the same way in both libraries (peftc:
           apply_activation_checkpointing on its peftc.Block modules) and would measure the recomputation, not the
           adapter or the quantized layers.
-  peftc   peftc.compile(model, peftc.LoRA(r=16, alpha=32, dropout=0.05, targets="all-linear")), whatever the
-          pipeline does with a quantized site by default (the header lists the peftc ops its graph calls, so a
-          table says whether a fused dequantize + linear + LoRA op was measured).
+  peftc   peftc.compile(model, peftc.LoRA(r=16, alpha=32, dropout=0.05, targets="all-linear")): by default each
+          quantized layer and the LoRA update after it run as one fused module (passes.fuse_quant); the header
+          lists the peftc ops and fused modules its graph calls.
   peftc unfused
-          only where peftc.compile takes a `fuse_quant` keyword (a fused dequantize + linear + LoRA pass; found by
-          inspect.signature, so this script runs with or without it): peftc.compile(..., fuse_quant=False) on its
-          own load, with the same adapter tensors, in every mode.
+          peftc.compile(..., fuse_quant=False) on its own load, with the same adapter tensors, in every mode.
   base    the quantized model alone; 'peftc off' is the PeftModule with its adapters disabled (peftc's own base
           graph, eval modes).
   +entry  (training step and saved activations) peftc, PEFT and the base with the grad entry: the hidden state
@@ -69,7 +67,6 @@ Modes (each reports ratios of medians, of minimums and the median per-round rati
 from __future__ import annotations
 
 import collections
-import inspect
 import os
 import sys
 import tempfile
@@ -129,13 +126,6 @@ def has_avx512bf16() -> bool:
     return bool(bnb_has())
 
 
-def has_fuse_quant() -> bool:
-    """Whether this peftc.compile takes `fuse_quant` (the fused dequantize + linear + LoRA pass)."""
-    import peftc
-
-    return "fuse_quant" in inspect.signature(peftc.compile).parameters
-
-
 def compile_peftc(directory: str, dropout: float = DROPOUT, r: int = H.R, alpha: int = H.ALPHA, **compile_kw):
     """peftc's LoRA (QLoRA's setup) on a fresh 4-bit load; `compile_kw` go to peftc.compile (e.g. fuse_quant)."""
     import peftc
@@ -175,13 +165,18 @@ def build_qlora_pair(directory: str, dropout: float = DROPOUT, r: int = H.R, alp
 
 
 def peftc_ops(pm) -> dict[str, int]:
-    """{op: calls} of peftc's own ops (namespace peftc::) in the graph `pm` runs for one adapter, blocks included."""
+    """{op: calls} of peftc's own ops (namespace peftc::) in the graph `pm` runs for one adapter, blocks included,
+    and the sites its fused quantized linear + LoRA modules (passes.fuse_quant) serve."""
     counts: collections.Counter = collections.Counter()
     for m in pm.graph_module.modules():
         graph = getattr(m, "graph", None)
         for node in getattr(graph, "nodes", ()):
             if node.op == "call_function" and getattr(node.target, "namespace", None) == "peftc":
                 counts[node.target.name().removesuffix(".default")] += 1
+            elif node.op == "call_module":
+                fused = m.get_submodule(node.target)
+                if hasattr(fused, "bases"):                  # a fused module: one quantized base per site
+                    counts[f"fused {type(fused).__name__}"] += len(fused.bases)
     return dict(counts)
 
 
@@ -316,37 +311,34 @@ def main(argv: list[str] | None = None) -> dict:
               "PEFT again; leaving it out")
         bf16 = False
     training = bool({"train", "saved"} & set(args.modes))
-    fuse = has_fuse_quant()
     with tempfile.TemporaryDirectory(prefix="qlora-bench-") as d:
         base.save_pretrained(d)
         ours, theirs = build_qlora_pair(d)
-        unfused = compile_peftc(d, fuse_quant=False).eval() if fuse else None
-        if unfused is not None:
-            copy_peftc_lora_(ours, unfused)
+        unfused = compile_peftc(d, fuse_quant=False).eval()
+        copy_peftc_lora_(ours, unfused)
         # the split: the same pair without LoRA dropout (saved activations only)
         plain = build_qlora_pair(d, dropout=0.0) if "saved" in args.modes else None
         quant_base = load_4bit(d).requires_grad_(False)
         theirs_bf16 = get_peft_bf16(d, ours) if bf16 else None
     inputs = H.example_inputs(base.config.vocab_size, batch=batch, seq=seq)
     labelled = dict(inputs, labels=inputs["input_ids"])
-    results: dict = {"fuse_quant": fuse}
+    results: dict = {}
     if theirs_bf16 is not None:
         results["bf16_refused"] = bf16_refusal(theirs_bf16, inputs)
         if results["bf16_refused"]:
             print(f"'{BF16}' left out: bitsandbytes' bf16 CPU path fails on this model, as it would for a PEFT user "
                   f"with bitsandbytes' defaults: {results['bf16_refused']}")
             theirs_bf16 = None
-    ops = {"peftc": peftc_ops(ours)} | ({UNFUSED: peftc_ops(unfused)} if unfused is not None else {})
+    ops = {"peftc": peftc_ops(ours), UNFUSED: peftc_ops(unfused)}
     graphs = "; ".join(f"{k}'s graph calls {ops_text(v)}" for k, v in ops.items())
-    fusion = "with fuse_quant (default)" if fuse else "peftc.compile has no fuse_quant"
     head = H.header(args, batch, seq, extra=f"; 4-bit nf4 (double quantization, fp32 compute), LoRA r={H.R} "
-                                            f"alpha={H.ALPHA} dropout {DROPOUT} on {TARGETS}; {fusion}; {graphs}")
+                                            f"alpha={H.ALPHA} dropout {DROPOUT} on {TARGETS}; peftc fused (fuse_quant, the default), peftc unfused fuse_quant=False; {graphs}")
     print(head)
     results.update(peftc_ops=ops, header=head)
 
     peftc_c, peft_c = H.Contestant("peftc", ours), H.Contestant("PEFT", theirs)
     base_c = H.Contestant("base", quant_base)
-    unfused_c = [H.Contestant(UNFUSED, unfused)] if unfused is not None else []
+    unfused_c = [H.Contestant(UNFUSED, unfused)]
     evals = [base_c, peft_c, peftc_c, peftc_c.variant("peftc off", ours.disable_adapters), *unfused_c]
     if theirs_bf16 is not None:
         evals.append(H.Contestant(BF16, theirs_bf16))

@@ -145,8 +145,7 @@ def qlora_table(q: dict, argv) -> str:
     of the training step met or not."""
     graphs = "; ".join(f"{name}'s graph calls " + (", ".join(f"`{k}` x{v}" for k, v in sorted(ops.items()))
                                                   or "no peftc op") for name, ops in q["peftc_ops"].items())
-    fusion = ("peftc.compile takes `fuse_quant` ('peftc' its default, 'peftc unfused' fuse_quant=False)"
-              if q.get("fuse_quant") else "peftc.compile has no `fuse_quant` keyword")
+    fusion = "'peftc' fuses each quantized layer with its LoRA update (the default), 'peftc unfused' fuse_quant=False"
     note = ("" if q.get("bf16_max_diff") is None else
             f" '{qlora.BF16}' is PEFT with bitsandbytes' default bf16 CPU path (max |logit diff| from fp32 PEFT "
             f"{q['bf16_max_diff']:.2e}).")

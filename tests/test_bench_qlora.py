@@ -1,13 +1,11 @@
 """benchmarks/qlora.py end to end at tiny sizes (one round): on a 4-bit base peftc and PEFT agree (logits and every
-site's gradients) before anything is timed, every mode reports, and report.py builds the qlora table; the same with a
-peftc.compile that takes `fuse_quant`, so the 'peftc unfused' contestant's path runs whether or not peftc has it."""
+site's gradients) before anything is timed, every mode reports, and report.py builds the qlora table; peftc fused (the
+default) and unfused (fuse_quant=False) both measured, with and without bitsandbytes' bf16 CPU path as a contestant."""
 from __future__ import annotations
 
 import math
 import os
 import sys
-
-import peftc
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
@@ -17,18 +15,17 @@ import report  # noqa: E402
 TINY = ["--size", "tiny", "--rounds", "1", "--warmup", "0"]
 
 
-def check_results(r: dict, unfused: bool, bf16: bool = True) -> str:
+def check_results(r: dict, bf16: bool = True) -> str:
     """The checks every run passes, and its qlora table."""
-    names = ["peftc"] + ([qlora.UNFUSED] if unfused else [])
-    assert list(r["peftc_ops"]) == names and r["fuse_quant"] is unfused
-    for ops in r["peftc_ops"].values():
-        assert sum(ops.values()) >= 7                  # 1 layer: 7 quantized sites, each served by peftc's own ops
+    assert list(r["peftc_ops"]) == ["peftc", qlora.UNFUSED]
+    # 1 layer: 7 quantized sites, fused with their LoRA updates by default, each a peftc::linear_4bit call unfused
+    assert r["peftc_ops"]["peftc"] == {"fused QuantLoraGroup": 7}
+    assert r["peftc_ops"][qlora.UNFUSED] == {"peftc::linear_4bit": 7}
     assert 0 <= r["grad_max_rel_diff"] <= qlora.TOL
-    if unfused:
-        assert 0 <= r["grad_max_rel_diff_unfused"] <= qlora.TOL
+    assert 0 <= r["grad_max_rel_diff_unfused"] <= qlora.TOL
     for mode in ("no_grad", "inference"):
         assert {"peftc / PEFT", "peftc / base", "PEFT / base"} <= set(r[mode]["ratios"])
-        assert (f"{qlora.UNFUSED} / PEFT" in r[mode]["ratios"]) is unfused
+        assert f"{qlora.UNFUSED} / PEFT" in r[mode]["ratios"]
     if bf16 and qlora.has_avx512bf16():               # bitsandbytes' bf16 CPU path runs the tiny model (in 64)
         assert r["bf16_refused"] is None and 0 < r["bf16_max_diff"] <= qlora.BF16_TOL
         assert f"{qlora.BF16} / PEFT" in r["no_grad"]["ratios"]
@@ -36,7 +33,7 @@ def check_results(r: dict, unfused: bool, bf16: bool = True) -> str:
         assert "bf16_max_diff" not in r and f"{qlora.BF16} / PEFT" not in r["no_grad"]["ratios"]
     train = r["train"]["ratios"]
     assert {"peftc / PEFT", "peftc +entry / base +entry", "PEFT +entry / base +entry"} <= set(train)
-    assert (f"peftc / {qlora.UNFUSED}" in train) is unfused
+    assert f"peftc / {qlora.UNFUSED}" in train
     assert all(math.isfinite(v) and v > 0 for v in train.values())
     for key in ("saved", "saved_no_dropout"):
         ratio = r[key]["ratios"]["peftc / PEFT"]
@@ -50,23 +47,13 @@ def check_results(r: dict, unfused: bool, bf16: bool = True) -> str:
     assert "| training step, train mode (dropout 0.05) | peftc +entry / base +entry |" in table
     assert "| activations saved, train mode (dropout 0.05) | peftc / PEFT |" in table
     assert "requirement <= 1.00" in table and "goal <= 0.75" in table
-    assert ("peftc unfused's graph calls `peftc::" in table) is unfused
+    assert "peftc unfused's graph calls `peftc::linear_4bit` x7" in table
     return table
 
 
 def test_qlora_benchmark_runs_at_tiny_sizes():
-    check_results(qlora.main(TINY), unfused=qlora.has_fuse_quant())
+    check_results(qlora.main(TINY))
 
 
-def test_qlora_benchmark_with_a_fuse_quant_keyword(monkeypatch):
-    """Where peftc.compile has no `fuse_quant` yet, a stand-in that takes it (and compiles as before) makes the
-    benchmark add 'peftc unfused' (fuse_quant=False) in every mode."""
-    if not qlora.has_fuse_quant():
-        plain = peftc.compile
-
-        def compile_(model, spec, *, fuse_quant: bool = True, **kw):
-            return plain(model, spec, **kw)
-
-        monkeypatch.setattr(peftc, "compile", compile_)
-    assert qlora.has_fuse_quant()
-    check_results(qlora.main(TINY + ["--no-bf16"]), unfused=True, bf16=False)
+def test_qlora_benchmark_without_bitsandbytes_bf16_path():
+    check_results(qlora.main(TINY + ["--no-bf16"]), bf16=False)
