@@ -56,8 +56,15 @@ def dequantize_4bit(packed: Tensor, absmax: Tensor, nested_absmax: Optional[Tens
     """W [out_features, in_features] in `dtype` from its packed 4-bit codes (two per byte) and block scales.
 
     The codes are dequantized as one flat run and then viewed as [out, in]: bitsandbytes blocks W in memory order
-    whatever its shape, but its CPU kernel (0.50) given the shape [out, in] reads it row by row and is wrong when a
-    row is shorter than a block or not a multiple of it ([64, 32] comes back off by up to the block's absmax)."""
+    whatever its shape, but its CPU kernel (0.50) given the shape [out, in] is wrong for some rows that are not a
+    whole number of blocks ([64, 32] and [512, 1376] come back off by up to a block's absmax)."""
+    return _dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features,
+                            blocksize, quant_type, dtype)
+
+
+def _dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features,
+                     blocksize, quant_type, dtype) -> Tensor:
+    """peftc::dequantize_4bit's body, called directly where a custom op's body needs W (no second dispatch)."""
     bnb()
     scales = _absmax(absmax, nested_absmax, nested_code, nested_offset)
     flat = torch.ops.bitsandbytes.dequantize_4bit.default(packed.view(-1, 1), scales, blocksize, quant_type,
@@ -77,8 +84,8 @@ def linear_4bit(x: Tensor, packed: Tensor, absmax: Tensor, nested_absmax: Option
                 out_features: int, in_features: int, blocksize: int, quant_type: str,
                 compute_dtype: torch.dtype) -> Tensor:
     """bitsandbytes' Linear4bit: linear(x, W, b) in `compute_dtype`, returned in x's dtype."""
-    w = dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features,
-                        blocksize, quant_type, compute_dtype)
+    w = _dequantize_4bit(packed, absmax, nested_absmax, nested_code, nested_offset, out_features, in_features,
+                         blocksize, quant_type, compute_dtype)
     b = bias.to(compute_dtype) if bias is not None else None
     return F.linear(x.to(compute_dtype), w, b).to(x.dtype)
 

@@ -26,7 +26,6 @@ from torch import nn
 
 from .ops import LoraGroup, _down, _dropout, _rate, _update_
 
-aten = torch.ops.aten
 
 
 class QuantBase(NamedTuple):
@@ -115,14 +114,19 @@ def _draw(x: torch.Tensor, p: torch.Tensor) -> tuple:
     return xd, mask, 1.0 / (1.0 - rate)
 
 
-def _redo(t: torch.Tensor, mask: torch.Tensor | None, d) -> torch.Tensor:
-    """t dropped with a drawn mask, as _draw dropped x (bit for bit): also the dropout's backward."""
+def _kept(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """t where the drawn mask kept it, 0 elsewhere (the scale left out: _scaled puts it on the r-wide factor), in
+    one pass over t: the dropout's backward and drop(x) again, without drop(x) ever being kept."""
     if mask is None:
         return t
-    mask = mask.view(t.shape)                       # masks are x-shaped, t may be its (N, in) view
-    if isinstance(d, torch.Tensor):
-        return t * (mask.to(t.dtype) / d)
-    return aten.native_dropout_backward(t, mask, d)
+    return torch.where(mask.view(t.shape), t, 0.0)  # masks are x-shaped, t may be its (N, in) view; no float mask
+
+
+def _scaled(t: torch.Tensor, d) -> torch.Tensor:
+    """t times the dropout's scale d (1 / (1 - p), or compiled the kept fraction 1 - p, a tensor: t / d)."""
+    if d is None:
+        return t
+    return t / d if isinstance(d, torch.Tensor) else t * d
 
 
 class _QuantLoraFn(torch.autograd.Function):
@@ -183,8 +187,8 @@ class _QuantLoraFn(torch.autograd.Function):
             if grouped:
                 g_As = [ga if na else None                                     # (R, in): one GEMM
                         for ga, na in zip(torch.mm(g_h.t(), x2).split([A.shape[0] for A in As], 0), need_A)]
-            else:
-                g_As = [torch.mm(gh.t(), _redo(x2, m, d)) if na else None
+            else:       # g_A_i = (d g_h_i)^T (x * m_i): the scale on the r-wide side, one pass over x per site
+                g_As = [torch.mm(_scaled(gh, d).t(), _kept(x2, m)) if na else None
                         for gh, m, d, na in zip(g_hs, masks, ds, need_A)]
         g_x = None
         if need_x:
@@ -193,7 +197,7 @@ class _QuantLoraFn(torch.autograd.Function):
                 g_x.addmm_(g_h, As[0] if n == 1 else torch.cat(As))
             else:
                 for gh, A, m, d in zip(g_hs, As, masks, ds):
-                    g_x.add_(_redo(torch.mm(gh, A), m, d))
+                    g_x.add_(_kept(torch.mm(_scaled(gh, d), A), m))
             g_x = g_x.view(ctx.x_shape)
         g_args = []
         for g2, a, nd, b in zip(g2s, args, need_args, bias_at):
