@@ -14,36 +14,14 @@ import dataclasses
 import math
 
 import torch
-from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftc.errors import MergeError
 from peftc.quant import bnb, dense_from_args
 
-from .match import QUANTIZED, Site, dense_weight, tensor_at
+from .match import QUANTIZED, Site, dense_weight, set_tensor, tensor_at
 
 aten = torch.ops.aten
-
-
-def _set_param(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    """`target` becomes a frozen Parameter holding `value` (a buffer of that name goes)."""
-    owner, _, leaf = target.rpartition(".")
-    mod = gm.get_submodule(owner) if owner else gm
-    mod._buffers.pop(leaf, None)
-    mod._parameters.pop(leaf, None)
-    mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
-
-
-def _set_buffer(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    owner, _, leaf = target.rpartition(".")
-    mod = gm
-    for part in owner.split(".") if owner else ():
-        if not hasattr(mod, part):
-            mod.add_module(part, nn.Module())
-        mod = getattr(mod, part)
-    mod._parameters.pop(leaf, None)
-    mod._buffers.pop(leaf, None)
-    mod.register_buffer(leaf, value)
 
 
 def dequantize_sites(gm: GraphModule, sites: dict[str, Site], paths) -> dict[str, Site]:
@@ -58,7 +36,7 @@ def dequantize_sites(gm: GraphModule, sites: dict[str, Site], paths) -> dict[str
             continue
         weight = dense_weight(gm, site).detach()
         bias_arg = site.spec.bias_arg
-        _set_param(gm, site.weight, weight)
+        set_tensor(gm, site.weight, weight)
         new_nodes = []
         for old in (by_name[n.name] for n in site.nodes):
             x, bias = old.args[site.spec.input_arg], old.args[bias_arg]
@@ -131,7 +109,7 @@ def requantize_sites(gm: GraphModule, dense: dict[str, Site], quantized: dict[st
                 tensors, _ = _quantize(q, orig, gm, merged)
                 prefix = q.weight          # <path>.weight: the codes, and <path>.weight_* the rest
                 for name, t in tensors.items():
-                    _set_buffer(gm, prefix + name[len("weight"):], t)
+                    set_tensor(gm, prefix + name[len("weight"):], t, buffer=True)
             here = {n.name: n for n in g.nodes}        # the base graph's other inputs (the mode flag), in gm
             args = [here.get(a.name) if isinstance(a, Node) else a for a in orig.args]   # the rest is set below
             with g.inserting_before(node):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 
 import networkx as nx
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 from peftc.quant import OPS_4BIT, OPS_8BIT, dense_from_args
@@ -261,6 +262,23 @@ def tensor_at(gm: GraphModule, target: str) -> torch.Tensor:
         return gm.get_parameter(target)
     except AttributeError:
         return gm.get_buffer(target)
+
+
+def set_tensor(gm: GraphModule, target: str, value: torch.Tensor, buffer: bool = False) -> None:
+    """`target` becomes `value` in gm: a frozen Parameter (or with `buffer`, a buffer), replacing a tensor of that
+    name of either kind; modules on its path that gm lacks are added."""
+    owner, _, leaf = target.rpartition(".")
+    mod = gm
+    for part in owner.split(".") if owner else ():
+        if not hasattr(mod, part):
+            mod.add_module(part, nn.Module())
+        mod = getattr(mod, part)
+    mod._parameters.pop(leaf, None)
+    mod._buffers.pop(leaf, None)
+    if buffer:
+        mod.register_buffer(leaf, value)
+    else:
+        mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
 
 
 def find_sites(gm: GraphModule) -> dict[str, Site]:

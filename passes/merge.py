@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import torch
-from torch import nn
 from torch.fx import GraphModule
 
 from peftc.errors import MergeError
@@ -24,7 +23,7 @@ from peftc.methods import method_of, work_dtype
 from peftc.store import Adapter
 
 from .dequantize import dequantize_sites, requantize_sites
-from .match import Site, tensor_at, weight_reader
+from .match import Site, set_tensor, tensor_at, weight_reader
 from .modules_to_save import fold_saved_copies
 from .trainable_tokens import fold_token_rows
 
@@ -75,20 +74,8 @@ def _folded_bias(gm: GraphModule, adapter: Adapter, name: str, site: Site) -> st
             u.name not in names and "peftc" not in u.meta
             for n in gm.graph.nodes if n.op == "get_attr" and n.target == target for u in n.users):
         target = f"{site.fqn}.bias_merged"
-    _set_attr(gm, target, merged)
+    set_tensor(gm, target, merged)
     return target
-
-
-def _set_attr(gm: GraphModule, target: str, value: torch.Tensor) -> None:
-    owner, _, leaf = target.rpartition(".")
-    mod = gm
-    for part in owner.split(".") if owner else ():
-        if not hasattr(mod, part):
-            mod.add_module(part, nn.Module())
-        mod = getattr(mod, part)
-    if leaf in mod._parameters:
-        del mod._parameters[leaf]
-    mod.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
 
 
 def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name: str) -> int:
@@ -96,8 +83,8 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
     fold count. Its modules_to_save and trained-bias copies first, so that a site's bias fold starts from the
     trained bias; then every adapted site's weight (and bias) becomes a new constant by its method's fold rule."""
     g = gm.graph
-    fold_saved_copies(gm, adapter, _set_attr)
-    fold_token_rows(gm, adapter, name, _set_attr)   # before the sites' folds read (and replace) their weights
+    fold_saved_copies(gm, adapter, set_tensor)
+    fold_token_rows(gm, adapter, name, set_tensor)   # before the sites' folds read (and replace) their weights
     method = method_of(adapter.spec)
     method.require("merge", f"merging adapter {name!r} into the weights", MergeError)
     count = 0
@@ -111,7 +98,7 @@ def fold_adapter(gm: GraphModule, sites: dict[str, Site], adapter: Adapter, name
         if not site.param and any(u.name not in names
                                   for n in g.nodes if n.op == "get_attr" and n.target == target for u in n.users):
             target = f"{path}.weight_merged"
-        _set_attr(gm, target, folded_weight(adapter, name, site, weight))
+        set_tensor(gm, target, folded_weight(adapter, name, site, weight))
         bias = _folded_bias(gm, adapter, name, site)
         new_w = new_b = None
         for node in g.nodes if not site.param else ():     # a parameter site's reads now read W' by name

@@ -10,7 +10,7 @@ from torch import nn
 
 from peftc.errors import SpecError
 from peftc.passes.match import find_sites
-from peftc.passes.merge import _set_attr
+from peftc.passes.match import set_tensor
 from peftc.passes.route import plain_route, route_keys
 from peftc.passes.trainable_tokens import (TAG, fold_token_rows, insert_token_rows, resolve_token_rows, rows_for,
                                            token_state)
@@ -157,7 +157,7 @@ def test_fold_writes_the_rows_into_a_constant_of_the_base_graph(tti, tied_weight
     with torch.no_grad():
         want = run(gm)
     base = trace(model, (IDS,)).gm
-    assert fold_token_rows(base, store["default"], "default", _set_attr) == 2        # a's read and head's
+    assert fold_token_rows(base, store["default"], "default", set_tensor) == 2        # a's read and head's
     for x in reversed(list(base.graph.nodes)):
         if x.op == "get_attr" and not x.users:
             base.graph.erase_node(x)
