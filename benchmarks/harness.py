@@ -433,6 +433,20 @@ def saved_bytes(c: Contestant, inputs: dict) -> tuple[int, int]:
     return sum(seen.values()), len(seen)
 
 
+def saved(run: list[Contestant], inputs: dict, pairs, title: str) -> dict:
+    """a / b in bytes autograd saves in one training forward of each (saved_bytes), for each (a, b) pair; printed
+    under `title`. Returns {"bytes": {name: bytes}, "ratios": {"a / b": ratio}}."""
+    got = {c.name: saved_bytes(c, inputs) for c in run}
+    print(f"\nactivations saved for backward, {title} (one training forward, distinct non-parameter storages)")
+    width = max(28, max(map(len, got)) + 1)
+    for k, (b, n) in got.items():
+        print(f"  {k:{width}s} {b / 2**20:9.2f} MiB in {n} storages")
+    ratios = {f"{a} / {b}": got[a][0] / got[b][0] for a, b in pairs}
+    for k, v in ratios.items():
+        print(f"  {k}: {v:.3f}")
+    return {"bytes": {k: v[0] for k, v in got.items()}, "ratios": ratios}
+
+
 # --- the report -------------------------------------------------------------------------------------------------------
 def report(times: dict[str, list[float]], pairs, head: str) -> dict:
     """Print each contestant's times (and medians over the base model's, or over the first contestant's where there

@@ -95,17 +95,6 @@ def check_training(runs: dict, inputs: dict) -> None:
     H.check(runs["users"], inputs, train=True, agree=[("peftc", "PEFT", 1e-4)])
 
 
-def saved(run: list[H.Contestant], inputs: dict, pairs, title: str) -> dict:
-    got = {c.name: H.saved_bytes(c, inputs) for c in run}
-    print(f"\nactivations saved for backward, {title} (one training forward, distinct non-parameter storages)")
-    for k, (b, n) in got.items():
-        print(f"  {k:28s} {b / 2**20:9.2f} MiB in {n} storages")
-    ratios = {f"{a} / {b}": got[a][0] / got[b][0] for a, b in pairs}
-    for k, v in ratios.items():
-        print(f"  {k}: {v:.3f}")
-    return {"bytes": {k: v[0] for k, v in got.items()}, "ratios": ratios}
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = H.parse(H.bench_parser(__doc__, rounds=20, modes=MODES, default_modes="no_grad,inference,train,saved",
                                   note=" (compiled takes minutes on a CPU)"), argv, MODES)
@@ -142,9 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
             t = H.time_contestants(runs["users"], labelled, args.rounds, args.warmup, args.device, train=True)
             results["train"] = H.report(t, USER_PAIRS, f"training step, as users run them: {head}")
         if "saved" in modes:
-            results["saved_adapter"] = saved(runs["adapter"], labelled, ADAPTER_PAIRS,
+            results["saved_adapter"] = H.saved(runs["adapter"], labelled, ADAPTER_PAIRS,
                                              f"every contestant with the grad entry at {H.FIRST_BLOCK}")
-            results["saved"] = saved(runs["users"], labelled, USER_PAIRS, "as users run them")
+            results["saved"] = H.saved(runs["users"], labelled, USER_PAIRS, "as users run them")
         for m in (ours, theirs, frozen_base):
             m.eval()
     if "compiled" in modes:

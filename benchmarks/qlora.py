@@ -210,20 +210,6 @@ def check_grads(ours, theirs, adapter: str = "default") -> float:
     return worst
 
 
-def saved(run: list[H.Contestant], inputs: dict, pairs, title: str) -> dict:
-    """a / b in bytes autograd saves in one training forward of each (harness.saved_bytes), for each (a, b) pair."""
-    got = {c.name: H.saved_bytes(c, inputs) for c in run}
-    print(f"\nactivations saved for backward, {title} (one training forward in train mode, distinct non-parameter "
-          "storages)")
-    width = max(map(len, got)) + 1
-    for k, (b, n) in got.items():
-        print(f"  {k:{width}s} {b / 2**20:9.2f} MiB in {n} storages")
-    ratios = {f"{a} / {b}": got[a][0] / got[b][0] for a, b in pairs}
-    for k, v in ratios.items():
-        print(f"  {k}: {v:.3f}")
-    return {"bytes": {k: v[0] for k, v in got.items()}, "ratios": ratios}
-
-
 def verdicts(results: dict) -> dict[str, str]:
     """The requirement and the goal for the training step as users train, peftc / PEFT by medians: <= 1.00
     required, <= 0.75 the goal."""
@@ -290,7 +276,7 @@ def train_and_saved(args, results: dict, users: list[H.Contestant], entry: list[
         results["train"] = H.report(t, pairs, f"training step in train mode (forward with labels + backward, "
                                     f"dropout {DROPOUT}; '{ENTRY.strip()}': grad entry at {H.FIRST_BLOCK}): {head}")
     if "saved" in args.modes:
-        results["saved"] = saved(everyone, labelled, pairs, f"as users train (dropout {DROPOUT})")
+        results["saved"] = H.saved(everyone, labelled, pairs, f"as users train, train mode (dropout {DROPOUT})")
     for m in models:
         m.eval()
 
@@ -339,8 +325,8 @@ def main(argv: list[str] | None = None) -> dict:
     ops = {"peftc": peftc_ops(ours), UNFUSED: peftc_ops(unfused)}
     graphs = "; ".join(f"{k}'s graph calls {ops_text(v)}" for k, v in ops.items())
     head = H.header(args, batch, seq, extra=f"; 4-bit nf4 (double quantization, fp32 compute), LoRA r={H.R} "
-                                            f"alpha={H.ALPHA} dropout {DROPOUT} on {TARGETS}; peftc fused (fuse_quant, the "
-                                            f"default), peftc unfused fuse_quant=False; {graphs}")
+                                            f"alpha={H.ALPHA} dropout {DROPOUT} on {TARGETS}; peftc fused "
+                                            f"(fuse_quant, the default), peftc unfused fuse_quant=False; {graphs}")
     print(head)
     results.update(peftc_ops=ops, header=head)
 
@@ -371,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
     if plain is not None:
         nodrop = [H.Contestant("peftc", plain[0].train()), H.Contestant("PEFT", plain[1].train())]
         H.check(nodrop, labelled, train=True, agree=[("peftc", "PEFT", TOL)])      # no dropout: train mode agrees
-        results["saved_no_dropout"] = saved(nodrop, labelled, [("peftc", "PEFT")], "without LoRA dropout (the split)")
+        results["saved_no_dropout"] = H.saved(nodrop, labelled, [("peftc", "PEFT")], "without LoRA dropout (the split)")
     for what, v in verdicts(results).items():
         print(f"{what}: {v}")
     return results

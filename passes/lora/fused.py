@@ -90,7 +90,8 @@ class QuantLoraGroup(nn.Module):
         ys = [b.op(x, *a) for b, a in zip(self.bases, args)]
         if not drop:
             return _update_(x, ys, As, Bs, scales)
-        return tuple(_update_(_dropout(x, p), [y], [A], [B], [s])[0] for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
+        return tuple(_update_(_dropout(x, p), [y], [A], [B], [s])[0]
+                     for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
 
     def extra_repr(self) -> str:
         ops = sorted({getattr(b.op, "__name__", str(b.op)) for b in self.bases})
