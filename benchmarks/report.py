@@ -169,8 +169,9 @@ def qlora_table(q: dict, argv) -> str:
                        ("saved_no_dropout", "activations saved, without LoRA dropout")):
         if key in q:
             d = q[key]
-            lines += [row(title, k, f"{v:.3f}", "", "", "{} vs {} MiB".format(*(mib(d, x) for x in k.split(" / "))))
-                      for k, v in d["ratios"].items()]
+            target = lambda k: f"; {goal[key]}" if key in goal and k == "peftc / PEFT" else ""   # noqa: E731
+            lines += [row(title, k, f"{v:.3f}", "", "", "{} vs {} MiB".format(*(mib(d, x) for x in k.split(" / ")))
+                          + target(k)) for k, v in d["ratios"].items()]
     return "\n".join(lines)
 
 

@@ -82,10 +82,11 @@ def quant_calls(pm) -> int:
     return sum(n.op == "call_function" and n.target in (*OPS_4BIT, *OPS_8BIT) for n in pm.graph_module.graph.nodes)
 
 
-def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-6) -> bool:
+def close(a: torch.Tensor, b: torch.Tensor, tol: float = 1e-5) -> bool:
     """|a - b| <= tol * max(1, max |a|): fp32 agreement relative to the tensor's scale. Outputs come out equal; a
     gradient may differ in its last bits, since the fused backward sums a site's terms (sum_i g_i W_i and the
-    update's) before autograd adds the others, an order of fp32 additions of its own."""
+    update's) before autograd adds the others, an order of fp32 additions of its own, and the GEMMs' own order
+    changes with the thread count (measured: up to 6e-7 relative, from 1 to 4 threads)."""
     return bool((a - b).abs().max() <= tol * max(1.0, a.abs().max().item()))
 
 
