@@ -7,6 +7,8 @@ import math
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 
 import qlora  # noqa: E402
@@ -56,5 +58,6 @@ def test_qlora_benchmark_runs_at_tiny_sizes():
     check_results(qlora.main(TINY))
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_qlora_benchmark_without_bitsandbytes_bf16_path():
     check_results(qlora.main(TINY + ["--no-bf16"]), bf16=False)

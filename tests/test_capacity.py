@@ -168,6 +168,7 @@ def test_deepcopy_is_an_independent_equal_model():
 
 
 # --- no recompiles within the capacity -----------------------------------------------------------------------------
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_load_and_delete_within_capacity_never_recompile(tmp_path):
     model, pm = capped(adapters=3, rank=8)
     compiled = torch.compile(pm, backend="eager", fullgraph=True)
@@ -311,6 +312,7 @@ def test_new_targets_or_modules_to_save_rebuild_the_graph():
 OPS = st.lists(st.tuples(st.sampled_from(["add", "delete"]), st.integers(1, 8)), min_size=1, max_size=6)
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 @settings(max_examples=8, deadline=None)
 @given(ops=OPS, routing=st.lists(st.integers(0, 3), min_size=3, max_size=3))
 def test_any_add_delete_sequence_matches_an_uncapped_model(ops, routing):

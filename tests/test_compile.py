@@ -245,6 +245,7 @@ def test_compiled_peft_module_add_and_delete_recompile_once_each():
     assert graphs() == 3
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_compiled_peft_module_survives_many_adapter_additions():
     """A server that adds adapters one by one: every addition recompiles once, and the graphs of earlier adapter
     sets must not use up dynamo's per-function cache (recompile_limit, 8), which fullgraph=True turns into an error."""
@@ -256,6 +257,7 @@ def test_compiled_peft_module_survives_many_adapter_additions():
         assert close(out(cpm, adapter_names=names), out(cpm.peft, adapter_names=names)), i
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_many_compiled_peft_modules_in_one_process():
     """Separate PeftModules each get their own compiled graph; the ninth must compile like the first."""
     model = make("llama")

@@ -167,6 +167,7 @@ def test_a_loftq_adapter_cannot_share_a_mixed_batch():
         pm(**parity_inputs("llama")[0], adapter_names=["default", "plain", "plain"])
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_tied_lm_head_keeps_the_quantized_copy_at_the_head():
     """Tied GPT-2: PEFT writes Q into the shared tensor, so its input embedding reads Q too; peftc keeps Q at the
     adapted layer (as it keeps PiSSA's residual), and the embedding reads the model's own weight."""

@@ -195,6 +195,7 @@ def test_callback_sees_new_weights_equals_peft(base_dir, full_logits):
     assert_same_weights(pm, ref)
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_every_form_sees_new_weights(base_dir):
     """Written in place: the mixed (per-row) form, and a capacity's lanes, run the new A, B without a rebuild."""
     pm = ours(base_dir)
@@ -226,6 +227,7 @@ def test_compiled_sees_new_weights_without_recompile(base_dir):
     dynamo.reset()
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_file_layouts(base_dir, tmp_path):
     """Sharded checkpoints (model.safetensors.index.json) and files saved from the bare base model (keys without
     the base_model_prefix "model."), as PEFT reads them, give the same A, B."""

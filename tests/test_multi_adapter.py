@@ -300,6 +300,7 @@ def cached_llama():
     return _CACHE["pm"]
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 @settings(max_examples=10, deadline=None, derandomize=True)
 @given(ranks=st.lists(st.integers(1, 6), min_size=3, max_size=3),
        targets=st.lists(st.integers(0, len(TARGETS) - 1), min_size=3, max_size=3),

@@ -302,7 +302,9 @@ def test_qlora_gradients_equal_peft_and_training_leaves_the_quantized_weights_al
     for key, p in pm.store.peft_parameters("default"):
         assert p.grad is not None and p.grad.abs().sum() > 0, f"{key}: no gradient"
         err = ((p.grad - ref_grads[key]).abs().max() / ref_grads[key].abs().max()).item()
-        assert err <= 1e-4, f"{key}: gradient differs from PEFT's by {err:.3g} of its largest entry"
+        # fp32: summation order; bf16 / fp16 compute: the fused backward adds the sites' bf16-rounded terms in its
+        # own order (1.4e-4 seen on fp4-bf16)
+        assert err <= tol(quant), f"{key}: gradient differs from PEFT's by {err:.3g} of its largest entry"
         count += 1
     assert count == 2 * len(pm.store["default"].targets) == 2 * 7
 

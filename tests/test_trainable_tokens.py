@@ -320,6 +320,7 @@ def test_standalone_trainable_tokens_config_and_refusals(llama_pm):
     assert_unchanged(llama_pm)
 
 
+@pytest.mark.slow       # long: runs in CI's slow pass
 def test_switching_adapters_with_other_row_counts_never_recompiles():
     """Row counts are unbacked dynamic dims of the route: adapters with 0, 1 and 3 rows share one compiled graph."""
     import torch._dynamo as dynamo
