@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import GraphModule, Node
 
-from peftc.quant import dequantize_4bit
+from peftc.quant import backward_weight_8bit, dequantize_4bit
 
 from .lora.fused import QuantBase, QuantLoraGroup
 from .lora.ops import LoraGroup
@@ -39,8 +39,7 @@ def _weight_4bit(args, x_dtype: torch.dtype) -> torch.Tensor:
 
 
 def _weight_8bit(args, x_dtype: torch.dtype) -> torch.Tensor:
-    CB, SCB = args[0], args[1]
-    return CB.to(x_dtype).mul_((SCB * (1.0 / 127.0)).unsqueeze(1).to(x_dtype))          # in x's dtype
+    return backward_weight_8bit(args[0], args[1], x_dtype)                             # in x's dtype
 
 
 def _base(kind: str, weight) -> QuantBase:

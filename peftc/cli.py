@@ -342,8 +342,8 @@ def merge(base: Path, adapter: Path, out: Path, dtype: str | None, max_shard_siz
     else AutoModel), loads the adapter, and streams the merged weights (W + alpha/r B A) layer by layer into
     safetensors shards under the model's own key names, with config.json and the base's tokenizer files. The
     result loads with plain transformers (AutoModelFor...from_pretrained(OUT)). A base saved quantized by
-    bitsandbytes is written in full precision (exact), or with --requantize in its own quantized format. OUT is written in full to a
-    temporary directory first: nothing existing is touched if anything fails.
+    bitsandbytes is written in full precision (exact), or with --requantize in its own quantized format. OUT is
+    written in full to a temporary directory first: nothing existing is touched if anything fails.
 
     \b
     Examples:

@@ -153,12 +153,17 @@ def _setup_8bit(ctx, inputs, output) -> None:
     ctx.meta = (x.dtype, None if bias is None else bias.dtype)
 
 
+def backward_weight_8bit(CB: Tensor, SCB: Tensor, dtype: torch.dtype) -> Tensor:
+    """W as linear_8bit's backward multiplies with it: CB * SCB / 127 per row, computed in `dtype` (x's)."""
+    return CB.to(dtype).mul_((SCB * (1.0 / 127.0)).unsqueeze(1).to(dtype))
+
+
 def _backward_8bit(ctx, grad: Tensor):
     CB, SCB = ctx.saved_tensors
     x_dtype, bias_dtype = ctx.meta
     gx = gb = None
     if ctx.needs_input_grad[0]:
-        gx = grad.to(x_dtype) @ CB.to(x_dtype).mul_((SCB * (1.0 / 127.0)).unsqueeze(1).to(x_dtype))
+        gx = grad.to(x_dtype) @ backward_weight_8bit(CB, SCB, x_dtype)
     if ctx.needs_input_grad[3]:
         gb = grad.reshape(-1, grad.shape[-1]).sum(0).to(bias_dtype)
     return gx, None, None, gb, None, None
