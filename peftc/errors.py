@@ -40,3 +40,8 @@ class ExportError(PeftcError):
 
 class MissingDependency(PeftcError, ImportError):
     """An optional package a feature needs (bitsandbytes for quantization) is not installed; the message names it."""
+
+
+class GenerationError(PeftcError, ValueError):
+    """generate cannot run as asked: the model is no causal LM, an option is not supported, or the prompt and the
+    new tokens do not fit the model's positions."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
 import types
 from typing import Any, Callable
 
@@ -12,9 +13,13 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .blocks import Block, install_blocks, structure
-from .errors import InputError
+from .errors import GenerationError, InputError
+from .generation import Steps
 from .loss import compute_loss
 from .trace import Traced
+
+
+_GENERATE_LOCK = threading.Lock()     # a module's generation graphs are emitted once, by one thread
 
 
 class GraphModel(nn.Module):
@@ -26,7 +31,7 @@ class GraphModel(nn.Module):
     forms: tuple[str, ...] = ("graph",)       # the graphs a subclass may call, each compiled on its own
 
     def __init__(self, traced: Traced, *, config: Any = None, loss_type: str | None = None, model_class: str = "",
-                 base_name: str | None = None):
+                 base_name: str | None = None, generation_config: Any = None):
         super().__init__()
         self.graph_module = traced.gm            # the module tree every form's code runs against
         self._traced = traced
@@ -37,11 +42,18 @@ class GraphModel(nn.Module):
         self.model_class = model_class
         self.base_name = base_name
         self.main_input_name = (traced.input_names or ("input_ids",))[0]
+        self.generation_config = copy.deepcopy(generation_config)   # the model's; generate's defaults
+        self._forget_decoder()
         self.forward = types.MethodType(_forward_with_signature(type(self), self.input_names), self)
         self.fresh_compile_cache()
         if "graph" in self.forms:
             self._structure("graph", traced.gm)
         _mark_eager_frames(type(self))
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._forget_decoder()      # emitted again over the moved / cast tensors
+        return out
 
     def _structure(self, form: str, flat: GraphModule) -> None:
         """Make `form`'s code from its flat graph: the model's blocks called as modules (peftc.blocks)."""
@@ -63,6 +75,65 @@ class GraphModel(nn.Module):
     def input_names(self) -> list[str]:
         """The inputs the graph was traced with (constants such as use_cache=False left out)."""
         return [n for n in self._traced.input_names if n not in self._traced.constants]
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def _emit_decoder(self):
+        """The generation graphs of this module (pipeline.DecoderForms), from its compiler; None where it has none."""
+        return None
+
+    def _decoder_steps(self, forms, adapter_names, batch: int):
+        """The prefill and decode calls (generation.Steps) of one generate call, routed for `adapter_names`."""
+        if adapter_names is not None:
+            raise InputError(f"{type(self).__name__} holds one adapter folded in: adapter_names does not apply")
+        return Steps(forms.prefill["graph"], forms.decode["graph"])
+
+    def _forget_decoder(self) -> None:
+        """Drop the generation graphs (made again from the compiler on the next generate)."""
+        object.__setattr__(self, "_decoder", None)
+
+    def _decoder_forms(self):
+        forms = self._decoder
+        if forms is None:
+            with _GENERATE_LOCK:
+                forms = self._decoder
+                if forms is None:
+                    forms = self._emit_decoder()
+                    if forms is None:
+                        raise GenerationError(f"cannot generate: {self.model_class or type(self).__name__} was not "
+                                              "compiled from a transformers causal LM")
+                    object.__setattr__(self, "_decoder", forms)
+        return forms
+
+    def can_generate(self) -> bool:
+        """Whether generate() can run: the model is a transformers causal LM (transformers' own answer)."""
+        from .decoder import causal_lm_refusal
+        return causal_lm_refusal(self._source_model()) is None
+
+    def _source_model(self):
+        return None
+
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                 generation_config: Any = None, streamer: Any = None, generator: torch.Generator | None = None,
+                 adapter_names: Any = None, **kwargs) -> torch.Tensor:
+        """Generate as transformers' `generate` does (greedy or sampled; returns the prompt followed by the new
+        tokens, rows that ended padded): `max_new_tokens`, `min_new_tokens`, `max_length`, `min_length`,
+        `do_sample`, `temperature`, `top_k`, `top_p`, `min_p`, `typical_p`, `repetition_penalty`, `eos_token_id` (one
+        or several), `pad_token_id`, or a `generation_config` (default: the model's), `generator` (a torch.Generator
+        for sampling; default the global RNG, as transformers), `streamer` (transformers' put/end protocol, e.g.
+        TextStreamer) and, on a PeftModule, `adapter_names` (one per row, "__base__" for none).
+
+        Runs on the model's prefill and decode graphs over a static KV cache that belongs to this call (peftc.decoder):
+        traced on the first call and reused after (any batch, prompt and cache length). Generation runs the model
+        in eval mode. Several threads may generate at once, each with its own adapters."""
+        from .generation import check_prompt, decode_loop, resolve_config
+
+        if input_ids is None:
+            input_ids = kwargs.pop(self.main_input_name, None)
+        gc = resolve_config(self.generation_config, generation_config, kwargs)
+        input_ids, attention_mask = check_prompt(input_ids, attention_mask)
+        forms = self._decoder_forms()
+        steps = self._decoder_steps(forms, adapter_names, input_ids.shape[0])
+        return decode_loop(steps, forms.layout, input_ids, attention_mask, gc, streamer=streamer, generator=generator)
 
     # --- calling -----------------------------------------------------------------------------------------------
     # torch.compile(module) catches the first Python frame below nn.Module.__call__. forward (and a subclass's) is

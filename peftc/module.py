@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import threading
 from pathlib import Path
@@ -17,6 +18,7 @@ from .build import as_spec, check_adapter_name
 from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
 from .errors import InputError, MergeError, SpecError
 from .export import export_program
+from .generation import Steps
 from .graph_model import GraphModel
 from .methods import method_of
 from .passes.match import QUANTIZED
@@ -54,7 +56,8 @@ class PeftModule(GraphModel):
         root = GraphModule(traced.gm, copy.deepcopy(traced.gm.graph))
         base_model = compiler.model
         super().__init__(dataclasses.replace(traced, gm=root), config=getattr(base_model, "config", None),
-                         loss_type=loss_type, model_class=type(base_model).__name__, base_name=base_name)
+                         loss_type=loss_type, model_class=type(base_model).__name__, base_name=base_name,
+                         generation_config=getattr(base_model, "generation_config", None))
         self.sites = compiler.sites
         self.base_passes = list(compiler.base_passes)      # passes already applied to the base graph
         object.__setattr__(self, "_compiler", compiler)
@@ -104,6 +107,7 @@ class PeftModule(GraphModel):
         object.__setattr__(self, "_mixed_gm", forms.mixed)
         object.__setattr__(self, "_mixed_refusal", forms.mixed_refusal)
         self._routes_changed()
+        self._forget_decoder()       # generation graphs are emitted again, with these adapters, on next use
         self.fresh_compile_cache()   # the old graph's compiled entries are not reused
 
     @property
@@ -329,8 +333,17 @@ class PeftModule(GraphModel):
     def _plan(self, args, kwargs, adapter_names, adapter_index) -> tuple[str, GraphModule, list | None]:
         """(form, graph, route) for one call, checked: a bad adapter_names/adapter_index raises here, before any
         graph runs, and leaves nothing behind."""
+        form, name, rows = self._choose(adapter_names, adapter_index, lambda: self._batch_size(args, kwargs))
+        if form == "mixed":
+            return "mixed", self.mixed_graph_module, [rows]
+        return self._whole_batch(0 if name is None else self.store.slot(name))
+
+    def _choose(self, adapter_names, adapter_index, batch) -> tuple[str, str | None, torch.Tensor | None]:
+        """(form, the adapter every row uses or None for the base model, the rows' slots for a mixed batch) of one
+        call; `batch()` gives its row count. Checked: a bad adapter_names/adapter_index raises here."""
         if adapter_names is None and adapter_index is None:
-            return self._whole_batch(self._whole_batch_slot())
+            slot = self._whole_batch_slot()
+            return ("base", None, None) if slot == 0 else ("single", self.store.slots()[slot], None)
         if adapter_index is None:
             if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
                 raise InputError(f"adapter_names must be a list with one adapter name per row, got "
@@ -342,7 +355,7 @@ class PeftModule(GraphModel):
                 raise InputError("adapter_index must be an integer tensor of slots, one per row (from "
                                  "pm.adapter_index(names))")
             rows, names = adapter_index, None
-        batch = self._batch_size(args, kwargs)
+        batch = batch()
         if rows.dim() != 1 or rows.shape[0] != batch:
             raise InputError(f"adapter_names/adapter_index must give one adapter per row: {batch} rows, "
                              f"got {tuple(rows.shape)}")
@@ -350,9 +363,9 @@ class PeftModule(GraphModel):
         self.check_mixed(names)
         distinct = set(names)
         if len(distinct) == 1:
-            return self._whole_batch(self.store.slot(names[0]))
-        rows = rows.to(device=_device_of(self.base_graph_module), dtype=torch.long)
-        return "mixed", self.mixed_graph_module, [rows]
+            name = names[0]
+            return ("base", None, None) if name == BASE else ("single", name, None)
+        return "mixed", None, rows.to(device=_device_of(self.base_graph_module), dtype=torch.long)
 
     def _whole_batch(self, slot: int) -> tuple[str, GraphModule, list | None]:
         if slot == 0:
@@ -360,15 +373,16 @@ class PeftModule(GraphModel):
         gm = self.graph_module
         return "single", gm, self._route_of(gm, self.store.slots()[slot])
 
-    def _route_of(self, gm: GraphModule, name: str) -> list[torch.Tensor]:
-        """The plain-form route of adapter `name` (passes.route.plain_route), made once and kept until the adapters
-        or their tensors change. Without autograd its tensors go in detached, so frozen and trainable adapters look
-        alike to torch.compile and switching between them never recompiles."""
+    def _route_of(self, gm: GraphModule, name: str, graph: str = "forward") -> list[torch.Tensor]:
+        """The plain-form route of adapter `name` in `graph` (the forward, or generation's "prefill" / "decode";
+        passes.route.plain_route), made once and kept until the adapters or their tensors change. Without autograd
+        its tensors go in detached, so frozen and trainable adapters look alike to torch.compile and switching
+        between them never recompiles."""
         grad = torch.is_grad_enabled()
-        route = self._route_cache.get((name, grad))
+        route = self._route_cache.get((name, grad, graph))
         if route is None:
             route = plain_route(gm, self.store, name, detach=not grad)
-            self._route_cache[(name, grad)] = route
+            self._route_cache[(name, grad, graph)] = route
         return route
 
     def names_of(self, rows: torch.Tensor) -> list[str]:
@@ -406,6 +420,25 @@ class PeftModule(GraphModel):
         if first is None:
             first = next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         return first.shape[0]
+
+    # --- generation ----------------------------------------------------------------------------------------------
+    def _source_model(self):
+        return self.base_model
+
+    def _emit_decoder(self):
+        return self._compiler.decoder_forms(self.store)
+
+    def _decoder_steps(self, forms, adapter_names, batch: int) -> Steps:
+        """Prefill and decode of one generate call: the form adapter_names (or the active adapter) pick, each graph
+        given this call's own route."""
+        form, name, rows = self._choose(adapter_names, None, lambda: batch)
+        if form == "mixed" and "mixed" not in forms.prefill:
+            raise InputError(f"rows of this batch cannot take different adapters: {forms.mixed_refusal}")
+        calls = []
+        for kind, gm in (("prefill", forms.prefill[form]), ("decode", forms.decode[form])):
+            route = [rows] if form == "mixed" else self._route_of(gm, name, kind) if form == "single" else None
+            calls.append(functools.partial(gm, peftc_route=route) if route else gm)
+        return Steps(*calls)
 
     # --- parameters ----------------------------------------------------------------------------------------------
     def trainable_parameters(self, adapter_name: str | None = None) -> list[nn.Parameter]:
@@ -464,7 +497,12 @@ class PeftModule(GraphModel):
             raise MergeError(f"no adapter named {name!r}; adapters: {self.adapters}")
         gm = merge_graph_module(self.base_graph_module, self.sites, self.store[name], name, requantize=requantize)
         merged = MergedModule(dataclasses.replace(self._traced, gm=gm), config=self.config, loss_type=self.loss_type,
-                              model_class=self.model_class, base_name=self.base_name)
+                              model_class=self.model_class, base_name=self.base_name,
+                              generation_config=self.generation_config)
+        compiler, adapter = self._compiler, self.store[name]
+        object.__setattr__(merged, "_decoder_source", lambda: compiler.merged_decoder_forms(
+            gm, adapter, name, requantize=requantize))
+        object.__setattr__(merged, "_model", compiler.model)
         report = gm.meta.get("peftc_requantize")
         if report is not None:
             log.warning("merge(requantize=True): %s", report)
@@ -489,6 +527,13 @@ def _device_of(gm: nn.Module) -> torch.device:
 class MergedModule(GraphModel):
     """A model with an adapter folded into its weights (from PeftModule.merge): same inputs and output types as the
     PeftModule it came from, the base model's ops and cost."""
+
+    def _emit_decoder(self):
+        source = getattr(self, "_decoder_source", None)
+        return source() if source is not None else None
+
+    def _source_model(self):
+        return getattr(self, "_model", None)
 
     def export(self, path) -> Path:
         """Write a torch.export program (.pt2) with dynamic batch and sequence."""

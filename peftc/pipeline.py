@@ -10,6 +10,9 @@
                                           calls and the adapter calls after them fused (passes.fuse_quant;
                                           FORM_PASSES, turned off with fuse_quant=False) -> lint, recompile
     emit_forms(base_gm, sites, store)     both forms at once (Forms), what a PeftModule receives
+    lower_decoder(model)                  for generation (peftc.decoder): the prefill and decode graphs over a
+                                          static KV cache, traced once, each matched and given the base passes;
+                                          Compiler.decoder_forms emits their forms over the same store
 
 Data flows one way: the compiler lowers the model once, builds adapters from (graph, sites, spec) (peftc.build),
 emits the forms, and hands them to a PeftModule, which runs them; no stage reads anything back from a later one,
@@ -25,13 +28,15 @@ import functools
 import importlib
 import logging
 import pkgutil
+import threading
 from typing import Any, Callable, Sequence
 
 from torch import nn
 from torch.fx import GraphModule
 
 from .build import build_adapter, resolve_paths
-from .errors import InputError, PassError, PeftcError
+from .decoder import CacheLayout, DecoderGraphs, check_against_model, share_tensors, trace_decoder
+from .errors import GenerationError, InputError, PassError, PeftcError
 from .methods import method_of
 from . import passes as _passes
 from .passes.batchnorm import make_batchnorm_mode_aware
@@ -39,6 +44,7 @@ from .passes.dropout import make_dropout_mode_aware
 from .passes.fuse_quant import fuse_quantized
 from .passes.gated import fuse_gated_activations
 from .passes.match import QUANTIZED, Site, find_sites
+from .passes.merge import merge_graph_module
 from .passes.modules_to_save import insert_saved_copies
 from .passes.sdpa_mask import float_attention_masks
 from .passes.trainable_tokens import insert_token_rows
@@ -176,6 +182,7 @@ class Compiler:
     model: nn.Module | None
     base_passes: list[str]
     skip: tuple[str, ...] = ()
+    decoder_graphs: DecoderGraphs | None = dataclasses.field(default=None, repr=False)   # lowered on first use
 
     def adapter(self, spec, *, loading: bool = False):
         """`spec`'s adapter, built from the base graph's data (peftc.build)."""
@@ -185,6 +192,92 @@ class Compiler:
         """Both forms of the base graph with every adapter in `store` inserted."""
         return emit_forms(self.base_gm, self.sites, store, before=self.base_passes, skip=self.skip)
 
+    def decoder_forms(self, store: AdapterStore) -> DecoderForms:
+        """The generation graphs (prefill, decode) of every form, with every adapter in `store` inserted: the model is
+        lowered for generation once (lower_decoder), the forms are emitted from that as the forward's are."""
+        return decoder_forms(self, store)
+
+    def merged_decoder_forms(self, merged: GraphModule, adapter, name: str, *, requantize: bool = False):
+        """The generation graphs of `merged` (PeftModule.merge's graph): the same fold on the decoder graphs,
+        reading the merged graph's folded weights."""
+        return merged_decoder_forms(self, merged, adapter, name, requantize=requantize)
+
     def paths(self, targets: Any) -> list[str]:
         """Module paths that `targets` (LoRA's target syntax) selects among the sites."""
         return resolve_paths(self.base_gm, self.sites, self.model, targets)
+
+
+def lower_decoder(model: nn.Module) -> DecoderGraphs:
+    """The model's prefill and decode graphs (peftc.decoder), each with its sites and the base passes, checked
+    against the model's own forward."""
+    graphs = trace_decoder(model)
+    for name in ("prefill", "decode"):
+        gm = getattr(graphs, name)
+        setattr(graphs, f"{name}_sites", find_sites(gm))
+        run_passes(gm, BASE_PASSES)
+    check_against_model(model, graphs)
+    return graphs
+
+
+@dataclasses.dataclass
+class DecoderForms:
+    """What generate runs: for each form it serves ("base", "single", "mixed"; a merged model's "graph"), the prefill
+    and decode graphs; the cache they take; why rows cannot take different adapters, where they cannot."""
+
+    layout: CacheLayout
+    prefill: dict[str, GraphModule]
+    decode: dict[str, GraphModule]
+    mixed_refusal: str | None = None
+
+
+_DECODER_LOCK = threading.Lock()     # lowering for generation happens once per model, on first use
+
+
+def _decoder(compiler: "Compiler") -> DecoderGraphs:
+    with _DECODER_LOCK:
+        if compiler.decoder_graphs is None:
+            if compiler.model is None:
+                raise GenerationError("cannot generate: this module was compiled without its model")
+            compiler.decoder_graphs = lower_decoder(compiler.model)
+        graphs = compiler.decoder_graphs
+    for gm in (graphs.prefill, graphs.decode):
+        share_tensors(gm, compiler.base_gm)
+    return graphs
+
+
+def _layout(graphs: DecoderGraphs, source: nn.Module) -> CacheLayout:
+    return graphs.layout.following(next((p for p in source.parameters() if p.is_floating_point()), None))
+
+
+def _check_sites(store: AdapterStore, sites: dict[str, Site], kind: str) -> None:
+    missing = sorted({p for a in store.names() for p in store[a].targets} - set(sites))
+    if missing:
+        raise GenerationError(f"the {kind} graph has no layer at {missing[:5]}, which adapters adapt; this model's "
+                              "generation path does not call them, so peftc cannot generate from it unmerged")
+
+
+def decoder_forms(compiler: "Compiler", store: AdapterStore) -> DecoderForms:
+    graphs = _decoder(compiler)
+    out = {}
+    refusal = None
+    for kind in ("prefill", "decode"):
+        base, sites = getattr(graphs, kind), getattr(graphs, f"{kind}_sites")
+        _check_sites(store, sites, kind)
+        forms = emit_forms(base, sites, store, before=compiler.base_passes, skip=compiler.skip)
+        out[kind] = {"base": base, "single": forms.single.eval()}
+        if forms.mixed is not None:
+            out[kind]["mixed"] = forms.mixed.eval()
+        refusal = refusal or forms.mixed_refusal
+    return DecoderForms(_layout(graphs, compiler.base_gm), out["prefill"], out["decode"], refusal)
+
+
+def merged_decoder_forms(compiler: "Compiler", merged: GraphModule, adapter, name: str, *,
+                         requantize: bool = False) -> DecoderForms:
+    graphs = _decoder(compiler)
+    out = {}
+    for kind in ("prefill", "decode"):
+        gm = merge_graph_module(getattr(graphs, kind), getattr(graphs, f"{kind}_sites"), adapter, name,
+                                requantize=requantize)
+        share_tensors(gm, merged)      # the merged forward graph's folded weights: made once
+        out[kind] = {"graph": gm.eval()}
+    return DecoderForms(_layout(graphs, merged), out["prefill"], out["decode"])

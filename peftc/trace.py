@@ -218,14 +218,27 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     else:
         raise TraceError(f"example_inputs must be a tuple of args or a dict of kwargs, got {type(example_inputs).__name__}")
 
+    gm = export_graph(model, model, args, kwargs, dyn, train=True)
+    names = tuple(kwargs) if not positional else ()
+    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
+    return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional,
+                  example=(args, kwargs), dynamic=dyn, blocks=block_paths(model))
+
+
+def export_graph(model: nn.Module, root: nn.Module, args: tuple, kwargs: dict, dyn: Any, *,
+                 train: bool) -> torch.fx.GraphModule:
+    """torch.export `root` (the model itself, or a module whose forward calls it with the model's own module paths)
+    in train or eval mode, bitsandbytes layers stood in by peftc's ops, and return a plain GraphModule over the
+    model's (shared, frozen) weights. The model's modes and layers are restored whatever happens; a failure is a
+    TraceError naming the module where tracing stopped."""
     was_training = {m: m.training for m in model.modules()}
     tracker = None
     try:
-        model.train()
+        model.train(train)
         with stand_in(model):       # bitsandbytes layers as peftc's ops while tracing; the model's own afterwards
             tracker = _ModuleTracker(model)
             with tracker:
-                ep = export_with_fallback(model, args, kwargs, dyn)
+                ep = export_with_fallback(root, args, kwargs, dyn)
     except PeftcError:
         raise
     except Exception as e:  # noqa: BLE001 - re-raised with the culprit named
@@ -242,15 +255,11 @@ def trace(model: nn.Module, example_inputs: Any = None) -> Traced:
     finally:
         for m, t in was_training.items():
             m.training = t
-
     src = ep.module()
     gm = torch.fx.GraphModule(src, src.graph)
     _share_frozen(gm)
     _inline_mode_wrappers(gm)
-    names = tuple(kwargs) if not positional else ()
-    log.debug("traced %s: %d nodes", type(model).__name__, len(gm.graph.nodes))
-    return Traced(gm=gm, input_names=names, constants=constants, defaults=defaults, positional=positional,
-                  example=(args, kwargs), dynamic=dyn, blocks=block_paths(model))
+    return gm
 
 
 def export_with_fallback(model: nn.Module, args: tuple, kwargs: dict, dyn: Any) -> torch.export.ExportedProgram:
