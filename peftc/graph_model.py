@@ -81,11 +81,12 @@ class GraphModel(nn.Module):
         """The generation graphs of this module (pipeline.DecoderForms), from its compiler; None where it has none."""
         return None
 
-    def _decoder_steps(self, forms, adapter_names, batch: int):
-        """The prefill and decode calls (generation.Steps) of one generate call, routed for `adapter_names`."""
+    def _decoder_steps(self, forms, adapter_names, batch: int, wrap: Callable):
+        """The prefill and decode calls (generation.Steps) of one generate call, routed for `adapter_names`, each
+        graph put through `wrap`."""
         if adapter_names is not None:
             raise InputError(f"{type(self).__name__} holds one adapter folded in: adapter_names does not apply")
-        return Steps(forms.prefill["graph"], forms.decode["graph"])
+        return Steps(wrap(forms.prefill["graph"]), wrap(forms.decode["graph"]))
 
     def _forget_decoder(self) -> None:
         """Drop the generation graphs (made again from the compiler on the next generate)."""
@@ -125,6 +126,12 @@ class GraphModel(nn.Module):
         Runs on the model's prefill and decode graphs over a static KV cache that belongs to this call (peftc.decoder):
         traced on the first call and reused after (any batch, prompt and cache length). Generation runs the model
         in eval mode. Several threads may generate at once, each with its own adapters."""
+        return self._generate(input_ids, attention_mask, generation_config=generation_config, streamer=streamer,
+                              generator=generator, adapter_names=adapter_names, wrap=None, **kwargs)
+
+    def _generate(self, input_ids, attention_mask, *, generation_config, streamer, generator, adapter_names,
+                  wrap: Callable | None, **kwargs) -> torch.Tensor:
+        """generate, with each graph call put through `wrap` (CompiledPeftModule: torch.compile) when given."""
         from .generation import check_prompt, decode_loop, resolve_config
 
         if input_ids is None:
@@ -132,7 +139,7 @@ class GraphModel(nn.Module):
         gc = resolve_config(self.generation_config, generation_config, kwargs)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask)
         forms = self._decoder_forms()
-        steps = self._decoder_steps(forms, adapter_names, input_ids.shape[0])
+        steps = self._decoder_steps(forms, adapter_names, input_ids.shape[0], wrap or (lambda gm: gm))
         return decode_loop(steps, forms.layout, input_ids, attention_mask, gc, streamer=streamer, generator=generator)
 
     # --- calling -----------------------------------------------------------------------------------------------

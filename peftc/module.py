@@ -428,7 +428,7 @@ class PeftModule(GraphModel):
     def _emit_decoder(self):
         return self._compiler.decoder_forms(self.store)
 
-    def _decoder_steps(self, forms, adapter_names, batch: int) -> Steps:
+    def _decoder_steps(self, forms, adapter_names, batch: int, wrap) -> Steps:
         """Prefill and decode of one generate call: the form adapter_names (or the active adapter) pick, each graph
         given this call's own route."""
         form, name, rows = self._choose(adapter_names, None, lambda: batch)
@@ -437,7 +437,8 @@ class PeftModule(GraphModel):
         calls = []
         for kind, gm in (("prefill", forms.prefill[form]), ("decode", forms.decode[form])):
             route = [rows] if form == "mixed" else self._route_of(gm, name, kind) if form == "single" else None
-            calls.append(functools.partial(gm, peftc_route=route) if route else gm)
+            call = wrap(gm)
+            calls.append(functools.partial(call, peftc_route=route) if route else call)
         return Steps(*calls)
 
     # --- parameters ----------------------------------------------------------------------------------------------
