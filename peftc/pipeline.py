@@ -46,6 +46,7 @@ from .passes.gated import fuse_gated_activations
 from .passes.match import QUANTIZED, Site, find_sites
 from .passes.merge import merge_graph_module
 from .passes.modules_to_save import insert_saved_copies
+from .passes.runtime_checks import drop_input_guards, drop_runtime_checks
 from .passes.sdpa_mask import float_attention_masks
 from .passes.trainable_tokens import insert_token_rows
 from .store import STORE, AdapterStore
@@ -61,8 +62,11 @@ for _info in pkgutil.iter_modules(_passes.__path__):
 Pass = tuple[str, Callable[[GraphModule], int]]
 
 # what every graph gets before any adapter, in order
-BASE_PASSES: tuple[Pass, ...] = (("dropout", make_dropout_mode_aware), ("batchnorm", make_batchnorm_mode_aware),
-                                 ("sdpa_mask", float_attention_masks), ("gated", fuse_gated_activations))
+BASE_PASSES: tuple[Pass, ...] = (("runtime_checks", drop_runtime_checks), ("dropout", make_dropout_mode_aware),
+                                 ("batchnorm", make_batchnorm_mode_aware), ("sdpa_mask", float_attention_masks),
+                                 ("gated", fuse_gated_activations))
+# what the generation graphs get besides: their inputs are built by peftc.generation, never by a user
+DECODER_PASSES: tuple[Pass, ...] = (("input_guards", drop_input_guards),)
 FORMS = ("single", "mixed")
 # what a form's graph gets after its adapters, in order: (name, fn, the forms it runs on, whether it runs for these
 # sites, why it does not run on the other forms: logged); each can be turned off by name (emit's `skip`;
@@ -183,6 +187,11 @@ class Compiler:
     base_passes: list[str]
     skip: tuple[str, ...] = ()
     decoder_graphs: DecoderGraphs | None = dataclasses.field(default=None, repr=False)   # lowered on first use
+    modules: tuple = dataclasses.field(default=(), repr=False)   # the model's (path, class) at compile time
+
+    def __post_init__(self):
+        if self.model is not None and not self.modules:
+            self.modules = module_layout(self.model)
 
     def adapter(self, spec, *, loading: bool = False):
         """`spec`'s adapter, built from the base graph's data (peftc.build)."""
@@ -214,7 +223,7 @@ def lower_decoder(model: nn.Module) -> DecoderGraphs:
     for name in ("prefill", "decode"):
         gm = getattr(graphs, name)
         setattr(graphs, f"{name}_sites", find_sites(gm))
-        run_passes(gm, BASE_PASSES)
+        run_passes(gm, BASE_PASSES + DECODER_PASSES)
     check_against_model(model, graphs)
     return graphs
 
@@ -233,11 +242,25 @@ class DecoderForms:
 _DECODER_LOCK = threading.Lock()     # lowering for generation happens once per model, on first use
 
 
+def module_layout(model: nn.Module) -> tuple[tuple[str, str], ...]:
+    """(path, class name) of every module of `model`: what tracing it again must find."""
+    return tuple((n, type(m).__name__) for n, m in model.named_modules())
+
+
 def _decoder(compiler: "Compiler") -> DecoderGraphs:
     with _DECODER_LOCK:
         if compiler.decoder_graphs is None:
             if compiler.model is None:
                 raise GenerationError("cannot generate: this module was compiled without its model")
+            now = module_layout(compiler.model)
+            if now != compiler.modules:
+                was = dict(compiler.modules)
+                changed = next((f"{n!r} is now {t} (was {was.get(n, 'absent')})" for n, t in now if was.get(n) != t),
+                               f"{len(compiler.modules) - len(now)} module(s) were removed")
+                raise GenerationError(
+                    f"cannot generate: the model was changed after peftc.compile ({changed}); generation traces the "
+                    "model as it was compiled, on first use. Compile again, or give other libraries (PEFT's "
+                    "get_peft_model wraps modules in place) a copy of the model")
             compiler.decoder_graphs = lower_decoder(compiler.model)
         graphs = compiler.decoder_graphs
     for gm in (graphs.prefill, graphs.decode):

@@ -76,7 +76,7 @@ def test_compile_reports_a_failing_builtin_pass(monkeypatch):
         raise KeyError("site")
 
     monkeypatch.setitem(peftc.METHODS, peftc.LoRA, dataclasses.replace(peftc.METHODS[peftc.LoRA], rewrite=broken))
-    with pytest.raises(peftc.PassError, match=r"pass 'lora' failed \(passes that ran before it: dropout, batchnorm, sdpa_mask, gated\)"):
+    with pytest.raises(peftc.PassError, match=r"pass 'lora' failed \(passes that ran before it: runtime_checks, dropout, batchnorm, sdpa_mask, gated\)"):
         peftc.compile(model, peftc.LoRA(r=1, targets=["0"]), example_inputs=(torch.randn(2, 4),))
     assert model.training and all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not hasattr(model, "peftc_store")
