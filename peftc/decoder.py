@@ -28,7 +28,7 @@ from torch import nn
 from torch.export import Dim
 from torch.fx import GraphModule
 
-from .errors import GenerationError, PeftcError
+from .errors import GenerationError, PeftcError, TraceError
 from .trace import _is_hf, export_graph
 
 log = logging.getLogger(__name__)
@@ -270,11 +270,17 @@ def trace_decoder(model: nn.Module) -> DecoderGraphs:
         return (ids, pos, padding, torch.arange(start, start + s, device=dev), layout.allocate(B, L))
 
     cache_dims = [{0: batch, 2: length}] * (2 * len(layout.layers))
-    prefill = export_graph(model, step, example(S, 0), {},
-                           ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: length}, {0: seq}, cache_dims),
-                           train=False)
-    decode = export_graph(model, step, example(1, S), {},
-                          ({0: batch}, {0: batch}, {0: batch, 1: length}, None, cache_dims), train=False)
+    try:
+        prefill = export_graph(model, step, example(S, 0), {},
+                               ({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: length}, {0: seq}, cache_dims),
+                               train=False)
+        decode = export_graph(model, step, example(1, S), {},
+                              ({0: batch}, {0: batch}, {0: batch, 1: length}, None, cache_dims), train=False)
+    except TraceError as e:
+        raise GenerationError(
+            f"cannot generate with {type(model).__name__}: peftc traces it with a static KV cache and a 4-D attention "
+            f"mask (causal, padding, sliding window), and that trace failed: {e}\nWhat to do: generate with "
+            "transformers from a merged export (peftc.export_merged) or from pm.merge()'s weights") from e
     return DecoderGraphs(prefill.eval(), decode.eval(), layout, {}, {})
 
 
