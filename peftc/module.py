@@ -43,6 +43,10 @@ class PeftModule(GraphModel):
     adapters: the gathered form). set_adapter, disable_adapters and per-row choice never change a graph; adding or
     deleting an adapter asks the compiler it was given (pipeline.Compiler) for new forms (one recompile each under
     torch.compile) unless a declared capacity has room. A call only runs the forms it holds: it never builds one.
+
+    generate() runs the same three forms of the model's generation graphs (peftc.decoder: prefill and decode over
+    a KV cache each call owns). They are asked of the compiler on the first generate (the model is traced for them
+    once, ~1-3 s for a small model) and again after an adapter is added or deleted, and kept between calls.
     """
 
     extra_call_kwargs = ("adapter_names", "adapter_index")
