@@ -6,8 +6,8 @@ import os
 
 from .blocks import Block
 from .compiler import compile, load_adapter
-from .errors import (CheckpointError, ExportError, InputError, MergeError, MissingDependency, PassError, PeftcError,
-                     SpecError, TargetNotFound, TraceError)
+from .errors import (CheckpointError, ExportError, GenerationError, InputError, MergeError, MissingDependency,
+                     PassError, PeftcError, SpecError, TargetNotFound, TraceError)
 from .compiled import CompiledPeftModule
 from .export import export_merged
 from .loftq import replace_lora_weights_loftq
@@ -20,8 +20,8 @@ from .store import Capacity
 
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MissingDependency",
-           "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec", "Method", "METHODS",
-           "register_method", "Block", "replace_lora_weights_loftq"]
+           "GenerationError", "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec",
+           "Method", "METHODS", "register_method", "Block", "replace_lora_weights_loftq"]
 __version__ = "0.1.0"
 
 

@@ -29,6 +29,7 @@ from torch.export import Dim
 from torch.fx import GraphModule
 
 from .errors import GenerationError, PeftcError, TraceError
+from .quant import stand_in
 from .trace import _is_hf, export_graph
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def cache_layout(model: nn.Module, step: nn.Module) -> CacheLayout:
     from transformers.cache_utils import DynamicCache
 
     ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), stand_in(model):      # bitsandbytes layers as peftc's ops: never repacked (quant.py)
         out = type(model).forward(model, input_ids=ids, use_cache=True, return_dict=True,
                                   **{step.cache_kwarg: DynamicCache(config=model.config)})
     cache = getattr(out, step.cache_kwarg, None) or getattr(out, "past_key_values", None)
@@ -317,7 +318,9 @@ def check_against_model(model: nn.Module, graphs: DecoderGraphs) -> None:
     was = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        # bitsandbytes layers as peftc's ops: an eval-mode forward without grad would have bitsandbytes repack the
+        # user's 4-bit weights for CPU inference (AVX512-BF16), a layout peftc's graphs cannot read
+        with torch.no_grad(), stand_in(model):
             padding = torch.ones(2, 8, dtype=torch.long, device=dev)
             padding[:, :6] = mask
             pos = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 1)

@@ -27,6 +27,7 @@ from .errors import GenerationError, InputError
 # GenerationConfig fields peftc's loop honours (the rest must keep transformers' defaults)
 SUPPORTED = ("max_new_tokens", "max_length", "min_new_tokens", "min_length", "do_sample", "temperature", "top_k",
              "top_p", "min_p", "typical_p", "repetition_penalty", "eos_token_id", "pad_token_id")
+DEFAULT_NEW_TOKENS = 20     # transformers' generate, with no max_length or max_new_tokens set anywhere
 # fields that do not change what greedy or sampled decoding computes
 NEUTRAL = ("bos_token_id", "decoder_start_token_id", "transformers_version", "_from_model_config", "use_cache",
            "cache_implementation", "cache_config", "compile_config", "disable_compile", "return_legacy_cache",
@@ -45,24 +46,35 @@ class Steps:
 
 
 def resolve_config(default: Any, generation_config: Any, kwargs: dict) -> Any:
-    """The GenerationConfig of one call: `generation_config` (or the model's `default`), updated by `kwargs`, with
-    HF's special-token defaults; an option peftc's loop does not honour is a GenerationError naming it."""
+    """The GenerationConfig of one call, as transformers' generate resolves it: `generation_config` (or an empty
+    one), its unset (None) fields from the model's `default`, then from transformers' global defaults (top_k=50,
+    ...), then `kwargs` over all; an option peftc's loop does not honour is a GenerationError naming it. A length
+    left at transformers' default (no max_length anywhere) is max_length=None: 20 new tokens (new_token_count)."""
     from transformers import GenerationConfig
 
     if generation_config is not None and not isinstance(generation_config, GenerationConfig):
         raise GenerationError(f"generation_config must be a transformers GenerationConfig, got "
                               f"{type(generation_config).__name__}")
-    base = generation_config if generation_config is not None else default
-    gc = copy.deepcopy(base) if base is not None else GenerationConfig()
     unknown = sorted(k for k in kwargs if k not in SUPPORTED and k not in NEUTRAL)
     if unknown:
         raise GenerationError(f"generate got option(s) peftc does not support: {unknown}; supported: "
                               f"{list(SUPPORTED)} and adapter_names, attention_mask, generation_config, generator, "
-                              "streamer (for others, generate with transformers from pm.merge().export_hf(...) or "
-                              "peftc.export_merged)")
-    gc = copy.deepcopy(gc)
-    gc.update(**kwargs)
-    changed = sorted(k for k in gc.to_diff_dict() if k not in SUPPORTED and k not in NEUTRAL)
+                              "streamer (for others, generate with transformers from a merged export: "
+                              "peftc.export_merged(pm, directory))")
+    gc = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    if default is not None:
+        gc.update(**default.to_dict(), defaults_only=True, allow_custom_entries=True)
+    default_length = kwargs.get("max_length") is None and gc.max_length is None
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", dict)()
+    gc.update(**defaults, defaults_only=True)
+    try:
+        gc.update(**kwargs)                 # transformers validates the values here
+    except ValueError as e:
+        raise GenerationError(f"generate got an invalid option: {e}") from e
+    if default_length:
+        gc.max_length = None
+    changed = sorted(k for k, v in gc.to_diff_dict().items()
+                     if k not in SUPPORTED and k not in NEUTRAL and not (k in defaults and v == defaults[k]))
     if changed:
         raise GenerationError(f"the generation config sets {changed}, which peftc's generate does not support "
                               f"(supported: {list(SUPPORTED)}); set them to their defaults, or generate with "
@@ -130,8 +142,13 @@ def new_token_count(gc, prompt_len: int, limit: int | None) -> int:
     the model's position limit."""
     if gc.max_new_tokens is not None:
         new = gc.max_new_tokens
+    elif gc.max_length is None:     # transformers' default length: 20 new tokens, within the model's positions
+        new = DEFAULT_NEW_TOKENS if limit is None else min(DEFAULT_NEW_TOKENS, limit - prompt_len)
+        if new < 1:
+            raise GenerationError(f"the prompt has {prompt_len} tokens, as many as the model's limit of {limit} "
+                                  "positions (max_position_embeddings) allows; shorten the prompt")
     else:
-        new = (gc.max_length if gc.max_length is not None else 20) - prompt_len
+        new = gc.max_length - prompt_len
         if new < 1:
             raise GenerationError(f"the prompt has {prompt_len} tokens, as many as max_length={gc.max_length} "
                                   "allows; pass max_new_tokens=...")

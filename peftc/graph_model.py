@@ -139,7 +139,10 @@ class GraphModel(nn.Module):
         gc = resolve_config(self.generation_config, generation_config, kwargs)
         input_ids, attention_mask = check_prompt(input_ids, attention_mask)
         forms = self._decoder_forms()
-        steps = self._decoder_steps(forms, adapter_names, input_ids.shape[0], wrap or (lambda gm: gm))
+        # generation has no autograd: routes go in detached (PeftModule._route_of), so every adapter's route has the
+        # same tensor types and switching adapters never recompiles a wrapped graph (CompiledPeftModule.generate)
+        with torch.no_grad():
+            steps = self._decoder_steps(forms, adapter_names, input_ids.shape[0], wrap or (lambda gm: gm))
         return decode_loop(steps, forms.layout, input_ids, attention_mask, gc, streamer=streamer, generator=generator)
 
     # --- calling -----------------------------------------------------------------------------------------------
