@@ -6,9 +6,11 @@ The corpus (examples/data/corpus.txt, 3.5 KB of plain English) is split into the
 last 10 % held out. The model is a LlamaForCausalLM with random weights from a small config (hidden 128, 2 layers,
 vocabulary = the 256 byte values, so no tokenizer is needed); LoRA r=16 goes on every linear layer and the output
 head is trained as a modules_to_save copy. With no pre-training the base knows nothing, so this shows the mechanics
-of a causal-LM fine-tune (labels = input_ids, the model's own shifted loss), not a useful model. Checks: held-out
-loss at least halves, the base weights are bitwise unchanged, and the saved adapter reloads and merges to the same
-loss. Prints a greedy sample. Exits non-zero if any check fails.
+of a causal-LM fine-tune (labels = input_ids, the model's own shifted loss), not a useful model. Prints greedy
+samples of two prompts, generated as one left-padded batch by pm.generate (prefill and decode graphs over a static
+KV cache), and of the base model (adapters disabled). Checks: held-out loss at least halves, the base weights are
+bitwise unchanged, the saved adapter reloads and merges to the same loss, and the merged model (pm.merge()) generates
+the same bytes. Exits non-zero if any check fails.
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ from peftc.demo import auto_threads  # noqa: E402
 CORPUS = Path(__file__).resolve().parent / "data" / "corpus.txt"
 SEQ = 64
 MAX_LOSS_RATIO = 0.5   # held-out loss after / before
+PROMPTS = ["The wind came", "She said"]
 
 
 def encode(text: str) -> torch.Tensor:
@@ -52,15 +55,17 @@ def held_out_loss(model: torch.nn.Module, data: torch.Tensor) -> float:
     return model(input_ids=x, labels=x).loss.item()
 
 
-@torch.no_grad()
-def greedy(model: torch.nn.Module, prompt: str, n: int = 80) -> str:
-    """No KV cache (peftc traces without one): each step re-reads the whole context."""
-    model.eval()
-    ids = encode(prompt)[None]   # (1, T)
-    for _ in range(n):
-        nxt = model(input_ids=ids[:, -SEQ:]).logits[:, -1].argmax(-1, keepdim=True)   # (1, 1)
-        ids = torch.cat([ids, nxt], dim=1)
-    return decode(ids[0])
+def greedy(model: torch.nn.Module, prompts: list[str]) -> list[str]:
+    """Each prompt and its greedy continuation up to SEQ bytes (the trained context): one left-padded batch through
+    the model's generate (peftc's: prefill and decode graphs over a static KV cache)."""
+    rows = [encode(p) for p in prompts]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)   # (B, T); padding is masked out, any byte will do
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=SEQ - width)   # (B, SEQ): prompt + new bytes
+    return [decode(torch.cat([r, new])) for r, new in zip(rows, out[:, width:])]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     train, test = data[:cut], data[cut:]
     model = LlamaForCausalLM(LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                         max_position_embeddings=256)).eval()
+                                         max_position_embeddings=256, bos_token_id=None,
+                                         eos_token_id=None)).eval()   # bytes: no special tokens
     base_snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     spec = peftc.LoRA(r=16, alpha=32, dropout=0.05, targets="all-linear", modules_to_save=["lm_head"])
@@ -102,7 +108,11 @@ def main(argv: list[str] | None = None) -> dict:
     after = held_out_loss(pm, test)
     seconds = time.perf_counter() - t0
     print(f"held-out loss after:  {after:.3f} nats/byte  ({seconds:.1f}s)")
-    print("sample:", repr(greedy(pm, "The wind came")))
+    samples = greedy(pm, PROMPTS)
+    for text in samples:
+        print("sample:", repr(text))
+    with pm.disable_adapters():      # the same graphs without the adapter: the base model
+        print("base model's sample:", repr(greedy(pm, PROMPTS[:1])[0]))
 
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, base_snapshot[k])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,10 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
         pm.save_adapter(out)
         reloaded = peftc.load_adapter(model, out)
         reload_diff = abs(held_out_loss(reloaded, test) - after)
-    merged_diff = abs(held_out_loss(pm.merge(), test) - after)
-    print(f"adapter saved to {out}; reloaded loss differs by {reload_diff:.1e}, merged by {merged_diff:.1e}")
+    merged = pm.merge()
+    merged_diff = abs(held_out_loss(merged, test) - after)
+    merged_same = greedy(merged, PROMPTS) == samples    # the adapter folded in: the base model's ops
+    print(f"adapter saved to {out}; reloaded loss differs by {reload_diff:.1e}, merged by {merged_diff:.1e}; "
+          f"merged model's sample {'the same' if merged_same else 'DIFFERENT'}")
     return {"loss_before": before, "loss_after": after, "base_unchanged": not changed, "reload_diff": reload_diff,
-            "merged_diff": merged_diff, "seconds": seconds}
+            "merged_diff": merged_diff, "merged_sample_same": merged_same, "samples": samples,
+            "seconds": seconds}
 
 
 def failures(r: dict) -> list[str]:
@@ -123,6 +137,7 @@ def failures(r: dict) -> list[str]:
         (r["base_unchanged"], "base model weights changed"),
         (r["reload_diff"] == 0.0, f"reloaded adapter's loss differs by {r['reload_diff']:.1e} (must be bit for bit)"),
         (r["merged_diff"] <= 1e-4, f"merged model's loss differs by {r['merged_diff']:.1e}"),
+        (r["merged_sample_same"], "the merged model's greedy sample differs from the adapted model's"),
     ] if not ok]
 
 

@@ -1,6 +1,8 @@
-"""The `peftc` command line (click): demo, inspect, merge, export. Bad input ends in one line; -v adds the traceback."""
+"""The `peftc` command line (click): demo, inspect, merge, export, generate. Bad input ends in one line; -v adds the
+traceback."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -96,6 +98,7 @@ def main() -> None:
       peftc inspect tiny:llama --targets all-linear
       peftc merge --base BASE_DIR --adapter ADAPTER_DIR --out merged
       peftc export --base BASE_DIR --adapter ADAPTER_DIR --out model.pt2
+      peftc generate --base BASE_DIR --adapter ADAPTER_DIR --prompt "Once upon a time"
 
     Set PEFTC_LOG=debug (or pass -v) for debug logging.
     """
@@ -408,6 +411,225 @@ def export(base: Path, adapter: Path, out: Path, unmerged: bool, overwrite: bool
     click.echo(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {'unmerged' if unmerged else 'merged'}); inputs: "
                f"{', '.join(pm.input_names)}")
 
+
+
+# --- generate ------------------------------------------------------------------------------------------------------
+# files of which a tokenizer directory holds at least one (AutoTokenizer reads the rest from them)
+TOKENIZER_MAIN = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                  "spiece.model")
+BASE_ROW = "__base__"     # an --adapter-name for the base model itself (peftc.store.BASE)
+SAMPLING_OPTIONS = ("--temperature", "--top-k", "--top-p", "--seed")
+
+
+def _streamer_class():
+    from transformers import TextStreamer
+
+    class EchoStreamer(TextStreamer):
+        """transformers' TextStreamer, writing through click (so the text goes where click's stdout is)."""
+
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            click.echo(text, nl=stream_end)
+
+    return EchoStreamer
+
+
+def _parse_adapters(values: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """--adapter values, `DIR` or `NAME=DIR`, as (name, directory): the first is "default" unless named, the others
+    their directory's name; names are unique."""
+    out: list[tuple[str, Path]] = []
+    for i, value in enumerate(values):
+        name, sep, rest = value.partition("=")
+        if sep and rest and not Path(value).exists():
+            path = Path(rest)
+        else:
+            name, path = ("default" if i == 0 else Path(value).name), Path(value)
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_\-]*", name) or name == BASE_ROW:
+            raise Failure(f"--adapter {value}: {name!r} is not an adapter name (letters, digits, '_' or '-', not "
+                          f"{BASE_ROW!r}); name it as NAME=DIR")
+        if name in [n for n, _ in out]:
+            raise Failure(f"--adapter {value}: an adapter named {name!r} is given already; name each one as NAME=DIR")
+        out.append((name, path))
+    return out
+
+
+def _check_adapter(name: str, path: Path) -> None:
+    """An adapter directory that exists and was made for a causal LM (or for no task in particular)."""
+    from .checkpoint import load_spec
+
+    if not path.exists():
+        raise Failure(f"--adapter {path} does not exist")
+    task = load_spec(path).task_type
+    if task not in (None, "CAUSAL_LM"):
+        raise Failure(f"--adapter {path} was made for task_type {task}; generate needs a CAUSAL_LM adapter "
+                      "(or one with no task_type)")
+
+
+def _row_adapters(given: tuple[str, ...], loaded: list[str], prompts: int) -> list[str]:
+    """The adapter of each prompt: --adapter-name once (every prompt) or once per prompt; default the first adapter
+    (the base model when none is loaded)."""
+    names = list(given) or [loaded[0] if loaded else BASE_ROW]
+    if len(names) == 1:
+        names *= prompts
+    elif len(names) != prompts:
+        raise Failure(f"--adapter-name is given {len(names)} times for {prompts} --prompt; give it once (every "
+                      "prompt) or once per prompt, in order")
+    unknown = sorted({n for n in names if n != BASE_ROW and n not in loaded})
+    if unknown:
+        raise Failure(f"--adapter-name {unknown[0]!r} is no loaded adapter; loaded: {loaded} (and {BASE_ROW!r} for the "
+                      "base model; name adapters as --adapter NAME=DIR)")
+    return names
+
+
+def load_tokenizer(path: Path, option: str):
+    """The tokenizer saved in the directory `path` (AutoTokenizer, local files only)."""
+    from transformers import AutoTokenizer
+
+    if not path.is_dir():
+        raise Failure(f"{option} {path} " + ("does not exist" if not path.exists() else "is a file; pass a directory"))
+    if not any((path / n).is_file() for n in TOKENIZER_MAIN):
+        raise Failure(f"{option} {path} has no tokenizer (none of {', '.join(TOKENIZER_MAIN)}); save one there with "
+                      f"tokenizer.save_pretrained({str(path)!r}), or pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise Failure(f"{option} {path}: cannot load its tokenizer: {_one_line(e)}") from e
+
+
+def _left_padded(rows: list[list[int]], pad: int):
+    """input_ids and attention_mask [B, P] of token lists of any lengths, padded on the left (as generate expects)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def completion_text(tokenizer, new_tokens, eos: Any) -> str:
+    """The text of one row's new tokens, as the stream writes it: up to and with its first EOS (generate pads the
+    rest), special tokens left out."""
+    tokens = new_tokens.tolist()
+    ends = {eos} if isinstance(eos, int) else set(eos or ())
+    for i, t in enumerate(tokens):
+        if t in ends:
+            tokens = tokens[:i + 1]
+            break
+    return tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--base", required=True, type=click.Path(path_type=Path),
+              help="Base model: a Hugging Face causal-LM directory, with its tokenizer.")
+@click.option("--adapter", "adapters", multiple=True, metavar="[NAME=]DIR",
+              help="Adapter directory (PEFT format, from peftc or PEFT); repeat for several, named NAME=DIR (default: "
+                   "'default' for the first, the directory's name for others). None: the base model alone.")
+@click.option("--prompt", "prompts", required=True, multiple=True,
+              help="The text to continue; repeat for a batch (then one JSON string per prompt, no streaming).")
+@click.option("--adapter-name", "adapter_names", multiple=True, metavar="NAME",
+              help="The adapter a prompt runs with ('__base__': none): once for every prompt, or once per prompt in "
+                   "order. Default: the first --adapter.")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Directory of the tokenizer (default: --base).")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--do-sample/--greedy", "do_sample", default=None,
+              help="Sample, or take the most likely token (default: the model's generation config; greedy unless it "
+                   "says otherwise).")
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=None, help="Sampling only.")
+@click.option("--top-k", type=click.IntRange(0), default=None, help="Sampling only (0: off).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None, help="Sampling only.")
+@click.option("--seed", type=int, default=None,
+              help="Sampling only: the draws' seed (as torch.manual_seed(SEED) before transformers' generate; "
+                   "default: a fresh random one).")
+@verbose_option
+def generate(base: Path, adapters: tuple[str, ...], prompts: tuple[str, ...], adapter_names: tuple[str, ...],
+             tokenizer: Path | None, max_new_tokens: int, do_sample: bool | None, temperature: float | None,
+             top_k: int | None, top_p: float | None, seed: int | None) -> None:
+    """Continue a prompt with a causal LM and its adapters, streaming the new text to stdout as it is generated.
+
+    Loads BASE (the class config.json names) and its tokenizer, compiles it with the adapters (peftc.load_adapter)
+    and generates with pm.generate: prefill and decode graphs over a static KV cache, greedy (token for token what
+    PEFT's and transformers' generate give) or sampled. Only the new text is written, ended by a newline; generation
+    stops at the model's EOS token or after --max-new-tokens. Without --adapter it generates from the base model
+    alone (peftc's graphs, no adapter in them).
+
+    Several --prompt run as one left-padded batch and write no stream: one line per prompt, in order, each a JSON
+    string (so a newline inside a completion never splits it). Each prompt may take its own adapter (--adapter-name
+    once per prompt; '__base__' for the base model): one batch, every adapter at once.
+
+    \b
+    Examples:
+      peftc generate --base BASE_DIR --adapter ADAPTER_DIR --prompt "Once upon a time"
+      peftc generate --base BASE_DIR --prompt "Once upon a time" --max-new-tokens 20
+      peftc generate --base BASE_DIR --adapter ADAPTER_DIR --prompt "Hi" --do-sample --top-p 0.9 --seed 0
+      peftc generate --base BASE_DIR --adapter fr=FR_DIR --adapter de=DE_DIR \\
+          --prompt "Hello" --adapter-name fr --prompt "Hello" --adapter-name de
+    """
+    import torch
+
+    import peftc
+    from .decoder import causal_lm_refusal, max_positions
+
+    named = _parse_adapters(adapters)
+    _check_model_dir(base, "--base")
+    for name, path in named:
+        _check_adapter(name, path)
+    rows_adapters = _row_adapters(adapter_names, [n for n, _ in named], len(prompts))
+    tok = load_tokenizer(tokenizer if tokenizer is not None else base, "--tokenizer" if tokenizer else "--base")
+    model = load_model(base, option="--base")
+    why = causal_lm_refusal(model)
+    if why is not None:
+        raise Failure(f"--base {base}: cannot generate: {why}")
+
+    sampling = do_sample if do_sample is not None else bool(getattr(model.generation_config, "do_sample", False))
+    given = [o for o, v in zip(SAMPLING_OPTIONS, (temperature, top_k, top_p, seed)) if v is not None]
+    if given and not sampling:
+        raise Failure(f"{', '.join(given)} only appl{'ies' if len(given) == 1 else 'y'} when sampling; add --do-sample")
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+    for key, value in (("do_sample", do_sample), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+        if value is not None:
+            options[key] = value
+
+    rows = [tok(p)["input_ids"] for p in prompts]
+    for p, r in zip(prompts, rows):
+        if not r:
+            raise Failure(f"--prompt {p!r} gives no tokens; generate needs at least one")
+    width, limit = max(len(r) for r in rows), max_positions(model.config)
+    if limit is not None and width + max_new_tokens > limit:
+        fix = f"pass --max-new-tokens {limit - width} or less" if width < limit else "shorten the prompt"
+        raise Failure(f"the prompt{'s' if len(rows) > 1 else ''} ({width} tokens) plus --max-new-tokens "
+                      f"{max_new_tokens} is {width + max_new_tokens} positions, past the model's limit of {limit} "
+                      f"(max_position_embeddings); {fix}")
+    pad = next((t for t in (tok.pad_token_id, tok.eos_token_id) if t is not None), 0)   # masked out: any token
+    ids, mask = _left_padded(rows, pad)
+
+    if named:
+        pm = peftc.load_adapter(model, named[0][1], adapter_name=named[0][0])
+        for name, path in named[1:]:
+            pm.load_adapter(path, name)
+    else:   # peftc compiles with an adapter: a zero LoRA (B = 0) that no row uses; "__base__" runs the model's graph
+        pm = peftc.compile(model, peftc.LoRA(r=1, targets="all-linear"))
+    device = next(model.parameters()).device
+    generator = None
+    if sampling:
+        generator = torch.Generator(device=device)
+        if seed is None:
+            generator.seed()            # a fresh random seed, as an unseeded run of transformers' generate
+        else:
+            generator.manual_seed(seed)
+    ids, mask = ids.to(device), mask.to(device)
+    log.info("generating %d new tokens at most for %d prompt(s) of up to %d tokens; adapters per row: %s",
+             max_new_tokens, len(rows), width, rows_adapters)
+    if len(rows) == 1:
+        streamer = _streamer_class()(tok, skip_prompt=True, skip_special_tokens=True)
+        pm.generate(ids, mask, streamer=streamer, generator=generator, adapter_names=rows_adapters, **options)
+        return
+    out = pm.generate(ids, mask, generator=generator, adapter_names=rows_adapters, **options)
+    eos = pm.generation_config.eos_token_id if pm.generation_config is not None else None
+    for row in out[:, width:]:
+        click.echo(json.dumps(completion_text(tok, row, eos), ensure_ascii=False))
 
 if __name__ == "__main__":
     sys.exit(main())

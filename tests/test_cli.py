@@ -16,7 +16,7 @@ import peftc
 from peftc.cli import main
 from peftc.tiny import tiny_model
 
-COMMANDS = ("demo", "inspect", "merge", "export")
+COMMANDS = ("demo", "inspect", "merge", "export", "generate")
 
 
 def run(*args: str, env: dict | None = None):

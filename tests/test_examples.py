@@ -36,6 +36,7 @@ def test_causal_lm_llama(tmp_path, capsys):
     assert example["failures"](r) == [], r
     assert r["loss_before"] > 5.0 and r["loss_after"] < 2.5, r   # ~ln(256) = 5.55 at random init
     assert "sample: 'The wind came" in capsys.readouterr().out
+    assert [s[:len(p)] for s, p in zip(r["samples"], example["PROMPTS"])] == example["PROMPTS"]   # one batch
     cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert cfg["task_type"] == "CAUSAL_LM" and cfg["modules_to_save"] == ["lm_head"]
 

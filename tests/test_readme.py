@@ -15,6 +15,7 @@ NOT_RUN_HERE = {
     "pip install": "the install itself",
     "python -m pytest": "the test run itself",
     "peftc demo": "tests/test_cli.py::test_demo",
+    "peftc generate": "tests/test_cli_generate.py",
     "python examples/classify_minilm.py": "tests/test_examples.py::test_classify_minilm",
     "python examples/causal_lm_llama.py": "tests/test_examples.py::test_causal_lm_llama",
     "python examples/multi_adapter_serving.py": "tests/test_examples.py::test_multi_adapter_serving",
@@ -60,6 +61,8 @@ def test_readme_python_snippets_run(tmp_path, monkeypatch):
     for code in snippets:
         exec(compile(code, str(README), "exec"), namespace)
     assert namespace["mixed"].logits.shape[0] == 4
+    assert namespace["per_row"].shape[0] == 4 and namespace["greedy"].shape[0] == namespace["drawn"].shape[0] == 2
+    assert 16 < namespace["greedy"].shape[1] <= 24 and namespace["folded"].shape[0] == 2   # prompt 16, 8 new at most
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
     assert (tmp_path / "out" / "model.pt2").is_file()
