@@ -280,8 +280,8 @@ def trace_decoder(model: nn.Module) -> DecoderGraphs:
     except TraceError as e:
         raise GenerationError(
             f"cannot generate with {type(model).__name__}: peftc traces it with a static KV cache and a 4-D attention "
-            f"mask (causal, padding, sliding window), and that trace failed: {e}\nWhat to do: generate with "
-            "transformers from a merged export (peftc.export_merged) or from pm.merge()'s weights") from e
+            f"mask (causal, padding, sliding window), and that trace failed: {str(e).splitlines()[0]} What to do: "
+            "generate with transformers from a merged export (peftc.export_merged)") from e
     return DecoderGraphs(prefill.eval(), decode.eval(), layout, {}, {})
 
 
