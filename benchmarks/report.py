@@ -2,12 +2,13 @@
 its main, in this process, under harness.py's rules) and write its table between that table's report markers
 (`<!-- report:NAME:start -->` ... `<!-- report:NAME:end -->`).
 
-    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick] [--only ia3,moe,qlora]
+    python benchmarks/report.py [--rounds 20] [--threads N] [--no-compiled] [--dry-run] [--quick]
+                                [--only ia3,moe,qlora,generate]
 
 Takes about 15 minutes on a 2-core CPU (most of it compiling). --no-compiled skips the compiled mode and
-compile_speed.py (their tables are left as they are); --dry-run prints the tables instead of writing them; --quick
-runs 2 rounds after 1 warm-up (a smoke test: its figures are noise); --only regenerates the named tables
-(each benchmark runs once, however many of them read it).
+compile_speed.py (their tables are left as they are) and generate.py's compiled contestant (its table loses that
+row); --dry-run prints the tables instead of writing them; --quick runs 2 rounds after 1 warm-up (a smoke test: its
+figures are noise); --only regenerates the named tables (each benchmark runs once, however many of them read it).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import torch  # noqa: E402
 import blocks  # noqa: E402
 import compile_speed  # noqa: E402
 import dora  # noqa: E402
+import generate  # noqa: E402
 import ia3  # noqa: E402
 import lora_modes  # noqa: E402
 import lora_overhead  # noqa: E402
@@ -175,6 +177,28 @@ def qlora_table(q: dict, argv) -> str:
     return "\n".join(lines)
 
 
+def generate_table(g: dict, argv) -> str:
+    """Generation (generate.py): the whole generate call peftc / PEFT with its requirement and goal, the reference
+    ratios, then each contestant's milliseconds per new token."""
+    verdict = g["verdicts"]
+    lines = [f"{stamp(argv)} Greedy, {g['new_tokens']} new tokens, batch {g['batch']} x {g['prompt']}-token prompts "
+             f"('8': batch 8, one adapter per row), LoRA r={generate.R} alpha={generate.ALPHA} on "
+             f"{', '.join(generate.PROJ)}, fp32, `torch.inference_mode()`. Ratios of the whole call's time: medians, "
+             "minimums and the median per-round ratio; target: requirement <= "
+             f"{generate.REQUIRED:.2f}, goal <= {generate.GOAL:.2f} (medians).", "",
+             row("ratio", "medians", "minimums", "per round", "target"), "|---|---|---|---|---|"]
+    for pair in g["ratios"]:
+        target = verdict[pair].split(": ", 1)[1] if pair in verdict else ""
+        lines.append(row(pair, *three(g, pair), target))
+    lines += ["", row("contestant", "batch", "ms per new token (median call / "
+                      f"{g['new_tokens']})", "median call ms", "first call s (tracing, compiling)"),
+              "|---|---|---|---|---|"]
+    for name, ms in g["ms_per_token"].items():
+        lines.append(row(name, str(g["batches"][name]), f"{ms:.2f}", f"{1e3 * g['medians_s'][name]:.1f}",
+                         f"{g['first_call_s'][name]:.1f}"))
+    return "\n".join(lines)
+
+
 def write(path: str, blocks_: dict[str, str], dry_run: bool) -> None:
     with open(path) as f:
         doc = f.read()
@@ -222,6 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         "ia3": lambda: ia3.main(common),
         "moe": lambda: moe.main(common),
         "qlora": lambda: qlora.main(common),
+        "generate": lambda: generate.main(common + (["--no-compiled"] if args.no_compiled else [])),
         "compile_speed": lambda: compile_speed.main(common + ["--compile-base"]),
     }
     done: dict = {}
@@ -260,6 +285,7 @@ TABLES = {
                                          EVAL_TITLES[:1]) + "\n\n" + modes_by_mode(r("moe"), [("peftc", "PEFT")], argv,
                                                                                  TRAIN_TITLE),
     "qlora": lambda r, argv: qlora_table(r("qlora"), argv),
+    "generate": lambda r, argv: generate_table(r("generate"), argv),
     "compile_speed": lambda r, argv: ratio_table(r("compile_speed"), [("peftc compiled", "peftc"),
                                                                       ("peftc compiled", "PEFT compiled"),
                                                                       ("peftc compiled", "base compiled"),
