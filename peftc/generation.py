@@ -44,6 +44,14 @@ class Steps:
     prefill: Callable[..., torch.Tensor]
     decode: Callable[..., torch.Tensor]
 
+    @staticmethod
+    def call(graph: Callable, route: list) -> Callable[..., torch.Tensor]:
+        """`graph` (decoder.flat_graph's convention: the cache's tensors, then the route's, as positional inputs)
+        called as a step: step(ids, positions, padding, slots, cache)."""
+        def step(ids, positions, padding, slots, cache):
+            return graph(ids, positions, padding, slots, *cache, *route)
+        return step
+
 
 def resolve_config(default: Any, generation_config: Any, kwargs: dict) -> Any:
     """The GenerationConfig of one call, as transformers' generate resolves it: `generation_config` (or an empty

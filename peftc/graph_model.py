@@ -86,7 +86,7 @@ class GraphModel(nn.Module):
         graph put through `wrap`."""
         if adapter_names is not None:
             raise InputError(f"{type(self).__name__} holds one adapter folded in: adapter_names does not apply")
-        return Steps(wrap(forms.prefill["graph"]), wrap(forms.decode["graph"]))
+        return Steps(Steps.call(wrap(forms.prefill["graph"]), []), Steps.call(wrap(forms.decode["graph"]), []))
 
     def _forget_decoder(self) -> None:
         """Drop the generation graphs (made again from the compiler on the next generate)."""

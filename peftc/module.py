@@ -4,7 +4,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import logging
 import threading
 from pathlib import Path
@@ -440,9 +439,8 @@ class PeftModule(GraphModel):
             raise InputError(f"rows of this batch cannot take different adapters: {forms.mixed_refusal}")
         calls = []
         for kind, gm in (("prefill", forms.prefill[form]), ("decode", forms.decode[form])):
-            route = [rows] if form == "mixed" else self._route_of(gm, name, kind) if form == "single" else None
-            call = wrap(gm)
-            calls.append(functools.partial(call, peftc_route=route) if route else call)
+            route = [rows] if form == "mixed" else self._route_of(gm, name, kind) if form == "single" else []
+            calls.append(Steps.call(wrap(gm), route))
         return Steps(*calls)
 
     # --- parameters ----------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from .build import build_adapter, resolve_paths
-from .decoder import CacheLayout, DecoderGraphs, check_against_model, share_tensors, trace_decoder
+from .decoder import CacheLayout, DecoderGraphs, check_against_model, flat_graph, share_tensors, trace_decoder
 from .errors import GenerationError, InputError, PassError, PeftcError
 from .methods import method_of
 from . import passes as _passes
@@ -231,7 +231,8 @@ def lower_decoder(model: nn.Module) -> DecoderGraphs:
 @dataclasses.dataclass
 class DecoderForms:
     """What generate runs: for each form it serves ("base", "single", "mixed"; a merged model's "graph"), the prefill
-    and decode graphs; the cache they take; why rows cannot take different adapters, where they cannot."""
+    and decode graphs (decoder.flat_graph: positional inputs, the route's tensors after the cache's); the cache they
+    take; why rows cannot take different adapters, where they cannot."""
 
     layout: CacheLayout
     prefill: dict[str, GraphModule]
@@ -287,9 +288,9 @@ def decoder_forms(compiler: "Compiler", store: AdapterStore) -> DecoderForms:
         base, sites = getattr(graphs, kind), getattr(graphs, f"{kind}_sites")
         _check_sites(store, sites, kind)
         forms = emit_forms(base, sites, store, before=compiler.base_passes, skip=compiler.skip)
-        out[kind] = {"base": base, "single": forms.single.eval()}
+        out[kind] = {"base": flat_graph(base, STORE).eval(), "single": flat_graph(forms.single, STORE).eval()}
         if forms.mixed is not None:
-            out[kind]["mixed"] = forms.mixed.eval()
+            out[kind]["mixed"] = flat_graph(forms.mixed, STORE).eval()
         refusal = refusal or forms.mixed_refusal
     return DecoderForms(_layout(graphs, compiler.base_gm), out["prefill"], out["decode"], refusal)
 
@@ -302,5 +303,5 @@ def merged_decoder_forms(compiler: "Compiler", merged: GraphModule, adapter, nam
         gm = merge_graph_module(getattr(graphs, kind), getattr(graphs, f"{kind}_sites"), adapter, name,
                                 requantize=requantize)
         share_tensors(gm, merged)      # the merged forward graph's folded weights: made once
-        out[kind] = {"graph": gm.eval()}
+        out[kind] = {"graph": flat_graph(gm, STORE).eval()}
     return DecoderForms(_layout(graphs, merged), out["prefill"], out["decode"])
