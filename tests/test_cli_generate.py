@@ -144,6 +144,7 @@ def test_streams_what_pm_generate_and_peft_give(dirs, pm, peft_model, puts):
                                                          do_sample=False), ours)
 
 
+@pytest.mark.slow
 def test_base_model_alone_is_transformers_generate(dirs):
     """Without --adapter: the base model's own generation, token for token what transformers' generate gives (the
     tokenizer from --tokenizer, for a base directory without one)."""
@@ -157,6 +158,7 @@ def test_base_model_alone_is_transformers_generate(dirs):
     assert r.stdout == decoded(dirs, ref[0, ids.shape[1]:]) + "\n"
 
 
+@pytest.mark.slow
 def test_sampling_under_a_seed(dirs, pm, peft_model):
     """--seed S draws what pm.generate draws with a generator seeded S, which is what PEFT's generate draws after
     torch.manual_seed(S); another seed draws another text."""
@@ -175,6 +177,7 @@ def test_sampling_under_a_seed(dirs, pm, peft_model):
     assert not torch.equal(other, ours)
 
 
+@pytest.mark.slow
 def test_batch_with_an_adapter_per_row(dirs, pm):
     """Several --prompt: one left-padded batch, each row on its own adapter (or the base), one JSON line per prompt,
     equal to pm.generate's rows."""

@@ -16,6 +16,7 @@ import peftc
 from peftc.errors import MergeError
 from peftc.passes.batchnorm import make_batchnorm_mode_aware
 from peftc.passes.dropout import make_dropout_mode_aware
+from peftc.passes.runtime_checks import drop_runtime_checks
 from peftc.passes.merge import fold_adapter, merge_graph_module
 from peftc.passes.route import plain_route
 from peftc.passes.lora import LoRA
@@ -63,6 +64,7 @@ def call(gm, x, route=None):
 
 
 def mode_passes(gm):
+    drop_runtime_checks(gm)
     make_dropout_mode_aware(gm)
     make_batchnorm_mode_aware(gm)
     gm.graph.lint()
