@@ -31,7 +31,8 @@ from torch.fx import GraphModule
 
 from .errors import GenerationError, PeftcError, TraceError
 from .quant import stand_in
-from .trace import _is_hf, export_graph
+from .generation import hf_positions
+from .trace import _device, _dtype, _is_hf, export_graph
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ class _Step(nn.Module):
         allowed = padding[:, None, None, :].bool() & allowed[None, None]          # [B, 1, S, L]
         if not self.additive:
             return allowed
-        dtype = next(p for p in self._model.parameters() if p.is_floating_point()).dtype
+        dtype = _dtype(self._model)
         zero = torch.zeros((), dtype=dtype, device=padding.device)
         return torch.where(allowed, zero, torch.finfo(dtype).min)
 
@@ -227,7 +228,7 @@ def cache_layout(model: nn.Module, step: nn.Module) -> CacheLayout:
     """The cache the model's attention layers fill, read from one token run through the model with a cache that
     records the keys' and values' shapes (the model's own forward; its modes are restored)."""
     seen: dict[int, tuple] = {}
-    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = _device(model)
     from transformers.cache_utils import DynamicCache
 
     ids = torch.zeros(1, 1, dtype=torch.long, device=dev)
@@ -247,8 +248,8 @@ def cache_layout(model: nn.Module, step: nn.Module) -> CacheLayout:
                                   "layers with a plain KV cache")
         seen[i] = (k.shape[1], k.shape[3], v.shape[3], k.dtype)
     dtypes = {s[3] for s in seen.values()}
-    weights = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
-    return CacheLayout(tuple(s[:3] for s in seen.values()), dtypes.pop(), dev, max_positions(model.config), weights)
+    return CacheLayout(tuple(s[:3] for s in seen.values()), dtypes.pop(), dev, max_positions(model.config),
+                       _dtype(model))
 
 
 def trace_decoder(model: nn.Module) -> DecoderGraphs:
@@ -358,7 +359,7 @@ def check_against_model(model: nn.Module, graphs: DecoderGraphs) -> None:
         with torch.no_grad(), stand_in(model):
             padding = torch.ones(2, 8, dtype=torch.long, device=dev)
             padding[:, :6] = mask
-            pos = (padding.cumsum(-1) - 1).masked_fill(padding == 0, 1)
+            pos = hf_positions(padding)
             ref = model(input_ids=ids, attention_mask=mask, position_ids=pos[:, :6], use_cache=False).logits[:, -1]
             got = graphs.prefill(ids, pos[:, :6], padding, torch.arange(6, device=dev),
                                  graphs.layout.allocate(2, 8))[:, -1]

@@ -184,6 +184,11 @@ def check_prompt(input_ids: Any, attention_mask: Any) -> tuple[torch.Tensor, tor
     return input_ids, attention_mask.to(input_ids.device)
 
 
+def hf_positions(padding: torch.Tensor) -> torch.Tensor:
+    """Each slot's position as transformers' generate counts it: from the row's first token, 1 on padding."""
+    return (padding.cumsum(-1) - 1).masked_fill_(padding == 0, 1)
+
+
 def decode_loop(steps: Steps, layout, input_ids: torch.Tensor, attention_mask: torch.Tensor, gc, *,
                 streamer: Any = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """The prompt followed by the new tokens ([B, P + n], n <= the new-token count; rows that ended padded), as
@@ -201,7 +206,7 @@ def decode_loop(steps: Steps, layout, input_ids: torch.Tensor, attention_mask: t
     length = P + new
     padding = torch.ones(B, length, dtype=torch.long, device=dev)
     padding[:, :P] = attention_mask
-    positions = (padding.cumsum(-1) - 1).masked_fill_(padding == 0, 1)
+    positions = hf_positions(padding)
     slots = torch.arange(length, device=dev)
     unfinished = torch.ones(B, dtype=torch.bool, device=dev)
     if streamer is not None:

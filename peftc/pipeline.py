@@ -204,12 +204,30 @@ class Compiler:
     def decoder_forms(self, store: AdapterStore) -> DecoderForms:
         """The generation graphs (prefill, decode) of every form, with every adapter in `store` inserted: the model is
         lowered for generation once (lower_decoder), the forms are emitted from that as the forward's are."""
-        return decoder_forms(self, store)
+        graphs = _decoder(self)
+        out = {}
+        refusal = None
+        for kind in ("prefill", "decode"):
+            base, sites = getattr(graphs, kind), getattr(graphs, f"{kind}_sites")
+            _check_sites(store, sites, kind)
+            forms = emit_forms(base, sites, store, before=self.base_passes, skip=self.skip)
+            out[kind] = {"base": flat_graph(base, STORE).eval(), "single": flat_graph(forms.single, STORE).eval()}
+            if forms.mixed is not None:
+                out[kind]["mixed"] = flat_graph(forms.mixed, STORE).eval()
+            refusal = refusal or forms.mixed_refusal
+        return DecoderForms(_layout(graphs, self.base_gm), out["prefill"], out["decode"], refusal)
 
     def merged_decoder_forms(self, merged: GraphModule, adapter, name: str, *, requantize: bool = False):
         """The generation graphs of `merged` (PeftModule.merge's graph): the same fold on the decoder graphs,
         reading the merged graph's folded weights."""
-        return merged_decoder_forms(self, merged, adapter, name, requantize=requantize)
+        graphs = _decoder(self)
+        out = {}
+        for kind in ("prefill", "decode"):
+            gm = merge_graph_module(getattr(graphs, kind), getattr(graphs, f"{kind}_sites"), adapter, name,
+                                    requantize=requantize)
+            share_tensors(gm, merged)      # the merged forward graph's folded weights: made once
+            out[kind] = {"graph": flat_graph(gm, STORE).eval()}
+        return DecoderForms(_layout(graphs, merged), out["prefill"], out["decode"])
 
     def paths(self, targets: Any) -> list[str]:
         """Module paths that `targets` (LoRA's target syntax) selects among the sites."""
@@ -278,30 +296,3 @@ def _check_sites(store: AdapterStore, sites: dict[str, Site], kind: str) -> None
     if missing:
         raise GenerationError(f"the {kind} graph has no layer at {missing[:5]}, which adapters adapt; this model's "
                               "generation path does not call them, so peftc cannot generate from it unmerged")
-
-
-def decoder_forms(compiler: "Compiler", store: AdapterStore) -> DecoderForms:
-    graphs = _decoder(compiler)
-    out = {}
-    refusal = None
-    for kind in ("prefill", "decode"):
-        base, sites = getattr(graphs, kind), getattr(graphs, f"{kind}_sites")
-        _check_sites(store, sites, kind)
-        forms = emit_forms(base, sites, store, before=compiler.base_passes, skip=compiler.skip)
-        out[kind] = {"base": flat_graph(base, STORE).eval(), "single": flat_graph(forms.single, STORE).eval()}
-        if forms.mixed is not None:
-            out[kind]["mixed"] = flat_graph(forms.mixed, STORE).eval()
-        refusal = refusal or forms.mixed_refusal
-    return DecoderForms(_layout(graphs, compiler.base_gm), out["prefill"], out["decode"], refusal)
-
-
-def merged_decoder_forms(compiler: "Compiler", merged: GraphModule, adapter, name: str, *,
-                         requantize: bool = False) -> DecoderForms:
-    graphs = _decoder(compiler)
-    out = {}
-    for kind in ("prefill", "decode"):
-        gm = merge_graph_module(getattr(graphs, kind), getattr(graphs, f"{kind}_sites"), adapter, name,
-                                requantize=requantize)
-        share_tensors(gm, merged)      # the merged forward graph's folded weights: made once
-        out[kind] = {"graph": flat_graph(gm, STORE).eval()}
-    return DecoderForms(_layout(graphs, merged), out["prefill"], out["decode"])

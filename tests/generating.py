@@ -6,6 +6,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from peft import PeftModel
 
@@ -23,6 +24,17 @@ LLAMA_LORA = {"b": dict(r=2, alpha=4.0, targets=["k_proj", "o_proj"], init="gaus
               "c": dict(r=6, alpha=12.0, targets="all-linear", init="gaussian"),
               "dora": dict(r=4, targets=["q_proj", "v_proj", "down_proj"], use_dora=True)}
 LLAMA_OTHER = {"ia3": peftc.IA3(init_ia3_weights=False)}       # l drawn from N(0, 1): the adapter matters
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One thread from the module's first fixture on (conftest's per-test fixture comes after module fixtures): the
+    models are tiny, and two OpenMP threads on a busy 2-core machine run far slower. A test module takes it by
+    importing it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @dataclasses.dataclass

@@ -11,7 +11,7 @@ from peft import PeftModel
 
 import peftc
 from peftc import GenerationError, InputError
-from tests.generating import BASE, Counter, build_twin, new_tokens
+from tests.generating import BASE, Counter, build_twin, new_tokens, one_thread  # noqa: F401 - the module-scoped fixture
 from tests.models import DECODERS, inputs, make
 from tests.parity import randomize_ours_
 
@@ -21,16 +21,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 X = inputs("llama", batch=3, seq=9)       # row 1 left-padded (3 pad tokens)
 NEW = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread from the module's first fixture on (conftest's per-test fixture comes after module fixtures): the
-    models are tiny, and two OpenMP threads on a busy 2-core machine run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

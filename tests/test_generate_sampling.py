@@ -11,23 +11,13 @@ import transformers as tf
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 import peftc
-from tests.generating import BASE, Counter, Recorder, build_twin, new_tokens
+from tests.generating import BASE, Counter, Recorder, build_twin, new_tokens, one_thread  # noqa: F401 - the module-scoped fixture
 from tests.models import VOCAB, inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 X = inputs("llama", batch=3, seq=9)       # row 1 left-padded
 NEW = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One thread from the module's first fixture on (conftest's per-test fixture comes after module fixtures): the
-    models are tiny, and two OpenMP threads on a busy 2-core machine run far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
