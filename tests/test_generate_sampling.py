@@ -133,10 +133,11 @@ def test_later_calls_and_new_adapters_trace_nothing(llama, monkeypatch):
     adapter emits the generation forms again from them, without tracing."""
     import peftc.pipeline as pipeline
 
-    trace, export, emit = Counter(pipeline.trace_decoder), Counter(torch.export.export), Counter(pipeline.decoder_forms)
+    # pipeline._decoder: once per emission of generation forms (Compiler.decoder_forms), a trace or not
+    trace, export, emit = Counter(pipeline.trace_decoder), Counter(torch.export.export), Counter(pipeline._decoder)
     monkeypatch.setattr(pipeline, "trace_decoder", trace)
     monkeypatch.setattr(torch.export, "export", export)
-    monkeypatch.setattr(pipeline, "decoder_forms", emit)
+    monkeypatch.setattr(pipeline, "_decoder", emit)
     before = llama.ours(X, "c", max_new_tokens=NEW)
     for batch, seq, new in ((1, 5, 3), (5, 17, 9), (2, 2, 30)):
         x = inputs("llama", batch=batch, seq=seq, seed=batch)
