@@ -65,8 +65,13 @@ def check_fresh_adapter_is_the_identity(data, broad: bool):
         assert_near(got, want, b.dtype, "fresh DoRA")            # (PEFT's fresh DoRA is not bit-exact either)
     elif spec.init in (True, "gaussian"):                        # B = 0, b_B = 0: bit for bit
         assert torch.equal(got, want), f"max diff {(got - want).abs().max().item():.3g}"
-    else:   # PiSSA / OLoRA / orthogonal: W = residual + s B A, computed in float32 whatever the dtype (as PEFT)
-        assert_near(got, want, torch.float32 if b.dtype == torch.float64 else b.dtype, f"fresh init={spec.init!r}")
+    else:   # PiSSA / OLoRA / orthogonal: W = residual + s B A, computed in float32 whatever the dtype (as PEFT).
+        # The residual W - s B A is stored in the model's dtype, and s B A is of the size of s times W's leading part:
+        # its rounding, which the sum cancels only up to the dtype's precision, grows with |s| (rsLoRA at r = 2 with
+        # alpha 16 is 11; PEFT's own fresh OLoRA in bfloat16 is further off than peftc's on such a draw)
+        conditioning = max([1.0] + [abs(spec.scale_at(p)) for p in chosen])
+        assert_near(got, want, torch.float32 if b.dtype == torch.float64 else b.dtype, f"fresh init={spec.init!r}",
+                    factor=conditioning)
 
 
 @FAST
