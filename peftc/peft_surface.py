@@ -201,7 +201,9 @@ class PeftSurface:
         embedding as an op, not a module, so the hook sits where its output enters the first block of each stack
         of blocks (`model.layers.0`, ...): a forward pre-hook that gives the block's floating-point inputs that need
         no grad a grad (on the module at that path when this runs, or when checkpointing is switched: wrap the
-        blocks yourself only before calling this)."""
+        blocks yourself only before calling this). A single-adapter call passes the adapter's weights into the
+        blocks, so it trains under reentrant checkpointing even without this; a mixed batch (per-row adapters, read
+        from the store inside the blocks) needs it."""
         object.__setattr__(self, "_input_grads", True)
         self._place_input_grad_hooks()
 
