@@ -17,7 +17,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .blocks import Block
 from .checkpoint import adapter_config
 from .errors import InputError, MergeError
 from .store import site_key
