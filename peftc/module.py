@@ -23,6 +23,7 @@ from .methods import method_of
 from .passes.match import QUANTIZED
 from .passes.merge import merge_graph_module
 from .passes.route import plain_route
+from .peft_surface import PeftSurface
 from .pipeline import Compiler, Forms
 from .store import BASE, STORE, Adapter, AdapterStore, Capacity
 from .trace import Traced
@@ -31,7 +32,7 @@ from .weighted import weighted_adapter
 log = logging.getLogger(__name__)
 
 
-class PeftModule(GraphModel):
+class PeftModule(PeftSurface, GraphModel):
     """An adapted model. Takes the model's own arguments (plus `labels`, and `adapter_names`: one adapter name per
     row, "__base__" for none) and returns the model's own output type.
 
