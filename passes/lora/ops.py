@@ -14,6 +14,7 @@ then cast back to y_i's dtype.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Sequence
 
@@ -45,7 +46,9 @@ class LoraGroup(nn.Module):
     def forward(self, x, ys, As, Bs, scales, rates, doras=(), biases=(), srcs=()):
         """doras: for each site, None or (W, bias or None, magnitude m, DoRA flag d) of the call's adapter;
         biases: for each site, None or B's bias (lora_bias; never with DoRA, which PEFT refuses too)."""
-        dt = As[0].dtype if As else x.dtype
+        dt = functools.reduce(torch.promote_types, [A.dtype for A in As[1:]], As[0].dtype) if As else x.dtype
+        if any(t.dtype != dt for t in (*As, *Bs)):      # a site the adapter leaves: zeros in the model's dtype
+            As, Bs = [A.to(dt) for A in As], [B.to(dt) for B in Bs]
         if dt != x.dtype:              # PEFT: x = _cast_input_dtype(x, lora_A.weight.dtype); result.to(result dtype)
             back = [y.dtype for y in ys]
             outs = self._update(x.to(dt), [y.to(dt) for y in ys], As, Bs, scales, rates, doras, biases, srcs)
@@ -164,6 +167,7 @@ class _LoraFn(torch.autograd.Function):
         else:
             x, rest = saved[0], saved[1:]
         As, Bs, scales = rest[:n], rest[n:2 * n], rest[2 * n:]
+        x = x.to(As[0].dtype)       # remake gives x in the model's dtype; the adapter's may be wider (no-op else)
         need = ctx.needs_input_grad[4 + k:]               # (ys..., As..., Bs..., scales...)
         need_x, need_A = ctx.needs_input_grad[0], any(need[n:2 * n])
         x2 = x.reshape(-1, x.shape[-1])

@@ -1,0 +1,136 @@
+"""Adapter dtype as PEFT's (autocast_adapter_dtype): float32 adapter weights on a bfloat16 model, outputs in bfloat16,
+parity with PEFT in eval and training, checkpoints both ways; False keeps the model's dtype."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import IA3Config, LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import peftc
+from peftc.errors import SpecError
+from tests.models import main_output, make
+from tests.parity import assert_same_weights, parity_inputs, randomize_peft_
+
+BF16 = torch.bfloat16
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+# bfloat16 logits of the tiny models (|logits| < ~1.5): one or two bf16 ulps of the largest ones
+TOL = 2e-2
+
+
+def _peft(arch: str, config, autocast: bool = True, seed: int = 3):
+    """PEFT's model on a bfloat16 copy of `arch`, with random lora_B (drawn in float32: not bf16-representable)."""
+    ref = get_peft_model(make(arch).to(BF16), config, autocast_adapter_dtype=autocast)
+    randomize_peft_(ref, seed)
+    return ref
+
+
+def _outputs(model, xs, labels: bool = False):
+    return [model(**x) for x in xs]
+
+
+def _assert_close(ours, ref, xs, tol=TOL):
+    with torch.no_grad():
+        for x in xs:
+            a, b = main_output(ours(**x)), main_output(ref(**x))
+            assert a.dtype == b.dtype == BF16, (a.dtype, b.dtype)
+            diff = (a.float() - b.float()).abs().max().item()
+            assert diff <= tol, f"outputs differ by {diff:.3g} > {tol}"
+
+
+def _dtypes(pm, name="default"):
+    return {p.dtype for p in pm.store[name].parameters()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_bf16_fp32_adapter_parity_eval_train_and_checkpoints(arch, tmp_path):
+    """PEFT's adapter (fp32 on bf16) saved, loaded by peftc: fp32 weights bit for bit, PEFT's outputs in eval and the
+    same loss and float32 gradients in training; peftc's save loads back into PEFT as the same fp32 tensors."""
+    ref = _peft(arch, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    assert {p.dtype for n, p in ref.named_parameters() if "lora_" in n} == {torch.float32}
+    ref.save_pretrained(tmp_path / "peft")
+    saved = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.float32}
+
+    base = make(arch).to(BF16)
+    ours = peftc.load_adapter(base, tmp_path / "peft", is_trainable=True)
+    assert _dtypes(ours) == {torch.float32}
+    assert_same_weights(ours, ref)
+    xs = parity_inputs(arch, labels=True)
+    ours.eval(), ref.eval()
+    _assert_close(ours, ref, xs)
+    # the fp32 path is what is measured: the same adapter in bf16 (autocast off) moves the output elsewhere
+    low = peftc.load_adapter(make(arch).to(BF16), tmp_path / "peft", autocast_adapter_dtype=False)
+    assert _dtypes(low) == {BF16}
+    with torch.no_grad():
+        assert not torch.equal(main_output(low(**xs[0])), main_output(ours(**xs[0])))
+
+    # training: same loss, float32 gradients on the adapter's parameters equal PEFT's
+    ours.train(), ref.train()
+    la, lb = ours(**xs[0])["loss"], ref(**xs[0])["loss"]
+    assert la.dtype == lb.dtype
+    assert abs(la.item() - lb.item()) <= TOL
+    la.backward(), lb.backward()
+    theirs = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    mine = ours.store.peft_state_dict("default")
+    assert len(theirs) == len(mine) > 0
+    params = dict(ours.store["default"].named_parameters())
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params.values())
+    for key, t in mine.items():
+        g_ref = theirs[next(n for n in theirs if n.replace(".default", "") == key)]
+        g_ours = next(p.grad for p in params.values() if p.data_ptr() == t.data_ptr())
+        assert g_ref.dtype == torch.float32
+        scale = g_ref.abs().max().item() + 1e-6
+        assert (g_ours - g_ref).abs().max().item() <= 0.05 * scale, key
+
+    # peftc -> PEFT: fp32 tensors on disk, PEFT's from_pretrained reads them as they are
+    ours.eval()
+    ours.save_adapter(tmp_path / "ours")
+    assert {t.dtype for t in load_file(tmp_path / "ours" / "adapter_model.safetensors").values()} == {torch.float32}
+    back = PeftModel.from_pretrained(make(arch).to(BF16), tmp_path / "ours")
+    assert_same_weights(ours, back)
+    _assert_close(ours, back, xs[:1])
+
+
+def test_autocast_false_keeps_model_dtype_as_peft():
+    ref = _peft("llama", LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS), autocast=False)
+    assert {p.dtype for n, p in ref.named_parameters() if "lora_" in n} == {BF16}
+    ours = peftc.compile(make("llama").to(BF16), peftc.LoRA(r=4, alpha=8, targets=TARGETS),
+                         autocast_adapter_dtype=False)
+    assert _dtypes(ours) == {BF16}
+    _copy_from_peft(ours, ref)
+    assert_same_weights(ours, ref)
+    _assert_close(ours, ref, parity_inputs("llama"))
+
+
+def _copy_from_peft(pm, ref, name="default"):
+    """PEFT's adapter tensors into peftc's (the same keys, PEFT's adapter name stripped)."""
+    from peft import get_peft_model_state_dict
+    theirs = get_peft_model_state_dict(ref, adapter_name=name)
+    with torch.no_grad():
+        for key, t in pm.store.peft_state_dict(name).items():
+            t.copy_(theirs[key])
+
+
+def test_fp32_and_fp64_models_unchanged():
+    """Only float16 / bfloat16 (and float8) adapter weights are upcast: a float32 model's stay float32."""
+    pm = peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj"]))
+    assert _dtypes(pm) == {torch.float32}
+    pm16 = peftc.compile(make("llama").to(torch.float16), peftc.LoRA(r=2, targets=["q_proj"]))
+    assert _dtypes(pm16) == {torch.float32}
+
+
+def test_add_adapter_autocast_and_bad_flag():
+    pm = peftc.compile(make("llama").to(BF16), peftc.LoRA(r=2, targets=["q_proj"]))
+    pm.add_adapter("low", peftc.LoRA(r=2, targets=["q_proj"]), autocast_adapter_dtype=False)
+    pm.add_adapter("high", peftc.LoRA(r=2, targets=["v_proj"]))
+    assert _dtypes(pm, "low") == {BF16} and _dtypes(pm, "high") == {torch.float32}
+    x = parity_inputs("llama")[1]
+    for name in ("low", "high", "default"):
+        pm.set_adapter(name)
+        with torch.no_grad():
+            assert main_output(pm(**x)).dtype == BF16
+    with pytest.raises(SpecError, match="autocast_adapter_dtype must be True or False"):
+        peftc.compile(make("llama"), peftc.LoRA(r=2), autocast_adapter_dtype="yes")
