@@ -134,3 +134,30 @@ def test_add_adapter_autocast_and_bad_flag():
             assert main_output(pm(**x)).dtype == BF16
     with pytest.raises(SpecError, match="autocast_adapter_dtype must be True or False"):
         peftc.compile(make("llama"), peftc.LoRA(r=2), autocast_adapter_dtype="yes")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ia3_bf16_fp32_vectors_parity(arch, tmp_path):
+    """IA3 as PEFT: float32 vectors on a bfloat16 model (output and feedforward sides), PEFT's outputs in the plain
+    and the mixed form, fp32 tensors loaded from PEFT's checkpoint."""
+    ref = get_peft_model(make(arch).to(BF16), IA3Config(target_modules=["k_proj", "down_proj"],
+                                                        feedforward_modules=["down_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for n, p in ref.named_parameters():
+            if "ia3_l" in n:
+                assert p.dtype == torch.float32
+                p.copy_(1 + 0.5 * torch.randn(p.shape, generator=g))
+    ref.save_pretrained(tmp_path)
+    ours = peftc.load_adapter(make(arch).to(BF16), tmp_path)
+    assert _dtypes(ours) == {torch.float32}
+    assert_same_weights(ours, ref)
+    xs = parity_inputs(arch)
+    _assert_close(ours, ref, xs)
+    ours.add_adapter("other", peftc.IA3(targets=["k_proj"], feedforward=[]))
+    rows = ["default", "other", "__base__"]
+    with torch.no_grad():
+        mixed = main_output(ours(**xs[0], adapter_names=rows))
+        plain = main_output(ref(**xs[0]))
+    assert mixed.dtype == BF16
+    assert (mixed[0].float() - plain[0].float()).abs().max().item() <= TOL
