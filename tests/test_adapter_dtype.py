@@ -61,6 +61,11 @@ def test_lora_bf16_fp32_adapter_parity_eval_train_and_checkpoints(arch, tmp_path
     xs = parity_inputs(arch, labels=True)
     ours.eval(), ref.eval()
     _assert_close(ours, ref, xs)
+    # a mixed batch (the gathered form) as PEFT's own: x cast up, the update cast back, then added
+    rows = ["default", "__base__", "default"]
+    with torch.no_grad():
+        a, b = main_output(ours(**xs[0], adapter_names=rows)), main_output(ref(**xs[0], adapter_names=rows))
+    assert a.dtype == b.dtype == BF16 and (a.float() - b.float()).abs().max().item() <= TOL
     # the fp32 path is what is measured: the same adapter in bf16 (autocast off) moves the output elsewhere
     low = peftc.load_adapter(make(arch).to(BF16), tmp_path / "peft", autocast_adapter_dtype=False)
     assert _dtypes(low) == {BF16}
