@@ -166,3 +166,60 @@ def test_ia3_bf16_fp32_vectors_parity(arch, tmp_path):
         plain = main_output(ref(**xs[0]))
     assert mixed.dtype == BF16
     assert (mixed[0].float() - plain[0].float()).abs().max().item() <= TOL
+
+
+def test_dora_bf16_fp32_adapter_parity():
+    """DoRA with PEFT's default autocast: float32 A, B and magnitude on a bfloat16 model, PEFT's outputs unmerged and
+    merged."""
+    from peft import set_peft_model_state_dict
+    model = make("llama").to(BF16)
+    pm = peftc.compile(model, peftc.LoRA(r=4, alpha=8, targets=TARGETS, init=False, use_dora=True))
+    assert _dtypes(pm) == {torch.float32}
+    ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, use_dora=True,
+                                                          init_lora_weights=False))
+    assert not set_peft_model_state_dict(ref, pm.store.peft_state_dict("default")).unexpected_keys
+    assert_same_weights(pm, ref.eval())
+    xs = parity_inputs("llama")
+    _assert_close(pm, ref, xs)
+    with torch.no_grad():
+        a, b = main_output(pm.merge()(**xs[0])), main_output(ref.merge_and_unload()(**xs[0]))
+    assert a.dtype == b.dtype == BF16 and (a.float() - b.float()).abs().max().item() <= TOL
+
+
+# ---- PEFT config objects as specs (read through to_dict(), peft never imported by peftc) ----
+
+def test_peft_lora_config_object_equals_own_spec_and_peft():
+    from peft import set_peft_model_state_dict
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_alpha=8, lora_dropout=0.1, use_rslora=True)
+    own = peftc.LoRA(r=4, alpha=8, dropout=0.1, targets=["q_proj", "v_proj"], use_rslora=True)
+    model = make("llama")
+    pm = peftc.compile(model, cfg)
+    assert pm.store["default"].spec == peftc.compile(model, own).store["default"].spec
+    assert set(pm.store.peft_state_dict("default")) == set(peftc.compile(model, own).store.peft_state_dict("default"))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for w in pm.store["default"].sites.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=g) * 0.5)
+    ref = get_peft_model(copy.deepcopy(model), cfg)
+    assert not set_peft_model_state_dict(ref, pm.store.peft_state_dict("default")).unexpected_keys
+    assert_same_weights(pm, ref)
+    pm.eval(), ref.eval()
+    with torch.no_grad():
+        for x in parity_inputs("llama"):
+            a, b, base = main_output(pm(**x)), main_output(ref(**x)), main_output(model(**x))
+            assert (a - b).abs().max().item() <= 1e-4
+            assert (a - base).abs().max().item() > 1e-3          # the adapter moves the output
+    assert cfg.target_modules == {"q_proj", "v_proj"} and cfg.r == 4    # the config is not changed
+
+
+def test_peft_ia3_config_object_and_unknown_method():
+    cfg = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
+    pm = peftc.compile(make("llama"), cfg)
+    own = peftc.compile(make("llama"), peftc.IA3(targets=["k_proj", "down_proj"], feedforward=["down_proj"]))
+    a, b = pm.store["default"], own.store["default"]
+    assert a.targets == b.targets and set(a.spec.targets) == set(b.spec.targets)
+    assert a.spec.feedforward == b.spec.feedforward == ("down_proj",)
+    from peft import LoHaConfig
+    with pytest.raises(SpecError, match=r"LoHaConfig \(a PEFT config\): peft_type='LOHA' is not supported yet; "
+                                        r"supported: \[.*'LORA'.*'IA3'.*\]"):
+        peftc.compile(make("llama"), LoHaConfig(r=4, target_modules=["q_proj"]))
