@@ -223,3 +223,32 @@ def test_peft_ia3_config_object_and_unknown_method():
     with pytest.raises(SpecError, match=r"LoHaConfig \(a PEFT config\): peft_type='LOHA' is not supported yet; "
                                         r"supported: \[.*'LORA'.*'IA3'.*\]"):
         peftc.compile(make("llama"), LoHaConfig(r=4, target_modules=["q_proj"]))
+
+
+def test_lora_on_4bit_bf16_model_fp32_adapters_equal_peft(tmp_path):
+    """A bitsandbytes nf4 model in bfloat16: float32 adapters, computed as PEFT's Linear4bit LoRA layer (unfused),
+    PEFT's outputs and float32 gradients."""
+    import transformers as tf
+    from peft import set_peft_model_state_dict
+    from tests.test_quantized import bnb_config, keep_reference_kernels_, tiny
+
+    tiny("llama").save_pretrained(tmp_path)
+
+    def load():
+        return keep_reference_kernels_(tf.AutoModelForCausalLM.from_pretrained(
+            tmp_path, quantization_config=bnb_config("nf4-bf16"), device_map="cpu", dtype=BF16))
+
+    pm = peftc.compile(load(), peftc.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    assert _dtypes(pm) == {torch.float32}
+    ref = get_peft_model(load(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for w in pm.store["default"].sites.values():
+            w.B.copy_(torch.randn(w.B.shape, generator=g))
+    set_peft_model_state_dict(ref, pm.store.peft_state_dict("default"))
+    assert_same_weights(pm, ref)
+    ids = torch.randint(1, 100, (2, 7), generator=g)
+    _assert_close(pm, ref, [{"input_ids": ids}], tol=1e-2)
+    pm.train()
+    pm(input_ids=ids, labels=ids)["loss"].backward()
+    assert {p.grad.dtype for p in pm.store["default"].parameters()} == {torch.float32}
