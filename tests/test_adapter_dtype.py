@@ -252,3 +252,23 @@ def test_lora_on_4bit_bf16_model_fp32_adapters_equal_peft(tmp_path):
     pm.train()
     pm(input_ids=ids, labels=ids)["loss"].backward()
     assert {p.grad.dtype for p in pm.store["default"].parameters()} == {torch.float32}
+
+
+def test_lora_on_embedding_bf16_fp32_adapter_equals_peft():
+    """LoRA on the token embedding (LoraBranch) with float32 weights on a bfloat16 model: PEFT's outputs, plain and
+    in a mixed batch."""
+    from peft import set_peft_model_state_dict
+    targets = ["embed_tokens", "q_proj"]
+    model = make("llama").to(BF16)
+    pm = peftc.compile(model, peftc.LoRA(r=4, alpha=8, targets=targets, init=False))
+    assert _dtypes(pm) == {torch.float32}
+    ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    set_peft_model_state_dict(ref, pm.store.peft_state_dict("default"))
+    assert_same_weights(pm, ref)
+    pm.eval(), ref.eval()
+    xs = parity_inputs("llama")
+    _assert_close(pm, ref, xs)
+    rows = ["default", "__base__", "default"]
+    with torch.no_grad():
+        a, b = main_output(pm(**xs[0], adapter_names=rows)), main_output(ref(**xs[0], adapter_names=rows))
+    assert a.dtype == BF16 and (a.float() - b.float()).abs().max().item() <= TOL
