@@ -272,3 +272,20 @@ def test_lora_on_embedding_bf16_fp32_adapter_equals_peft():
     with torch.no_grad():
         a, b = main_output(pm(**xs[0], adapter_names=rows)), main_output(ref(**xs[0], adapter_names=rows))
     assert a.dtype == BF16 and (a.float() - b.float()).abs().max().item() <= TOL
+
+
+def test_capacity_mixed_batch_takes_fp32_adapter_added_later():
+    """A capacity's mixed graph on a bfloat16 model, made with a bfloat16 adapter, serves a float32 adapter added
+    later (as data, no new graph): each row equals that adapter's plain call."""
+    pm = peftc.compile(make("llama").to(BF16), peftc.LoRA(r=4, targets=["q_proj", "v_proj"], init=False),
+                       capacity=peftc.Capacity(adapters=3, rank=8), autocast_adapter_dtype=False)
+    x = parity_inputs("llama")[0]
+    with torch.no_grad():
+        pm(**x, adapter_names=["default", "__base__", "default"])          # the mixed graph, before the new one
+        pm.add_adapter("wide", peftc.LoRA(r=2, targets=["q_proj"], init=False))
+        assert _dtypes(pm, "wide") == {torch.float32} and _dtypes(pm, "default") == {BF16}
+        mixed = main_output(pm(**x, adapter_names=["default", "wide", "__base__"]))
+        for i, name in enumerate(["default", "wide"]):
+            pm.set_adapter(name)
+            plain = main_output(pm(**x))
+            assert (mixed[i].float() - plain[i].float()).abs().max().item() <= TOL, name

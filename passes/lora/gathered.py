@@ -137,12 +137,15 @@ def batch_dim(site: Site, x: Node, first: Node) -> int:
 
 def _adapter_dtype(gm: GraphModule, store: AdapterStore, site: Site, key: str) -> torch.dtype | None:
     """The dtype the slots' weights at `site` compute in where it is wider than the model's (float32 adapters on a
-    bfloat16 model: autocast_adapter_dtype), else None (the update accumulates into the output in place)."""
+    bfloat16 model: autocast_adapter_dtype), else None (the update accumulates into the output in place). With a
+    capacity on a half-precision model: float32 (an adapter added later may be float32)."""
     model = weight_like(gm, site).dtype
     dts = {w.A.dtype for a in store.slots()[1:] if (w := weights_at(store, a, site.fqn)) is not None}
     if store.capacity is not None:
         dts |= {lane["lora"][key].A.dtype for lane in store.lanes.values() if "lora" in lane and key in lane["lora"]}
     wide = model
+    if store.capacity is not None and model in (torch.float16, torch.bfloat16):
+        wide = torch.float32           # a capacity's slots take adapters later, without a new graph: float32 ones too
     for dt in dts:
         wide = torch.promote_types(wide, dt)
     return None if wide == model else wide
@@ -209,6 +212,7 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         wide = _adapter_dtype(gm, store, site, key)       # float32 adapters on a half-precision model, or None
         if wide is not None:                               # PEFT's mixed batch: x cast to the adapter's dtype
             x3 = call(aten.to.dtype, x3, wide)
+            A_rows, B_rows = call(aten.to.dtype, A_rows, wide), call(aten.to.dtype, B_rows, wide)   # mixed slots
         if dropout:
             p_rows = call(aten.index.Tensor, call(aten.stack.default, p_list), [rows])          # (batch,)
             made.append(g.call_module(f"{bank}.dropout", (x3, p_rows)))
