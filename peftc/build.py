@@ -152,7 +152,8 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
 
     autocast_adapter_dtype (PEFT's): the weights a method makes in float16 / bfloat16 (a half-precision model's
     dtype) are kept in float32 (upcast_adapter_); the graph computes the adapter in its weights' dtype and casts
-    the result back to the model's. False keeps them in the dtype the method made them in (the model's).
+    the result back to the model's. False keeps them in the dtype the method made them in (the model's). Trained
+    token rows (trainable_token_indices) are upcast too, as PEFT's; modules_to_save copies keep the model's dtype.
 
     A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
     copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
@@ -167,7 +168,7 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
                                 **getattr(spec, "token_options", {}))
     adapter = Adapter(spec, chosen, saved + biases)
     adapter.peft_paths = peft_paths
-    adapter.tokens.update({site_key(t.path): t for t in tokens})
+    adapter.tokens.update({site_key(t.path): upcast_adapter_(t) if autocast_adapter_dtype else t for t in tokens})
     for path in chosen:
         site = site_for(sites, path, chosen)
         built = method.build(spec, site, dense_weight(gm, site))

@@ -289,3 +289,23 @@ def test_capacity_mixed_batch_takes_fp32_adapter_added_later():
             pm.set_adapter(name)
             plain = main_output(pm(**x))
             assert (mixed[i].float() - plain[i].float()).abs().max().item() <= TOL, name
+
+
+def test_trainable_tokens_rows_fp32_as_peft(tmp_path):
+    """LoRA with trainable_token_indices on a bfloat16 model: PEFT keeps the trained rows in float32 too; its
+    checkpoint loads bit for bit and gives its outputs."""
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7])
+    ref = _peft("llama", cfg)
+    deltas = [p for n, p in ref.named_parameters() if "trainable_tokens_delta" in n]
+    assert deltas and {p.dtype for p in deltas} == {torch.float32}
+    ref.save_pretrained(tmp_path)
+    ours = peftc.load_adapter(make("llama").to(BF16), tmp_path, is_trainable=True)
+    assert {p.dtype for p in ours.store["default"].parameters()} == {torch.float32}
+    assert_same_weights(ours, ref)
+    ours.eval(), ref.eval()
+    _assert_close(ours, ref, parity_inputs("llama"))
+    ours.train()
+    x = parity_inputs("llama", labels=True)[0]
+    ours(**x)["loss"].backward()
+    rows = [t.delta for t in ours.store["default"].tokens.values()]
+    assert rows and all(r.grad is not None and r.grad.dtype == torch.float32 for r in rows)
