@@ -5,6 +5,8 @@ At a target the vector l scales the layer's output; at a feedforward target it s
     Before:  y = linear(x, W, b)                (GPT-2 Conv1D: y = addmm(b, x, W); conv: y = conv2d(x, W, b, ...))
     After:   y' = linear(x, W, b) * l           target           l: (out, 1) as PEFT saves it (conv: (1, out, 1, 1))
              y' = linear(x * l, W, b)           feedforward      l: (1, in)                  (conv: (1, in, 1, 1))
+             (each product then .to(the model's dtype): a no-op, or with float32 l on a bfloat16 model, PEFT's
+             autocast_adapter_dtype, the product in float32 rounded back once, as PEFT computes it)
 
 Plain form ("single"): l comes in as a route input, the call's adapter's own Parameter (a vector of ones for an
 adapter that does not scale that side of the site), so switching adapters never changes the graph. Gathered form
@@ -431,6 +433,15 @@ def _tag(nodes: list[Node], out: Node, site_node: Node) -> None:
         n.meta["nn_module_stack"] = site_node.meta.get("nn_module_stack", {})
 
 
+def _cast_back(g, made: list[Node], t: Node) -> Node:
+    """t * l computes in the wider of the two dtypes (float32 l on a bfloat16 model: autocast_adapter_dtype); the
+    product goes back to t's dtype, as PEFT's (result * ia3_scaling).to(result_dtype). A no-op where they agree."""
+    val = t.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        made.append(g.call_function(aten.to.dtype, (made[-1], val.dtype)))
+    return made[-1]
+
+
 def _scale_plain(gm: GraphModule, site: Site, node: Node, side: str) -> None:
     """x' = x * l (before the call) or y' = y * l (after it), l: the call's adapter's vector (a route input)."""
     g = gm.graph
@@ -442,6 +453,7 @@ def _scale_plain(gm: GraphModule, site: Site, node: Node, side: str) -> None:
         if v is not l:
             made.append(v)
         made.append(g.call_function(aten.mul.Tensor, (t, v)))
+        _cast_back(g, made, t)
     made[-1].meta["val"] = t.meta.get("val")
     _rewire(site, node, side, t, made[-1], set(made))
     _tag(made, made[-1], node)
@@ -493,6 +505,7 @@ def _scale_rows(gm, site: Site, node: Node, side: str, store: AdapterStore, rows
             out = call(aten.reshape.default, call(aten.mul.Tensor, t3, call(aten.unsqueeze.default, L, 1)), sizes)
             if bdim:
                 out = call(aten.movedim.int, out, 0, bdim)
+        out = _cast_back(g, made, t)
     out.meta["val"] = t.meta.get("val")
     _rewire(site, node, side, t, out, set(made))
     _tag(made, out, node)

@@ -223,7 +223,8 @@ def insert_token_rows(gm: GraphModule, store: AdapterStore) -> int:
             if reader not in made:
                 idx = route_input(gm, ("tokens", node.target, reader, "index"), w.new_empty(3, dtype=torch.long))
                 delta = route_input(gm, ("tokens", node.target, reader, "delta"), w.new_empty(3, *w.shape[1:]))
-                with gm.graph.inserting_before(user):
+                with gm.graph.inserting_before(user):    # rows kept in float32 (autocast_adapter_dtype): W's dtype
+                    delta = gm.graph.call_function(aten.to.dtype, (delta, w.dtype))
                     made[reader] = gm.graph.call_function(aten.index_copy.default, (node, 0, idx, delta))
                 made[reader].meta["peftc"] = {"method": TAG, "adapter": "*", "role": "rows",
                                               "target": node.target, "reader": reader}

@@ -11,6 +11,7 @@ import re
 from dataclasses import replace
 from typing import Any, NamedTuple
 
+import torch
 from torch import nn
 from torch.fx import GraphModule
 
@@ -28,18 +29,56 @@ _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]*")
 
 
 def as_spec(spec: Any) -> AdapterSpec:
-    """A registered method's spec (a dict in adapter_config.json form is read through its peft_type)."""
+    """A registered method's spec. A dict in adapter_config.json form is read through its peft_type, and so is a
+    PEFT config object (peft.LoraConfig, peft.IA3Config: anything with a `peft_type` and `to_dict()`, read through its
+    dict form; peft itself is never imported here)."""
+    if not isinstance(spec, (dict, AdapterSpec)) and is_peft_config(spec):
+        spec = spec_from_config(spec.to_dict(), source=f"{type(spec).__name__} (a PEFT config)")
     if isinstance(spec, dict):
         spec = spec_from_config(spec, source="spec dict")
     if not isinstance(spec, AdapterSpec):
-        raise SpecError(f"spec must be a peftc spec (e.g. peftc.LoRA(r=8)) or a dict in adapter_config.json form, "
-                        f"got {type(spec).__name__}")
+        raise SpecError(f"spec must be a peftc spec (e.g. peftc.LoRA(r=8)), a dict in adapter_config.json form or a "
+                        f"PEFT config (peft.LoraConfig(...)), got {type(spec).__name__}")
     method = method_of(spec)
     if method.build is None or method.rewrite is None:
         ready = [m.name for m in METHODS.values() if m.build is not None and m.rewrite is not None]
         raise SpecError(f"method {method.name} is registered without build and rewrite functions, so it cannot be "
                         f"compiled; methods that compile: {ready}")
     return spec
+
+
+def is_peft_config(obj: Any) -> bool:
+    """Whether `obj` looks like a PEFT config (duck-typed: a `peft_type` attribute and a callable `to_dict`)."""
+    return getattr(obj, "peft_type", None) is not None and callable(getattr(obj, "to_dict", None))
+
+
+# PEFT's cast_adapter_dtype (autocast_adapter_dtype=True): these adapter weight dtypes become float32
+UPCAST = frozenset(dt for dt in (torch.float16, torch.bfloat16, *(getattr(torch, n, None) for n in (
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu"))) if dt is not None)
+
+
+def check_autocast(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SpecError(f"autocast_adapter_dtype must be True or False, got {value!r} ({type(value).__name__}); "
+                        "True (PEFT's default) keeps half-precision adapter weights in float32, False in the "
+                        "model's dtype")
+    return value
+
+
+@torch.no_grad()
+def upcast_adapter_(weights: nn.Module) -> nn.Module:
+    """PEFT's autocast_adapter_dtype, in place on one site's adapter weights: every Parameter in float16, bfloat16
+    or a float8 dtype becomes float32 (same values, same requires_grad), and so does every 0-dim buffer (a scale,
+    a dropout rate, a flag: what the call passes in beside the weights). Larger buffers stay: they stand in for the
+    model's own weight (PiSSA / OLoRA's residual) and keep its dtype, as PEFT's base layer does."""
+    for module in weights.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.dtype in UPCAST:
+                setattr(module, name, nn.Parameter(p.to(torch.float32), requires_grad=p.requires_grad))
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.dim() == 0 and b.dtype in UPCAST:
+                setattr(module, name, b.to(torch.float32))
+    return weights
 
 
 def check_adapter_name(name: Any) -> str:
@@ -108,8 +147,13 @@ def count_parameters(gm: GraphModule, sites: dict[str, Site], spec: AdapterSpec,
 
 
 def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | None, spec: AdapterSpec, *,
-                  loading: bool = False) -> Adapter:
+                  loading: bool = False, autocast_adapter_dtype: bool = True) -> Adapter:
     """Resolve `spec` against the graph's sites and make its weights through its method.
+
+    autocast_adapter_dtype (PEFT's): the weights a method makes in float16 / bfloat16 (a half-precision model's
+    dtype) are kept in float32 (upcast_adapter_); the graph computes the adapter in its weights' dtype and casts
+    the result back to the model's. False keeps them in the dtype the method made them in (the model's). Trained
+    token rows (trainable_token_indices) are upcast too, as PEFT's; modules_to_save copies keep the model's dtype.
 
     A spec's fields read here when it has them (LoRA's names): targets, modules_to_save, task_type, bias (trained
     copies of the model's biases, kept beside the modules_to_save copies), trainable_token_indices (trained
@@ -124,10 +168,11 @@ def build_adapter(gm: GraphModule, sites: dict[str, Site], model: nn.Module | No
                                 **getattr(spec, "token_options", {}))
     adapter = Adapter(spec, chosen, saved + biases)
     adapter.peft_paths = peft_paths
-    adapter.tokens.update({site_key(t.path): t for t in tokens})
+    adapter.tokens.update({site_key(t.path): upcast_adapter_(t) if autocast_adapter_dtype else t for t in tokens})
     for path in chosen:
         site = site_for(sites, path, chosen)
-        adapter.sites[site_key(path)] = method.build(spec, site, dense_weight(gm, site))
+        built = method.build(spec, site, dense_weight(gm, site))
+        adapter.sites[site_key(path)] = upcast_adapter_(built) if autocast_adapter_dtype else built
     for path in saved:
         adapter.saved[site_key(path)] = saved_copies(gm, path)
     for path in biases:

@@ -203,7 +203,8 @@ def method_for_peft_type(ptype: Any, source: str) -> Method:
     for m in METHODS.values():
         if m.peft_type.upper() == name:
             return m
-    raise SpecError(f"{source}: peft_type={ptype!r} is not supported yet; supported: "
+    shown = name if hasattr(ptype, "value") else ptype      # the enum's name, as adapter_config.json writes it
+    raise SpecError(f"{source}: peft_type={shown!r} is not supported yet; supported: "
                     f"{[m.peft_type for m in METHODS.values()]}")
 
 

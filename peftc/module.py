@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from .build import as_spec, check_adapter_name
+from .build import as_spec, check_adapter_name, check_autocast
 from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
 from .errors import InputError, MergeError, SpecError
 from .export import export_program
@@ -167,9 +167,10 @@ class PeftModule(PeftSurface, GraphModel):
         else:
             self.set_adapter(self.active_adapter)   # slots may have moved
 
-    def _build_adapter(self, spec, *, loading: bool = False) -> Adapter:
+    def _build_adapter(self, spec, *, loading: bool = False, autocast_adapter_dtype: bool = True) -> Adapter:
         """`spec`'s adapter, built by the compiler from the base graph's data: its sites and the model."""
-        return self._compiler.adapter(spec, loading=loading)
+        return self._compiler.adapter(spec, loading=loading,
+                                      autocast_adapter_dtype=check_autocast(autocast_adapter_dtype))
 
     def _check_room(self, name: str, adapter: Adapter) -> None:
         cap = self.store.capacity
@@ -235,21 +236,24 @@ class PeftModule(PeftSurface, GraphModel):
         if name not in self.adapters:
             raise InputError(f"unknown adapter {name!r}; adapters: {self.adapters}")
 
-    def add_adapter(self, adapter_name: str, spec: Any) -> None:
-        """Add a new adapter (fresh weights) beside the others; the active adapter does not change."""
+    def add_adapter(self, adapter_name: str, spec: Any, *, autocast_adapter_dtype: bool = True) -> None:
+        """Add a new adapter (fresh weights) beside the others; the active adapter does not change.
+        autocast_adapter_dtype: as in peftc.compile (PEFT's: float32 weights on a float16 / bfloat16 model)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
-        self._add(adapter_name, self._build_adapter(as_spec(spec)))
+        self._add(adapter_name, self._build_adapter(as_spec(spec), autocast_adapter_dtype=autocast_adapter_dtype))
 
-    def load_adapter(self, directory, adapter_name: str, *, is_trainable: bool = False) -> None:
-        """Add the adapter saved in `directory` (by PEFT or peftc) under `adapter_name`."""
+    def load_adapter(self, directory, adapter_name: str, *, is_trainable: bool = False,
+                     autocast_adapter_dtype: bool = True) -> None:
+        """Add the adapter saved in `directory` (by PEFT or peftc) under `adapter_name` (autocast_adapter_dtype: as
+        in peftc.compile)."""
         check_adapter_name(adapter_name)
         if adapter_name in self.adapters:
             raise SpecError(f"an adapter named {adapter_name!r} exists already; adapters: {self.adapters}")
         spec = load_spec(directory)
         tensors = read_adapter_weights(directory)
-        adapter = self._build_adapter(spec, loading=True)
+        adapter = self._build_adapter(spec, loading=True, autocast_adapter_dtype=autocast_adapter_dtype)
         adapter.requires_grad_(is_trainable)   # before it takes a slot: a capacity's frozen slots stay alike
         self._add(adapter_name, adapter)
         try:

@@ -193,9 +193,10 @@ class Compiler:
         if self.model is not None and not self.modules:
             self.modules = module_layout(self.model)
 
-    def adapter(self, spec, *, loading: bool = False):
+    def adapter(self, spec, *, loading: bool = False, autocast_adapter_dtype: bool = True):
         """`spec`'s adapter, built from the base graph's data (peftc.build)."""
-        return build_adapter(self.base_gm, self.sites, self.model, spec, loading=loading)
+        return build_adapter(self.base_gm, self.sites, self.model, spec, loading=loading,
+                             autocast_adapter_dtype=autocast_adapter_dtype)
 
     def forms(self, store: AdapterStore) -> Forms:
         """Both forms of the base graph with every adapter in `store` inserted."""

@@ -130,11 +130,12 @@ DTYPE_TOL = {torch.float64: 1e-12, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 @pytest.mark.parametrize("dtype", list(DTYPE_TOL), ids=str)
 def test_equals_peft_in_float64_and_half_precision(dtype):
     model = make("llama").to(dtype)
-    pm = peftc.compile(model, peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS["llama"], init=False, use_dora=True))
+    pm = peftc.compile(model, peftc.LoRA(r=R, alpha=ALPHA, targets=TARGETS["llama"], init=False, use_dora=True),
+                       autocast_adapter_dtype=False)           # adapters in the model's dtype on both sides
     random_ours_(pm)
     ref = get_peft_model(copy.deepcopy(model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS["llama"],
                                                           use_dora=True, init_lora_weights=False),
-                         autocast_adapter_dtype=False)         # adapters in the model's dtype, as peftc holds them
+                         autocast_adapter_dtype=False)
     assert not set_peft_model_state_dict(ref, pm.store.peft_state_dict("default")).unexpected_keys
     assert_same_weights(pm, ref.eval())
     x = inputs("llama")

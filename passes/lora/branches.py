@@ -53,7 +53,16 @@ class LoraBranch(nn.Module):
 
     def forward(self, x, y, A, B, s, p, c=None, dora=None):
         """dora: (W, bias or None, magnitude m, DoRA flag d) of the call's adapter where some adapter here is DoRA
-        (never with c: PEFT refuses lora_bias with DoRA)."""
+        (never with c: PEFT refuses lora_bias with DoRA). Adapter weights wider than the model's (float32 on
+        bfloat16: autocast_adapter_dtype) compute as PEFT does: x and y in their dtype, the result cast back."""
+        if A.dtype != y.dtype:
+            back = y.dtype
+            x = x if self.op == "embedding" else x.to(A.dtype)
+            B = B.to(A.dtype)
+            return self._forward(x, y.to(A.dtype), A, B, s, p, c, dora).to(back)
+        return self._forward(x, y, A, B, s, p, c, dora)
+
+    def _forward(self, x, y, A, B, s, p, c=None, dora=None):
         if dora is not None and self.training and self.live and self.op != "embedding":
             return self._dropped(x, y, A, B, s, p, *dora)
         u = self.update(x, A, B, p)
@@ -87,7 +96,8 @@ class LoraBranchRows(LoraBranch):
         for slot, (A, B, s, c) in enumerate(zip(As, Bs, scales, cs), start=1):
             if A is None:
                 continue
-            u = self.update(x, A, B)
+            xa = x if self.op == "embedding" or A.dtype == x.dtype else x.to(A.dtype)   # wider adapter weights
+            u = self.update(xa, A, B.to(A.dtype)).to(y.dtype)
             if c is not None:
                 u = u + c.view(-1, *(1,) * (u.dim() - 2))
             mask = (rows == slot).to(u.dtype) * s                             # (batch,): this slot's rows, scaled

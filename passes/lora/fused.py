@@ -19,6 +19,8 @@ adapters) it runs the base ops and LoraGroup's in-place update. Under torch.comp
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Callable, NamedTuple, Sequence
 
 import torch
@@ -78,6 +80,8 @@ class QuantLoraGroup(nn.Module):
     def forward(self, x, args, As, Bs, scales, rates, srcs=()):
         """args: for each site, its base op's arguments after x."""
         drop = self.training and self.live
+        if As and any(t.dtype != x.dtype for t in (*As, *Bs)):
+            return self._wide(x, args, As, Bs, scales, rates, drop)
         biases = [a[b.bias] for a, b in zip(args, self.bases)]
         if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad
                                            for t in (x, *As, *Bs, *biases, *srcs)):
@@ -92,6 +96,19 @@ class QuantLoraGroup(nn.Module):
             return _update_(x, ys, As, Bs, scales)
         return tuple(_update_(_dropout(x, p), [y], [A], [B], [s])[0]
                      for y, A, B, s, p in zip(ys, As, Bs, scales, rates))
+
+    def _wide(self, x, args, As, Bs, scales, rates, drop: bool) -> tuple:
+        """Adapters in a wider dtype than the model's (float32 on bfloat16: autocast_adapter_dtype), as PEFT's
+        bitsandbytes LoRA layers compute: y + (s B A drop(x.to(A's dtype))).to(y's dtype), unfused (plain autograd
+        through the base op)."""
+        dt = functools.reduce(torch.promote_types, [t.dtype for t in (*As, *Bs)])
+        xc = x.to(dt)
+        outs = []
+        for b, a, A, B, s, p in zip(self.bases, args, As, Bs, scales, rates):
+            y = b.op(x, *a)
+            xd = _dropout(xc, p) if drop else xc
+            outs.append(y + ((xd @ A.to(dt).t()) @ B.to(dt).t() * s).to(y.dtype))
+        return tuple(outs)
 
     def extra_repr(self) -> str:
         ops = sorted({getattr(b.op, "__name__", str(b.op)) for b in self.bases})

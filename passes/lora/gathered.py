@@ -135,6 +135,22 @@ def batch_dim(site: Site, x: Node, first: Node) -> int:
                      "their own")
 
 
+def _adapter_dtype(gm: GraphModule, store: AdapterStore, site: Site, key: str) -> torch.dtype | None:
+    """The dtype the slots' weights at `site` compute in where it is wider than the model's (float32 adapters on a
+    bfloat16 model: autocast_adapter_dtype), else None (the update accumulates into the output in place). With a
+    capacity on a half-precision model: float32 (an adapter added later may be float32)."""
+    model = weight_like(gm, site).dtype
+    dts = {w.A.dtype for a in store.slots()[1:] if (w := weights_at(store, a, site.fqn)) is not None}
+    if store.capacity is not None:
+        dts |= {lane["lora"][key].A.dtype for lane in store.lanes.values() if "lora" in lane and key in lane["lora"]}
+    wide = model
+    if store.capacity is not None and model in (torch.float16, torch.bfloat16):
+        wide = torch.float32           # a capacity's slots take adapters later, without a new graph: float32 ones too
+    for dt in dts:
+        wide = torch.promote_types(wide, dt)
+    return None if wide == model else wide
+
+
 def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim: int = 0) -> tuple[list[Node], Node]:
     """Insert the routed subgraph after the site call `node`; returns (the new nodes, the site's new output).
     `bank`: the target of the site's SiteBank; `bdim`: the batch dim of the site's input and output, moved to the
@@ -193,6 +209,10 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         B_rows = call(aten.index.Tensor, call(aten.stack.default, b_list), [rows])             # (batch, out, R)
         s_rows = call(aten.index.Tensor, call(aten.stack.default, s_list), [rows])              # (batch,)
         x3 = call(aten.reshape.default, x, [batch, -1, site.in_features])                     # (batch, T, in)
+        wide = _adapter_dtype(gm, store, site, key)       # float32 adapters on a half-precision model, or None
+        if wide is not None:                               # PEFT's mixed batch: x cast to the adapter's dtype
+            x3 = call(aten.to.dtype, x3, wide)
+            A_rows, B_rows = call(aten.to.dtype, A_rows, wide), call(aten.to.dtype, B_rows, wide)   # mixed slots
         if dropout:
             p_rows = call(aten.index.Tensor, call(aten.stack.default, p_list), [rows])          # (batch,)
             made.append(g.call_module(f"{bank}.dropout", (x3, p_rows)))
@@ -200,7 +220,11 @@ def _rewrite(gm, site, node, key, store, rank, rows, batch, bank, dropout, bdim:
         h = call(aten.bmm.default, x3, call(aten.transpose.int, A_rows, 1, 2))                  # (batch, T, R)
         h = call(aten.mul.Tensor, h, call(aten.view.default, s_rows, [-1, 1, 1]))   # scale the small tensor
         y3 = call(aten.reshape.default, node, [batch, -1, site.out_features])
-        y3 = call(aten.baddbmm_.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y += h @ B^T, one GEMM
+        if wide is None:
+            y3 = call(aten.baddbmm_.default, y3, h, call(aten.transpose.int, B_rows, 1, 2))  # y += h @ B^T, one GEMM
+        else:                          # PEFT's mixed batch: the update cast to the model's dtype, then added
+            u = call(aten.bmm.default, h, call(aten.transpose.int, B_rows, 1, 2))              # (batch, T, out)
+            y3 = call(aten.add.Tensor, y3, call(aten.to.dtype, u, base.meta["val"].dtype))
         if with_bias:                                                 # lora_bias: y += s c, per row
             c_rows = call(aten.index.Tensor, call(aten.stack.default, c_list), [rows])          # (batch, out)
             c_rows = call(aten.mul.Tensor, c_rows, call(aten.view.default, s_rows, [-1, 1]))

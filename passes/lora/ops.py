@@ -5,11 +5,16 @@ kept, so autograd holds less than PEFT's modules do (they keep x and h), and no 
 
     y_i' = y_i + s_i * (x A_i^T) B_i^T      for each site i reading x   (y_i = the site's own output)
 
+Adapter weights in another dtype than the model's (float32 on a bfloat16 model: autocast_adapter_dtype, as PEFT's
+default) compute as PEFT's LoRA Linear does: x cast to the weights' dtype, y_i' = (y_i + update) in that dtype,
+then cast back to y_i's dtype.
+
     h = x @ cat(A_1, ..., A_k)^T            (N, R_1 + ... + R_k): one GEMM for q, k and v, say
     y_i.addmm_(h[:, R_i] * s_i, B_i^T)      in place without autograd; out of place, same GEMM, with it
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Sequence
 
@@ -41,6 +46,16 @@ class LoraGroup(nn.Module):
     def forward(self, x, ys, As, Bs, scales, rates, doras=(), biases=(), srcs=()):
         """doras: for each site, None or (W, bias or None, magnitude m, DoRA flag d) of the call's adapter;
         biases: for each site, None or B's bias (lora_bias; never with DoRA, which PEFT refuses too)."""
+        dt = functools.reduce(torch.promote_types, [A.dtype for A in As[1:]], As[0].dtype) if As else x.dtype
+        if any(t.dtype != dt for t in (*As, *Bs)):      # a site the adapter leaves: zeros in the model's dtype
+            As, Bs = [A.to(dt) for A in As], [B.to(dt) for B in Bs]
+        if dt != x.dtype:              # PEFT: x = _cast_input_dtype(x, lora_A.weight.dtype); result.to(result dtype)
+            back = [y.dtype for y in ys]
+            outs = self._update(x.to(dt), [y.to(dt) for y in ys], As, Bs, scales, rates, doras, biases, srcs)
+            return tuple(u.to(b) for u, b in zip(outs, back))
+        return self._update(x, ys, As, Bs, scales, rates, doras, biases, srcs)
+
+    def _update(self, x, ys, As, Bs, scales, rates, doras, biases, srcs):
         if self.training and self.live:
             outs = []
             for i, (y, A, B, s, p) in enumerate(zip(ys, As, Bs, scales, rates)):
@@ -152,6 +167,7 @@ class _LoraFn(torch.autograd.Function):
         else:
             x, rest = saved[0], saved[1:]
         As, Bs, scales = rest[:n], rest[n:2 * n], rest[2 * n:]
+        x = x.to(As[0].dtype)       # remake gives x in the model's dtype; the adapter's may be wider (no-op else)
         need = ctx.needs_input_grad[4 + k:]               # (ys..., As..., Bs..., scales...)
         need_x, need_A = ctx.needs_input_grad[0], any(need[n:2 * n])
         x2 = x.reshape(-1, x.shape[-1])
