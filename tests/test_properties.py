@@ -153,7 +153,7 @@ def test_save_then_load_is_the_identity_broadly(data):
 def with_peft(b: Base, spec, pm):
     """PEFT's model for `spec` (its own LoraConfig from the spec's fields) on a copy of the model, holding pm's
     adapter tensors as pm saves them; its adapted layers, tensors and parameter counts equal pm's."""
-    ref = get_peft_model(b.fresh_model(), peft_config(spec, b), autocast_adapter_dtype=False)
+    ref = get_peft_model(b.fresh_model(), peft_config(spec, b))
     with tempfile.TemporaryDirectory() as d:
         pm.save_adapter(d)
         tensors = load_file(Path(d) / "adapter_model.safetensors")
