@@ -12,6 +12,7 @@ from .compiled import CompiledPeftModule
 from .export import export_merged
 from .loftq import replace_lora_weights_loftq
 from .module import MergedModule, PeftModule
+from .peft_surface import LayerStatus, ModelStatus
 from .methods import METHODS, Method, register_method
 from .passes.ia3 import IA3
 from .passes.lora import LoRA
@@ -21,7 +22,8 @@ from .store import Capacity
 __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError", "SpecError", "TargetNotFound",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MissingDependency",
            "GenerationError", "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec",
-           "Method", "METHODS", "register_method", "Block", "replace_lora_weights_loftq"]
+           "Method", "METHODS", "register_method", "Block", "replace_lora_weights_loftq",
+           "LayerStatus", "ModelStatus"]
 __version__ = "0.1.0"
 
 

@@ -223,3 +223,14 @@ def test_enable_input_require_grads_lets_reentrant_checkpointing_reach_the_adapt
     assert pm.is_gradient_checkpointing
     for a, b in zip(want, all_grads()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_generation_config_and_can_generate_are_the_models_as_in_peft(pair):
+    ours, ref = pair
+    assert ours.can_generate() and ref.can_generate()
+    assert ours.generation_config.to_dict() == ref.generation_config.to_dict()
+    bert = make("bert")
+    ours_bert = peftc.compile(bert, peftc.LoRA(r=2))
+    assert ours_bert.can_generate() == bert.can_generate() is False
+    assert isinstance(ours.get_layer_status()[0], peftc.LayerStatus)
+    assert isinstance(ours.get_model_status(), peftc.ModelStatus)
