@@ -123,6 +123,26 @@ def test_only_half_precision_is_upcast():
     assert _dtypes(pm16) == {torch.float32}
 
 
+def test_lora_fp16_fp32_adapter_parity():
+    """float16 as bfloat16: PEFT's float32 adapter copied into peftc's, outputs in float16 within an ulp or two of
+    PEFT's; the adapter moves them off the base model's."""
+    F16 = torch.float16
+    ref = get_peft_model(make("llama").to(F16), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    randomize_peft_(ref, 5)
+    ours = peftc.compile(make("llama").to(F16), peftc.LoRA(r=4, alpha=8, targets=TARGETS))
+    assert _dtypes(ours) == {torch.float32}
+    _copy_from_peft(ours, ref)
+    assert_same_weights(ours, ref)
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        for x in parity_inputs("llama"):
+            a, b = main_output(ours(**x)), main_output(ref(**x))
+            assert a.dtype == b.dtype == F16
+            assert (a.float() - b.float()).abs().max().item() <= 2e-3   # float16 ulp at |logits| ~ 1.5 is 1e-3
+            with ours.disable_adapters():
+                assert (main_output(ours(**x)).float() - a.float()).abs().max().item() > 1e-2
+
+
 def test_add_adapter_autocast_and_bad_flag():
     pm = peftc.compile(make("llama").to(BF16), peftc.LoRA(r=2, targets=["q_proj"]))
     pm.add_adapter("low", peftc.LoRA(r=2, targets=["q_proj"]), autocast_adapter_dtype=False)
