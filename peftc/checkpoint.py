@@ -179,6 +179,11 @@ def load_weights_(data: ModelData, adapter_name: str, tensors: dict[str, torch.T
                 f"{source}: {k} has shape {tuple(tensors[k].shape)} in the checkpoint but {tuple(p.shape)} in this "
                 "model; the adapter was made for a different base model (or another rank)"
             )
+        if p.is_floating_point() and not tensors[k].is_floating_point():
+            raise CheckpointError(
+                f"{source}: {k} is stored as {tensors[k].dtype}, but adapter weights are floating point ({p.dtype} "
+                "here); casting would change the adapter's values: the file is corrupted or was not written as an "
+                "adapter, re-save it")
     with torch.no_grad():
         for k, p in expected.items():
             p.copy_(tensors[k].to(dtype=p.dtype, device=p.device))

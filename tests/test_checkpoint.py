@@ -231,6 +231,22 @@ def _missing_key(d: Path) -> Path:
     return d
 
 
+def _integer_tensor(d: Path) -> Path:
+    t = load_file(d / WEIGHTS)
+    key = "base_model.model.v.lora_A.weight"
+    t[key] = (t[key] * 100).to(torch.int32)
+    save_file(t, d / WEIGHTS)
+    return d
+
+
+def _bool_tensor(d: Path) -> Path:
+    t = load_file(d / WEIGHTS)
+    key = "base_model.model.v.lora_B.weight"
+    t[key] = t[key] > 0
+    save_file(t, d / WEIGHTS)
+    return d
+
+
 def _unsupported_config(d: Path) -> Path:
     cfg = json.loads((d / CONFIG).read_text())
     (d / CONFIG).write_text(json.dumps({**cfg, "use_qalora": True}))
@@ -250,6 +266,9 @@ BAD = {
     "unexpected key": (_unexpected_key, CheckpointError,
                        r"key 'base_model.model.k.lora_A.weight' \(and 0 more\) has no place in this model"),
     "missing key": (_missing_key, CheckpointError, r"missing 1 key\(s\), e.g. 'base_model.model.v.lora_B.weight'"),
+    "integer tensor": (_integer_tensor, CheckpointError,
+                       r"base_model.model.v.lora_A.weight is stored as torch.int32, but adapter weights are floating"),
+    "bool tensor": (_bool_tensor, CheckpointError, r"v.lora_B.weight is stored as torch.bool"),
     "unsupported config": (_unsupported_config, SpecError, r"use_qalora=True is not supported"),
 }
 
