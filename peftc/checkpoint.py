@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -13,6 +12,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import recover, write_files
 from .errors import CheckpointError
 from .methods import spec_from_config, spec_to_config
 from .passes.match import tensor_at
@@ -41,24 +41,6 @@ class ModelData:
     base_gm: Any
     base_name: str | None = None
     loss_type: str | None = None
-
-def _atomic_write(files: dict[Path, Any]) -> None:
-    """Write every file to a temp file first (write(tmp_path)), then rename each over its target: a failure while
-    writing leaves the old files whole, and a reader never sees a half-written file."""
-    tmps: dict[Path, str] = {}
-    try:
-        for path, write in files.items():
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            tmps[path] = tmp
-            write(tmp)
-        for path, tmp in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps.values():
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-
 
 def _prepare_dir(directory: Path) -> None:
     if directory.exists() and not directory.is_dir():
@@ -107,9 +89,9 @@ def save_adapter(data: ModelData, directory, adapter_name: str) -> Path:
         tensors[k] = tensors[k].clone() if ptr in seen else tensors[k]
         seen.add(ptr)
     cfg = adapter_config(data, adapter_name)
-    _atomic_write({
-        directory / WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
-        directory / CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
+    write_files(directory, {
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
     })
     return directory
 
@@ -120,6 +102,7 @@ def read_adapter_config(directory) -> dict:
         raise CheckpointError(f"adapter directory {directory} does not exist")
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is a file; pass the adapter's directory (holding {CONFIG_NAME})")
+    recover(directory)                   # a save killed mid-switch: complete it first
     path = directory / CONFIG_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} has no {CONFIG_NAME}; is it an adapter saved by PEFT or peftc?")
@@ -137,6 +120,8 @@ def read_adapter_config(directory) -> dict:
 
 def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
     directory = Path(directory)
+    if directory.is_dir():
+        recover(directory)
     path = directory / WEIGHTS_NAME
     if not path.is_file():
         pickled = [n for n in PICKLE_NAMES if (directory / n).exists()]

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic import recover_dir, replace_dir
 from .errors import ExportError
 from .quant import quant_kind, quant_weight, quantized_state
 from .passes.merge import folded_bias, folded_weight
@@ -55,6 +56,7 @@ def parse_size(size: Any) -> int:
 
 
 def _check_target(out: Path, overwrite: bool) -> None:
+    recover_dir(out)                     # an export killed mid-switch: complete it first
     if out.exists() and not out.is_dir():
         raise ExportError(f"cannot export to {out}: it exists and is a file; pass a directory path")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -66,18 +68,6 @@ def _check_target(out: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot export to {out}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK):
         raise ExportError(f"cannot export to {out}: {parent} is not writable")
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    """Move the finished temp directory to `out`; an existing `out` is replaced only now, when all is written."""
-    if out.exists():
-        backup = out.with_name(f".{out.name}.peftc-old")
-        os.replace(out, backup)
-        os.replace(tmp, out)
-        shutil.rmtree(backup, ignore_errors=True)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
 
 
 class _Dense:
@@ -292,7 +282,7 @@ def write_merged(adapter: Adapter, name: str, sites: dict, model: nn.Module, con
         if len(files) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _swap_in(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
