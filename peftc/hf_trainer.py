@@ -1,5 +1,5 @@
 """HF Trainer on a PeftModule as on a PEFT model: adapter-only checkpoints in PEFT's format, resume and best-model
-loading through peftc's loader, PEFT's loss rules, and Trainer options peftc cannot honour refused up front.
+loading through peftc's loader, PEFT's loss rules, and Trainer options peftc cannot honour (NEFTune) refused up front.
 
     peftc.Trainer(model=pm, args=args, ...)              transformers.Trainer with PeftcTrainerMixin
     peftc.trainer_class(SFTTrainer)(model=pm, ...)       the same for any Trainer subclass (TRL's, your own)
@@ -45,17 +45,15 @@ def _peft_module(model: Any):
 
 
 # Trainer options a PeftModule cannot honour: (option, is it set?, why, what to do). Each was run and failed or did
-# silently nothing (tests/test_hf_trainer.py shows each refusal).
+# silently nothing (tests/test_hf_trainer.py shows each refusal). Run and found to work, so not refused: fsdp
+# (2 CPU processes: the adapter equals the DDP run's, checkpoints in PEFT's format), bf16 (CPU autocast), fp16 on
+# CPU (Trainer runs fp32 there, for a PEFT model too), torch_compile, gradient checkpointing and its kwargs,
+# label_smoothing_factor, gradient accumulation.
 _REFUSED = (
     ("neftune_noise_alpha", lambda v: v is not None,
      "NEFTune puts a forward hook on the model's input embedding module, but the traced graph calls the embedding as "
      "an op, so the hook would never run (no noise would be added)",
      "train without neftune_noise_alpha"),
-    ("fsdp", lambda v: bool(v),
-     "Trainer's FSDP wraps modules by class (_no_split_modules) and saves sharded state dicts, which a PeftModule's "
-     "adapter store does not have",
-     "leave fsdp unset; shard yourself with torch.distributed.fsdp.fully_shard on each of pm.blocks() and then pm, "
-     "or train data-parallel (accelerate launch / torchrun without fsdp)"),
 )
 
 

@@ -1,5 +1,6 @@
 """HF Trainer on a PeftModule (peftc.Trainer): PEFT's losses and eval loss, activation checkpointing, bf16, compile,
 PEFT-format checkpoints and exact resume, refused options; a 2-process accelerate run (slow)."""
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import Trainer as HFTrainer
 from transformers import TrainerCallback, TrainingArguments
 
@@ -280,3 +282,39 @@ def test_neftune_is_refused_before_anything_changes(tmp_path):
     # plain transformers.Trainer fails only inside train(), after it changed the model's state
     with pytest.raises(AttributeError, match="get_input_embeddings"):
         _train(HFTrainer, pm, _args(tmp_path / "o", neftune_noise_alpha=5.0))
+
+
+def _example(out, launcher, *extra):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [*launcher, str(ROOT / "examples" / "trainer_llama.py"), "--out", str(out), "--batch", "8", *extra]
+    run = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((out / "losses.json").read_text())
+
+
+@pytest.mark.slow
+def test_accelerate_two_cpu_processes_equal_one(tmp_path):
+    """examples/trainer_llama.py under `accelerate launch` with 2 processes (gloo on CPU; accelerate 1.16's `--cpu`
+    flag alone starts one process, so `--multi_gpu` with no GPU visible starts the two) against one process on the
+    same global batches (and again with Trainer's fsdp="full_shard"): the same losses (the logged mean over both processes) within 1e-5, both processes hold
+    bit-identical adapters, and the adapter equals the single process's within 1e-4 (DDP sums two half-batch
+    gradients where one process reduces the whole batch at once: float order differs by ~1e-7, which AdamW's
+    normalized steps carry to ~2e-5 after 12 steps)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    one = _example(tmp_path / "one", [sys.executable])
+    two = _example(tmp_path / "two", launch)
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    _assert_close(two["losses"], one["losses"], 1e-5)
+    assert two["losses"][-1] < two["losses"][0]
+    r0, r1 = (load_file(tmp_path / "two" / f"rank{r}.safetensors") for r in (0, 1))
+    assert all(torch.equal(r0[k], r1[k]) for k in r0), "the two processes' adapters differ"
+    assert _max_diff(r0, load_file(tmp_path / "one" / "rank0.safetensors")) < 1e-4
+    saved = load_file(tmp_path / "two" / "adapter_model.safetensors")     # trainer.save_model: PEFT's format
+    assert saved.keys() == r0.keys() and all(torch.equal(saved[k], r0[k]) for k in r0)
+    assert not (tmp_path / "two" / "model.safetensors").exists()
+    # Trainer's fsdp="full_shard" on the same 2 processes: the same adapter as data-parallel, saved as PEFT's
+    fsdp = _example(tmp_path / "fsdp", launch, "--fsdp")
+    _assert_close(fsdp["losses"], two["losses"], 1e-6)
+    assert _max_diff(load_file(tmp_path / "fsdp" / "checkpoint-12" / "adapter_model.safetensors"), r0) <= 1e-6
+    assert not (tmp_path / "fsdp" / "checkpoint-12" / "model.safetensors").exists()
