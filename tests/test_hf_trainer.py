@@ -253,6 +253,25 @@ def test_resume_from_another_adapters_checkpoint_is_refused(tmp_path):
     assert _max_diff(_adapter(other), before) == 0.0
 
 
+def test_checkpoint_holds_every_adapter_and_loads_them_in_place(tmp_path):
+    """Two adapters (the trained one and a frozen one): the checkpoint holds both in PEFT's layout (the second in
+    its own directory), and resuming copies both back into the same Parameter objects."""
+    pm = _fresh()
+    pm.add_adapter("other", peftc.LoRA(r=2, targets=["k_proj"]))
+    t = _train(peftc.Trainer, pm, _args(tmp_path / "o", max_steps=2, save_strategy="steps", save_steps=2))
+    ckpt = tmp_path / "o" / "checkpoint-2"
+    assert (ckpt / "adapter_model.safetensors").is_file() and (ckpt / "other" / "adapter_model.safetensors").is_file()
+    saved = {a: {k: v.clone() for k, v in pm.store.peft_state_dict(a).items()} for a in pm.adapters}
+    params = list(pm.parameters())
+    with torch.no_grad():
+        for p in pm.store.parameters():
+            p.add_(1.0)
+    t._load_from_checkpoint(str(ckpt))
+    assert all(a is b for a, b in zip(params, pm.parameters()))
+    for a in pm.adapters:
+        assert _max_diff(pm.store.peft_state_dict(a), saved[a]) == 0.0
+
+
 def test_trainer_class_composes_with_subclasses_and_leaves_other_models_alone(tmp_path):
     class MyTrainer(HFTrainer):
         pass
@@ -279,7 +298,7 @@ def test_neftune_is_refused_before_anything_changes(tmp_path):
     with pytest.raises(peftc.InputError, match="neftune_noise_alpha=5.0"):
         peftc.Trainer(model=pm, args=_args(tmp_path / "o", neftune_noise_alpha=5.0), train_dataset=_rows())
     assert _max_diff(_adapter(pm), before) == 0.0 and not pm.is_gradient_checkpointing
-    # plain transformers.Trainer fails only inside train(), after it changed the model's state
+    # what plain transformers.Trainer does instead: an AttributeError from inside train()
     with pytest.raises(AttributeError, match="get_input_embeddings"):
         _train(HFTrainer, pm, _args(tmp_path / "o", neftune_noise_alpha=5.0))
 
