@@ -59,7 +59,8 @@ def main() -> None:
     pm = peftc.compile(model, peftc.LoRA(r=8, alpha=16, targets="all-linear"))
     args = TrainingArguments(output_dir=a.out, per_device_train_batch_size=a.batch // world, max_steps=a.steps,
                              learning_rate=1e-2, logging_steps=1, save_strategy="steps", save_steps=a.steps // 2,
-                             report_to=[], use_cpu=True, fsdp="full_shard" if a.fsdp else "", disable_tqdm=True, seed=a.seed, dataloader_drop_last=True)
+                             report_to=[], use_cpu=True, fsdp="full_shard" if a.fsdp else "", disable_tqdm=True,
+                             seed=a.seed, dataloader_drop_last=True)
     trainer = peftc.Trainer(model=pm, args=args, train_dataset=rows())
     trainer.train()
     trainer.save_model(a.out)

@@ -315,10 +315,11 @@ def _example(out, launcher, *extra):
 def test_accelerate_two_cpu_processes_equal_one(tmp_path):
     """examples/trainer_llama.py under `accelerate launch` with 2 processes (gloo on CPU; accelerate 1.16's `--cpu`
     flag alone starts one process, so `--multi_gpu` with no GPU visible starts the two) against one process on the
-    same global batches (and again with Trainer's fsdp="full_shard"): the same losses (the logged mean over both processes) within 1e-5, both processes hold
-    bit-identical adapters, and the adapter equals the single process's within 1e-4 (DDP sums two half-batch
-    gradients where one process reduces the whole batch at once: float order differs by ~1e-7, which AdamW's
-    normalized steps carry to ~2e-5 after 12 steps)."""
+    same global batches: the same logged losses (the mean over both processes) within 1e-5, both processes hold
+    bit-identical adapters, and the adapter equals the single process's within 1e-4, not 1e-5: DDP averages two
+    half-batch gradients where one process reduces the whole batch at once; the float order differs by ~1e-7, which
+    AdamW's normalized steps carry to ~2e-5 after 12 steps. Trainer's fsdp="full_shard" on the same 2 processes
+    gives the data-parallel run's adapter, saved in PEFT's format."""
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     one = _example(tmp_path / "one", [sys.executable])
