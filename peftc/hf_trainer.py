@@ -29,6 +29,7 @@ from typing import Any
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_weights_, read_adapter_weights
 from .errors import CheckpointError, InputError
 from .methods import spec_from_config
+from .passes.match import QUANTIZED
 
 TRAINING_ARGS_NAME = "training_args.bin"     # transformers.trainer.TRAINING_ARGS_NAME
 
@@ -50,18 +51,24 @@ def _peft_module(model: Any):
 # CPU (Trainer runs fp32 there, for a PEFT model too), torch_compile, gradient checkpointing and its kwargs,
 # label_smoothing_factor, gradient accumulation.
 _REFUSED = (
-    ("neftune_noise_alpha", lambda v: v is not None,
+    ("neftune_noise_alpha", lambda v, pm: v is not None,
      "NEFTune puts a forward hook on the model's input embedding module, but the traced graph calls the embedding as "
      "an op, so the hook would never run (no noise would be added)",
      "train without neftune_noise_alpha"),
+    ("bf16", lambda v, pm: bool(v) and any(s.kind in QUANTIZED for s in pm.sites.values()),
+     "peftc's fused LoRA op on bitsandbytes 4-bit / 8-bit layers cannot run under autocast yet (its in-place update "
+     "meets bfloat16 outputs with float32 adapter weights and fails in the first forward)",
+     "train without bf16 (the quantized layers compute in their own bnb_4bit_compute_dtype), or on an "
+     "unquantized base"),
 )
 
 
 def check_training_args(args: Any, model: Any) -> None:
     """Raise InputError naming each Trainer option in `args` a PeftModule cannot honour (before anything runs)."""
-    if _peft_module(model) is None or args is None:
+    pm = _peft_module(model)
+    if pm is None or args is None:
         return
-    bad = [(name, why, fix) for name, is_set, why, fix in _REFUSED if is_set(getattr(args, name, None))]
+    bad = [(name, why, fix) for name, is_set, why, fix in _REFUSED if is_set(getattr(args, name, None), pm)]
     if bad:
         lines = "; ".join(f"{name}={getattr(args, name)!r}: {why}; {fix}" for name, why, fix in bad)
         raise InputError(f"TrainingArguments option(s) a PeftModule cannot honour: {lines}")

@@ -338,3 +338,23 @@ def test_accelerate_two_cpu_processes_equal_one(tmp_path):
     _assert_close(fsdp["losses"], two["losses"], 1e-6)
     assert _max_diff(load_file(tmp_path / "fsdp" / "checkpoint-12" / "adapter_model.safetensors"), r0) <= 1e-6
     assert not (tmp_path / "fsdp" / "checkpoint-12" / "model.safetensors").exists()
+
+
+def test_bf16_on_a_quantized_base_is_refused_up_front(tmp_path):
+    """bf16 autocast over bitsandbytes layers fails in peftc's fused LoRA op (in-place update, mixed dtypes): refused
+    by name when the Trainer is made, the adapter unchanged; the same module trains in fp32."""
+    import transformers as tf
+
+    make("llama").save_pretrained(tmp_path / "base")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
+                                                    quantization_config=tf.BitsAndBytesConfig(load_in_8bit=True))
+    pm = peftc.compile(model, peftc.LoRA(r=4, targets=["q_proj", "v_proj"]))
+    before = _adapter(pm)
+    with pytest.raises(peftc.InputError, match="bf16=True: peftc's fused LoRA op on bitsandbytes"):
+        peftc.Trainer(model=pm, args=_args(tmp_path / "o", bf16=True), train_dataset=_rows())
+    assert _max_diff(_adapter(pm), before) == 0.0
+    row = {k: v[None] for k, v in _rows(1)[0].items()}                # (1, 12) each
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="same dtype"):
+        pm.train()(**row)                                               # what the refusal prevents
+    t = _train(peftc.Trainer, pm, _args(tmp_path / "o", max_steps=2))
+    assert len(_losses(t)) == 2 and _max_diff(_adapter(pm), before) > 0
