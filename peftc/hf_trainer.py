@@ -26,6 +26,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_weights_, read_adapter_weights
 from .errors import CheckpointError, InputError
 from .methods import spec_from_config
@@ -140,7 +142,6 @@ class PeftcTrainerMixin:
         tokenizer = self.processing_class or getattr(self.data_collator, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)
-        import torch
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:

@@ -182,15 +182,24 @@ def test_bf16_autocast_trains_close_to_peft(tmp_path):
 
 
 @pytest.mark.slow
-def test_torch_compile_matches_eager(tmp_path):
-    """torch_compile=True (inductor): the same losses and adapter as eager."""
+@pytest.mark.parametrize("kw", [{}, {"bf16": True}])
+def test_torch_compile_matches_eager(tmp_path, kw):
+    """torch_compile=True (inductor), in fp32 and under bf16 autocast: the same losses and adapter as eager (bf16:
+    inductor rounds its fused kernels otherwise, and AdamW's sign-like first steps carry that into single entries,
+    so the adapter is compared by norm there)."""
     runs = []
     for compiled in (False, True):
         pm = _fresh()
-        t = _train(peftc.Trainer, pm, _args(tmp_path / "o", torch_compile=compiled))
+        t = _train(peftc.Trainer, pm, _args(tmp_path / "o", torch_compile=compiled, **kw))
         runs.append((_losses(t), _adapter(pm)))
-    _assert_close(runs[1][0], runs[0][0], 1e-4)
-    assert _max_diff(runs[1][1], runs[0][1]) < 1e-4
+    (compiled_losses, a), (eager_losses, b) = runs[1], runs[0]
+    if not kw:
+        _assert_close(compiled_losses, eager_losses, 1e-4)
+        assert _max_diff(a, b) < 1e-4
+    else:
+        _assert_close(compiled_losses, eager_losses, 1e-3)
+        diff = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5 / sum(b[k].norm() ** 2 for k in b) ** 0.5
+        assert diff < 5e-2, diff
 
 
 class _StopAt(TrainerCallback):
