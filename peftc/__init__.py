@@ -10,6 +10,7 @@ from .errors import (CheckpointError, ExportError, GenerationError, InputError, 
                      PassError, PeftcError, SpecError, TargetNotFound, TraceError)
 from .compiled import CompiledPeftModule
 from .export import export_merged
+from .hf_trainer import trainer_class
 from .loftq import replace_lora_weights_loftq
 from .module import MergedModule, PeftModule
 from .peft_surface import LayerStatus, ModelStatus
@@ -23,13 +24,17 @@ __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MissingDependency",
            "GenerationError", "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec",
            "Method", "METHODS", "register_method", "Block", "replace_lora_weights_loftq",
-           "LayerStatus", "ModelStatus"]
+           "LayerStatus", "ModelStatus", "trainer_class", "Trainer"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """The spec class of any registered built-in method by its name (peftc.IA3, ...): each is defined in its own
-    pass file, which registers it."""
+    pass file, which registers it; and peftc.Trainer, transformers.Trainer for PeftModules (peftc.hf_trainer),
+    which imports transformers' Trainer on first use."""
+    if name == "Trainer":
+        from . import hf_trainer
+        return hf_trainer.Trainer
     for m in METHODS.values():
         if m.name == name:
             return m.spec

@@ -155,11 +155,19 @@ class _LoraFn(torch.autograd.Function):
             outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h[:, off:off + r] * s, B.t()).view(y.shape))
             off += r
         ctx.n, ctx.k, ctx.remake, ctx.x_shape = n, k, remake, x.shape
+        dev = x.device.type      # the backward runs under the forward's autocast, as torch.amp.custom_bwd does
+        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(*(srcs if remake is not None else (x,)), *As, *Bs, *scales)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
+        dev, on, dtype = ctx.amp
+        with torch.autocast(dev, dtype=dtype, enabled=on):    # autograd casts each gradient to its input's dtype
+            return _LoraFn._backward(ctx, grads)
+
+    @staticmethod
+    def _backward(ctx, grads):
         n, k = ctx.n, ctx.k
         saved = ctx.saved_tensors
         if ctx.remake is not None:
