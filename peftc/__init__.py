@@ -7,7 +7,7 @@ import os
 from .blocks import Block
 from .compiler import compile, load_adapter
 from .errors import (CheckpointError, ExportError, GenerationError, InputError, MergeError, MissingDependency,
-                     PassError, PeftcError, SpecError, TargetNotFound, TraceError)
+                     PassError, PeftcError, SpecError, TargetNotFound, TraceError, UnknownAdapter)
 from .compiled import CompiledPeftModule
 from .export import export_merged
 from .hf_trainer import trainer_class
@@ -24,7 +24,7 @@ __all__ = ["compile", "load_adapter", "PeftModule", "LoRA", "IA3", "PeftcError",
            "TraceError", "PassError", "CheckpointError", "InputError", "MergeError", "ExportError", "MissingDependency",
            "GenerationError", "MergedModule", "export_merged", "CompiledPeftModule", "Capacity", "AdapterSpec",
            "Method", "METHODS", "register_method", "Block", "replace_lora_weights_loftq",
-           "LayerStatus", "ModelStatus", "trainer_class", "Trainer"]
+           "LayerStatus", "ModelStatus", "trainer_class", "Trainer", "UnknownAdapter"]
 __version__ = "0.1.0"
 
 

@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .atomic import recover, write_files
-from .errors import CheckpointError
+from .errors import CheckpointError, UnknownAdapter
 from .methods import spec_from_config, spec_to_config
 from .passes.match import tensor_at
 from .passes.modules_to_save import copy_of
@@ -70,7 +70,7 @@ def save_adapters(data: ModelData, directory, adapter_name: str | None = None) -
     names = data.store.names() if adapter_name is None else [adapter_name]
     for name in names:
         if name not in data.store.names():
-            raise CheckpointError(f"no adapter named {name!r}; adapters: {data.store.names()}")
+            raise UnknownAdapter(name, data.store.names())
     directory = Path(directory)
     return [save_adapter(data, directory if n == "default" else directory / n, n) for n in names]
 
@@ -78,7 +78,7 @@ def save_adapters(data: ModelData, directory, adapter_name: str | None = None) -
 def save_adapter(data: ModelData, directory, adapter_name: str) -> Path:
     """One adapter's adapter_config.json + adapter_model.safetensors in `directory`."""
     if adapter_name not in data.store.names():
-        raise CheckpointError(f"no adapter named {adapter_name!r}; adapters: {data.store.names()}")
+        raise UnknownAdapter(adapter_name, data.store.names())
     directory = Path(directory)
     _prepare_dir(directory)
     state = {**data.store.peft_state_dict(adapter_name), **_bias_aliases(data, adapter_name)}

@@ -30,6 +30,21 @@ class InputError(PeftcError, TypeError):
     """A PeftModule was called with inputs it was not traced for."""
 
 
+class UnknownAdapter(InputError, KeyError):
+    """An adapter name that the module does not hold: the same error wherever a name is taken (set_adapter, save,
+    merge, export, per-row adapter_names, ...). A KeyError too, as a dict lookup's."""
+
+    def __init__(self, names, known, where: str = ""):
+        names = [names] if isinstance(names, str) or names is None else sorted(names, key=str)
+        what = f"adapter {names[0]!r}" if len(names) == 1 else f"adapters {names}"
+        super().__init__(f"unknown {what}{f' in {where}' if where else ''}; adapters: {list(known)}; give one of "
+                         "those, or add it first (add_adapter / load_adapter)")
+        self.names, self.known = names, list(known)
+
+    def __str__(self) -> str:            # KeyError's own would quote the message
+        return str(self.args[0])
+
+
 class MergeError(PeftcError):
     """An adapter cannot be folded into the weights (a method that is no weight update, or non-finite weights)."""
 

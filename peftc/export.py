@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic import recover_dir, replace_dir
-from .errors import ExportError
+from .errors import ExportError, UnknownAdapter
 from .quant import quant_kind, quant_weight, quantized_state
 from .passes.merge import folded_bias, folded_weight
 from .passes.trainable_tokens import token_state
@@ -211,7 +211,7 @@ def export_merged(pm: PeftModule, directory, *, dtype: Any = None, max_shard_siz
     """
     name = adapter_name or pm.active_adapter
     if name not in pm.adapters:
-        raise ExportError(f"no adapter named {name!r}; adapters: {pm.adapters}")
+        raise UnknownAdapter(name, pm.adapters)
     return write_merged(pm.store[name], name, pm.sites, pm.base_model, pm.config, pm.model_class, directory,
                         dtype=dtype, max_shard_size=max_shard_size, overwrite=overwrite, progress=progress,
                         requantize=requantize)

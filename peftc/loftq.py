@@ -33,7 +33,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import CheckpointError, InputError, SpecError
+from .errors import CheckpointError, InputError, SpecError, UnknownAdapter
 from .module import PeftModule
 from .passes.lora import LoRA
 from .passes.lora.inits import top_r
@@ -146,7 +146,7 @@ def _plan(pm: PeftModule, model_path, adapter_name: str) -> tuple[list[_Layer], 
     """Every check, before anything is written: the adapter, its 4-bit layers, the file and each layer's weight in
     it (key, dtype, shape, read from the header)."""
     if not isinstance(adapter_name, str) or adapter_name not in pm.adapters:
-        raise InputError(f"unknown adapter {adapter_name!r}; adapters: {pm.adapters}")
+        raise UnknownAdapter(adapter_name, pm.adapters)
     ad = pm.store[adapter_name]
     if not isinstance(ad.spec, LoRA):
         raise SpecError(f"adapter {adapter_name!r} is a {type(ad.spec).__name__} adapter; LoftQ initialises LoRA's A "

@@ -15,7 +15,7 @@ from torch.fx import GraphModule
 
 from .build import as_spec, check_adapter_name, check_autocast
 from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
-from .errors import InputError, MergeError, SpecError
+from .errors import InputError, SpecError, UnknownAdapter
 from .export import export_program
 from .generation import Steps
 from .graph_model import GraphModel
@@ -234,7 +234,7 @@ class PeftModule(PeftSurface, GraphModel):
 
     def _check_name(self, name: str) -> None:
         if name not in self.adapters:
-            raise InputError(f"unknown adapter {name!r}; adapters: {self.adapters}")
+            raise UnknownAdapter(name, self.adapters)
 
     def add_adapter(self, adapter_name: str, spec: Any, *, autocast_adapter_dtype: bool = True) -> None:
         """Add a new adapter (fresh weights) beside the others; the active adapter does not change.
@@ -322,8 +322,7 @@ class PeftModule(PeftSurface, GraphModel):
         slots = self.store.slots()
         unknown = sorted({n for n in adapter_names if n is None or n not in slots}, key=str)
         if unknown:
-            raise InputError(f"unknown adapter(s) {unknown} in adapter_names; adapters: {self.adapters} "
-                             f"(and {BASE!r} for the base model)")
+            raise UnknownAdapter(unknown, [*self.adapters, BASE], "adapter_names")
         return torch.tensor([slots.index(n) for n in adapter_names], device=_device_of(self.base_graph_module))
 
     # --- calling -----------------------------------------------------------------------------------------------
@@ -484,8 +483,6 @@ class PeftModule(PeftSurface, GraphModel):
         adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`."""
         return save_adapters(self.checkpoint_data, directory, adapter_name)
 
-    save_pretrained = save_adapter
-
     @property
     def checkpoint_data(self) -> ModelData:
         """What checkpoints read and write: the store, the sites, the base graph and the model's names."""
@@ -502,7 +499,7 @@ class PeftModule(PeftSurface, GraphModel):
         own format instead, and `merged.requantize_report` says what error that introduced (it is also logged)."""
         name = adapter_name or self.active_adapter
         if name not in self.adapters:
-            raise MergeError(f"no adapter named {name!r}; adapters: {self.adapters}")
+            raise UnknownAdapter(name, self.adapters)
         gm = merge_graph_module(self.base_graph_module, self.sites, self.store[name], name, requantize=requantize)
         merged = MergedModule(dataclasses.replace(self._traced, gm=gm), config=self.config, loss_type=self.loss_type,
                               model_class=self.model_class, base_name=self.base_name,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .checkpoint import adapter_config
-from .errors import InputError, MergeError
+from .errors import InputError, MergeError, UnknownAdapter
 from .store import site_key
 
 Irregular = Literal["irregular"]
@@ -111,6 +111,26 @@ class PeftSurface:
             raise InputError(f"from_pretrained got unsupported argument(s) {unknown}; peftc takes model, model_id (a "
                              "local adapter directory), adapter_name, is_trainable and example_inputs")
         return load_adapter(model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
+                        is_main_process: bool = True, **kwargs):
+        """PEFT's save_pretrained: `save_adapter` for every adapter (or those in `selected_adapters`), in PEFT's
+        layout ("default" in the directory, any other in a sub-directory of its name); nothing is written where
+        `is_main_process` is False. Always safetensors: `safe_serialization=False` (a pickle) is refused, as are
+        PEFT's options that convert weights on the way (name them and they are refused, rather than ignored)."""
+        if kwargs:
+            raise InputError(f"save_pretrained got unsupported argument(s) {sorted(kwargs)}; peftc takes "
+                             "save_directory, selected_adapters and is_main_process (it writes safetensors only)")
+        if not safe_serialization:
+            raise InputError("save_pretrained(safe_serialization=False) would write a pickle, which can run code when "
+                             "loaded; peftc writes safetensors only: leave safe_serialization=True")
+        names = list(self.adapters) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise UnknownAdapter(unknown, self.adapters, "selected_adapters")
+        if not is_main_process:
+            return []
+        return [p for n in names for p in self.save_adapter(save_directory, n)]
 
     # --- merging -------------------------------------------------------------------------------------------------
     def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False,

@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .errors import InputError, SpecError
+from .errors import InputError, SpecError, UnknownAdapter
 from .methods import work_dtype
 from .passes.lora.spec import LoRA
 from .build import check_adapter_name
@@ -124,7 +124,7 @@ def weighted_adapter(store: AdapterStore, sites: dict, adapters: list[str], weig
         raise InputError(f"adapters must be a non-empty list of adapter names, got {adapters!r}")
     unknown = [a for a in adapters if a not in store.names()]
     if unknown:
-        raise InputError(f"unknown adapter(s) {unknown} in adapters; adapters: {store.names()}")
+        raise UnknownAdapter(unknown, store.names(), "adapters")
     given = weights
     try:
         weights = None if isinstance(given, (str, bytes)) else [float(w) for w in given]

@@ -124,7 +124,7 @@ def test_save_to_a_file_path_is_refused(tmp_path):
 
 def test_save_unknown_adapter_name(tmp_path):
     _, pm = compiled()
-    with pytest.raises(CheckpointError, match=r"no adapter named 'other'; adapters: \['default'\]"):
+    with pytest.raises(peftc.UnknownAdapter, match=r"unknown adapter 'other'; adapters: \['default'\]"):
         pm.save_adapter(tmp_path / "x", "other")
     assert not (tmp_path / "x").exists()
 

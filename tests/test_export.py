@@ -281,7 +281,7 @@ def test_failure_while_writing_keeps_the_old_directory(existing):
 
 def test_unknown_adapter_and_non_hf_model(tmp_path):
     _, pm = adapted("bert")
-    with pytest.raises(ExportError, match=r"no adapter named 'x'; adapters: \['default'\]"):
+    with pytest.raises(peftc.UnknownAdapter, match=r"unknown adapter 'x'; adapters: \['default'\]"):
         peftc.export_merged(pm, tmp_path / "a", adapter_name="x", progress=False)
     plain = peftc.compile(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), peftc.LoRA(r=1, targets=["0"]),
                           example_inputs=(torch.randn(2, 4),))

@@ -234,3 +234,19 @@ def test_generation_config_and_can_generate_are_the_models_as_in_peft(pair):
     assert ours_bert.can_generate() == bert.can_generate() is False
     assert isinstance(ours.get_layer_status()[0], peftc.LayerStatus)
     assert isinstance(ours.get_model_status(), peftc.ModelStatus)
+
+
+def test_save_pretrained_takes_peft_arguments_and_layout(pair, tmp_path):
+    ours, ref = pair
+    for sel in (None, ["other"], ["default"]):
+        ours.save_pretrained(tmp_path / f"ours{sel}", selected_adapters=sel)
+        ref.save_pretrained(tmp_path / f"peft{sel}", selected_adapters=sel)
+        layout = lambda d: sorted(str(p.relative_to(d)) for p in d.rglob("*") if p.suffix in (".json", ".safetensors"))
+        assert layout(tmp_path / f"ours{sel}") == [x for x in layout(tmp_path / f"peft{sel}") if "README" not in x]
+    assert ours.save_pretrained(tmp_path / "rank1", is_main_process=False) == []
+    assert not (tmp_path / "rank1").exists()
+    with pytest.raises(peftc.InputError, match="pickle"):
+        ours.save_pretrained(tmp_path / "pkl", safe_serialization=False)
+    with pytest.raises(peftc.InputError, match=r"unsupported argument\(s\) \['convert_pissa_to_lora'\]"):
+        ours.save_pretrained(tmp_path / "conv", convert_pissa_to_lora="x")
+    assert not (tmp_path / "pkl").exists() and not (tmp_path / "conv").exists()

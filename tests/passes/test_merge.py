@@ -318,5 +318,5 @@ def test_non_finite_adapter_is_refused_naming_adapter_and_layer(bad):
 
 def test_unknown_adapter_lists_the_adapters():
     pm = plain_pm()
-    with pytest.raises(MergeError, match=r"no adapter named 'other'; adapters: \['default'\]"):
+    with pytest.raises(peftc.UnknownAdapter, match=r"unknown adapter 'other'; adapters: \['default'\]"):
         pm.merge("other")
