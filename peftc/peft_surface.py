@@ -112,6 +112,13 @@ class PeftSurface:
                              "local adapter directory), adapter_name, is_trainable and example_inputs")
         return load_adapter(model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
 
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """transformers' add_model_tags (PEFT reaches the base model's): tags for the model card, kept without
+        duplicates in `model_tags` of this module (the user's model is not changed)."""
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        have = list(getattr(self, "model_tags", None) or [])
+        object.__setattr__(self, "model_tags", have + [t for t in tags if t not in have])
+
     # --- merging -------------------------------------------------------------------------------------------------
     def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
                          progressbar: bool = False):
@@ -242,25 +249,37 @@ class PeftSurface:
         parent, _, leaf = path.rpartition(".")
         return (self.graph_module.get_submodule(parent) if parent else self.graph_module), leaf
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None,
+                                      every_n_layers: int = 1, offload: bool = False) -> None:
         """As transformers': every block (peftc.Block, e.g. `model.layers.0`) runs under
         torch.utils.checkpoint.checkpoint(..., **gradient_checkpointing_kwargs) (default use_reentrant=False, as
-        transformers 5), so its activations are recomputed in backward; gradients are unchanged. On a model whose
-        main input is input_ids it also calls enable_input_require_grads(), as transformers does."""
+        transformers 5), so its activations are recomputed in backward; gradients are unchanged. `every_n_layers`
+        (transformers 5.2x): only blocks 0, n, 2n, ... (counted over all blocks in order) are checkpointed;
+        `offload`: the activations saved for the recompute are held on the CPU (torch's save_on_cpu). On a model
+        whose main input is input_ids it also calls enable_input_require_grads(), as transformers does."""
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
         if not self._blocks:
             raise InputError(f"{self.model_class or 'this model'} has no repeated blocks (layers in an nn.ModuleList) "
                              "to checkpoint")
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
+            raise InputError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.gradient_checkpointing_disable()
         impl = CheckpointImpl.REENTRANT if kwargs["use_reentrant"] else CheckpointImpl.NO_REENTRANT
-        fn = functools.partial(torch.utils.checkpoint.checkpoint, **kwargs)
-        for path, block in self._blocks.items():
+        fn = functools.partial(_offloaded_checkpoint if offload else torch.utils.checkpoint.checkpoint, **kwargs)
+        for i, (path, block) in enumerate(self._blocks.items()):
+            if i % every_n_layers:
+                continue
             parent, leaf = self._slot(path)
             parent._modules[leaf] = checkpoint_wrapper(block, checkpoint_impl=impl, checkpoint_fn=fn)
         if self.main_input_name == "input_ids":
             object.__setattr__(self, "_input_grads", True)
         self._place_input_grad_hooks()
+
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """transformers 5's name (what HF Trainer calls): gradient_checkpointing_enable."""
+        self.gradient_checkpointing_enable(activation_checkpointing_kwargs, every_n_layers, offload)
 
     def gradient_checkpointing_disable(self) -> None:
         """Undo gradient_checkpointing_enable: the blocks run plainly again."""
@@ -271,8 +290,13 @@ class PeftSurface:
                 parent._modules[leaf] = block
         self._place_input_grad_hooks()
 
-    activation_checkpointing_enable = gradient_checkpointing_enable
     activation_checkpointing_disable = gradient_checkpointing_disable
+
+
+def _offloaded_checkpoint(function, *args, **kwargs):
+    """torch.utils.checkpoint.checkpoint with the tensors it saves held on the CPU (transformers' offload=True)."""
+    with torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()):
+        return torch.utils.checkpoint.checkpoint(function, *args, **kwargs)
 
 
 def _inputs_require_grad(module, args):
