@@ -245,6 +245,11 @@ class PeftSurface:
         return any(isinstance(parent._modules[leaf], CheckpointWrapper)
                    for parent, leaf in map(self._slot, self._blocks))
 
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers 5's name of is_gradient_checkpointing."""
+        return self.is_gradient_checkpointing
+
     def _slot(self, path: str) -> tuple[nn.Module, str]:
         parent, _, leaf = path.rpartition(".")
         return (self.graph_module.get_submodule(parent) if parent else self.graph_module), leaf

@@ -15,11 +15,14 @@ What TRL asks of a model, and how peftc answers:
                                   `example_inputs=packed_example_inputs(model)`: the graph then takes position_ids
                                   and builds transformers' block-diagonal mask from them; the varlen keys, which
                                   only flash kernels read, are dropped.
-    ref_model (DPO, KTO, ...)     with a PEFT model and ref_model=None TRL calls the model under
-                                  `disable_adapter()`. A PeftModule is no peft.PeftModel, so pass
-                                  `ref_model=reference_model(pm)`: the same module with every row routed to
-                                  "__base__" (per-call data, no shared state), sharing every weight (no copy).
-                                  `trainer_class(trl.DPOTrainer)` (or `peftc.trl.DPOTrainer`) does this for you.
+    ref_model (DPO, KTO, ...)     TRL, given ref_model=None, computes reference log-probs with the model itself:
+                                  a PEFT model it made from a peft_config under disable_adapter() (the base), a
+                                  PeftModel it was given under adapter "ref", a frozen copy of "default" it adds.
+                                  A PeftModule is no peft.PeftModel, so pass ref_model=reference_model(pm) (the
+                                  base: every row routed to "__base__", per-call data) or
+                                  reference_model(pm, frozen_copy_(pm)) (the adapter as it is now). Either shares
+                                  every base weight (no copy). peftc.trl.DPOTrainer (trainer_class) does the second
+                                  for you, as TRL does for a PeftModel.
 
 Nothing here imports trl or transformers at import time (`import peftc` never imports trl).
 """
@@ -141,7 +144,7 @@ def fused_forward(module: nn.Module, trl_forward) -> types.MethodType:
 
 
 def _input_names(module: nn.Module) -> list[str]:
-    target = module.peft_module if isinstance(module, BaseReference) else module
+    target = module.peft_module if isinstance(module, Reference) else module
     return list(getattr(target, "input_names", ()))
 
 
@@ -177,31 +180,41 @@ def packed_example_inputs(model: nn.Module, batch: int = 2, seq: int = 8) -> dic
 
 
 # --- the reference model ----------------------------------------------------------------------------------------
-class BaseReference(nn.Module):
-    """A PeftModule's base model as TRL's reference model: every call runs the PeftModule with each row routed to
-    "__base__" (adapter_names, per-call data: no adapter is switched off anywhere, so concurrent calls and the
-    policy's own calls are unaffected). It holds no weights: the PeftModule is not a submodule (TRL's eval(),
-    requires_grad_(False) and dropout changes on the reference never reach the policy) and the base weights are the
-    PeftModule's own (which are the user's model's)."""
+class Reference(nn.Module):
+    """TRL's reference model made of a PeftModule: every call runs the PeftModule with each row routed to
+    `adapter_name` ("__base__": the base model; or a frozen adapter such as the copy `frozen_copy_` makes), given as
+    adapter_names (per-call data: nothing is switched anywhere, so the policy's own calls and concurrent calls are
+    unaffected). It holds no weights: the PeftModule is not a submodule (TRL's eval(), requires_grad_(False) and
+    dropout changes on the reference never reach the policy) and the base weights are the PeftModule's own (which
+    are the user's model's)."""
 
-    def __init__(self, pm: nn.Module):
+    def __init__(self, pm: nn.Module, adapter_name: str = BASE):
         from .module import PeftModule
 
         if not isinstance(pm, PeftModule):
             raise InputError(f"reference_model takes a peftc.PeftModule, got {type(pm).__name__}; compile the model "
                              "first (peftc.compile(model, spec))")
+        if adapter_name != BASE:
+            pm._check_name(adapter_name)
+            trainable = [n for n, p in pm.store[adapter_name].named_parameters() if p.requires_grad]
+            if trainable:
+                raise InputError(f"the reference adapter {adapter_name!r} has trainable weights ({trainable[0]}, ...); "
+                                 "a reference must stay fixed: use frozen_copy_(pm, name) for a frozen copy")
         super().__init__()
         object.__setattr__(self, "peft_module", pm)
+        self.adapter_name = adapter_name
         self.config = pm.config
         self.generation_config = pm.generation_config
         self.main_input_name = pm.main_input_name
 
     def forward(self, *args, **kwargs):
         if kwargs.get("adapter_names") is not None or kwargs.get("adapter_index") is not None:
-            raise InputError("the reference model runs the base model; it takes no adapter_names / adapter_index")
+            raise InputError(f"the reference model runs adapter {self.adapter_name!r} on every row; it takes no "
+                             "adapter_names / adapter_index")
+        kwargs.pop("adapter_names", None), kwargs.pop("adapter_index", None)
         pm = self.peft_module
         rows = pm._batch_size(args, kwargs)
-        return pm(*args, adapter_names=[BASE] * rows, **kwargs)
+        return pm(*args, adapter_names=[self.adapter_name] * rows, **kwargs)
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name == "forward" and is_trl_fused_forward(value):
@@ -215,19 +228,38 @@ class BaseReference(nn.Module):
         return self.peft_module.base_model.get_output_embeddings()
 
     def extra_repr(self) -> str:
-        return f"base model of {self.peft_module.model_class} (adapters off, weights shared)"
+        return f"{self.peft_module.model_class} with adapter {self.adapter_name!r} on every row (weights shared)"
 
 
-def reference_model(pm: nn.Module) -> BaseReference:
-    """TRL's reference model for a PeftModule `pm` (DPOTrainer(model=pm, ref_model=reference_model(pm))): the base
-    model, computed by `pm` with every row's adapter "__base__", sharing its weights. See BaseReference."""
-    return BaseReference(pm)
+def reference_model(pm: nn.Module, adapter_name: str = BASE) -> Reference:
+    """TRL's reference model for a PeftModule `pm`: `pm` with every row routed to `adapter_name`, sharing all its
+    weights. The default "__base__" is the base model: what TRL uses for a PEFT model it made itself from a
+    peft_config (reference log-probs under disable_adapter()), right for a freshly initialized adapter. For an
+    adapter with trained weights (SFT, then DPO) pass a frozen copy of it: frozen_copy_(pm) (TRL's "ref" adapter)."""
+    return Reference(pm, adapter_name)
+
+
+def frozen_copy_(pm: nn.Module, name: str = "ref", source: str | None = None) -> str:
+    """Add to `pm` (in place, hence the underscore) a frozen copy of adapter `source` (default: the active one)
+    named `name`, and return `name`: what TRL does for a PeftModel it is given with ref_model=None (it adds adapter
+    "ref", a copy of "default", and computes reference log-probs under it). Only the adapter's weights are copied,
+    never the base's. Adds an adapter: make it before the trainer makes its optimizer."""
+    import tempfile
+
+    source = source or pm.active_adapter
+    pm._check_name(source)
+    with tempfile.TemporaryDirectory() as d:
+        pm.save_adapter(d, source)
+        path = d if source == "default" else f"{d}/{source}"
+        pm.load_adapter(path, name, is_trainable=False)
+    return name
 
 
 # --- trainers ------------------------------------------------------------------------------------------------------
 class PeftcTrainerMixin:
-    """Put before a TRL trainer class (trainer_class does): a PeftModule `model` gets its reference model
-    (reference_model) where the trainer takes `ref_model` and none is given, and the arguments TRL would use to wrap
+    """Put before a TRL trainer class (trainer_class does): where the trainer takes `ref_model` and none is given, a
+    PeftModule `model` gets the reference TRL gives a PeftModel: adapter "ref" if it has one, else a frozen copy of
+    its active adapter added as "ref" (frozen_copy_), run through reference_model; and the arguments TRL would use to wrap
     the model with PEFT are refused with the peftc way to do it. Overrides nothing else, so other mixins (a
     checkpointing one, say) compose with it in either order."""
 
@@ -243,7 +275,10 @@ class PeftcTrainerMixin:
                                  "peftc.LoRA(...))) and pass no peft_config")
             params = inspect.signature(super().__init__).parameters
             if "ref_model" in params and bound.arguments.get("ref_model") is None:
-                bound.arguments["ref_model"] = reference_model(model)
+                # TRL's rule for a PeftModel it is given: adapter "ref" if there is one, else a frozen copy of the
+                # active adapter made "ref"
+                name = "ref" if "ref" in model.adapters else frozen_copy_(model, "ref")
+                bound.arguments["ref_model"] = reference_model(model, name)
         super().__init__(*bound.args, **bound.kwargs)
 
 
