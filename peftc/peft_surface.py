@@ -95,6 +95,12 @@ class PeftSurface:
         """PEFT's name for `disable_adapters()`: a context manager within which calls run the base model exactly."""
         return self.disable_adapters()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's floating-point dtype (PEFT answers with its base model's `dtype`)."""
+        p = next((p for p in self.base_graph_module.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
+
     def get_base_model(self) -> nn.Module:
         """The user's model. PEFT returns the model it wrapped, with its adapter layers injected; peftc never changes
         the model, so this is the original model without adapters (its weights are the ones this module shares)."""
