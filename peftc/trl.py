@@ -280,12 +280,14 @@ def disable_dropout_(pm: nn.Module) -> int:
 
 # --- trainers ------------------------------------------------------------------------------------------------------
 class PeftcTrainerMixin:
-    """Put before a TRL trainer class (trainer_class does): where the trainer takes `ref_model` and none is given, a
-    PeftModule `model` gets the reference TRL gives a PeftModel: adapter "ref" if it has one, else a frozen copy of
-    its active adapter added as "ref" (frozen_copy_), run through reference_model; and the arguments TRL would use to wrap
-    the model with PEFT are refused with the peftc way to do it; with `args.disable_dropout` (DPO's default) the
-    PeftModule's dropouts are zeroed (disable_dropout_), as TRL zeroes a PEFT model's. Overrides nothing else, so other mixins (a
-    checkpointing one, say) compose with it in either order."""
+    """Put before a TRL trainer class (trainer_class does). For a PeftModule `model`:
+      - where the trainer takes `ref_model` and none is given, the reference TRL gives a PeftModel: adapter "ref" if
+        the module has one, else a frozen copy of its active adapter added as "ref" (frozen_copy_), run through
+        reference_model;
+      - a `peft_config` (TRL would wrap the model with PEFT) is refused with the peftc way to do it;
+      - with `args.disable_dropout` (DPO's default) its dropouts are zeroed (disable_dropout_), as TRL zeroes a PEFT
+        model's nn.Dropout modules.
+    It overrides nothing else, so other mixins (a checkpointing one, say) compose with it in either order."""
 
     def __init__(self, *args, **kwargs):
         from .module import PeftModule
