@@ -312,8 +312,8 @@ def _offloaded_checkpoint(function, *args, **kwargs):
 
 def _inputs_require_grad(module, args):
     """Forward pre-hook: floating-point tensor inputs that need no grad get one (as new leaves: no graph is cut,
-    since they had none)."""
+    since they had none). 0-dim inputs (a routed adapter's scale or dropout rate, read as numbers) are left alone."""
     if not torch.is_grad_enabled():
         return None
     return tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                 and not a.requires_grad else a for a in args)
+                 and a.dim() > 0 and not a.requires_grad else a for a in args)

@@ -248,6 +248,9 @@ def test_dpo_trainer_class_copies_the_adapter_as_trl_does(base_tok, tmp_path):
     assert isinstance(ours_t, trl.DPOTrainer) and type(ours_t).__name__ == "PeftcDPOTrainer"
     assert pm.adapters == ["default", "ref"] and ours_t.ref_model.adapter_name == "ref"
     assert not any(p.requires_grad for p in pm.store["ref"].parameters())
+    base_ptrs = {t.data_ptr() for t in base.parameters()}
+    assert {p.data_ptr() for p in pm.base_graph_module.parameters()} <= base_ptrs     # the copy is the adapter's only
+    assert not {p.data_ptr() for p in pm.store["ref"].parameters()} & base_ptrs
     for t in (ref_t, ours_t):
         t.train()
     theirs, mine = assert_same_run(ref_t, ours_t, ref_t.model, pm, tmp_path, DPO_KEYS)
@@ -291,6 +294,34 @@ def test_disable_dropout_zeroes_the_adapters_rates():
         pm.eval()
         torch.testing.assert_close(pm(input_ids=ids).logits, a, atol=1e-6, rtol=0)
     assert pm.peft_config["default"]["lora_dropout"] == 0.25              # the config keeps it, as PEFT's
+
+
+def test_dpo_trainer_class_disables_lora_dropout_as_trl_does_for_peft(base_tok, tmp_path):
+    """DPOConfig(disable_dropout=True), TRL's default: TRL zeroes a PEFT model's lora_dropout modules; peftc.trl's
+    trainer zeroes the PeftModule's rates, so the runs agree although the adapters say lora_dropout=0.3."""
+    base = EX["base_model"]()
+    ref, pm = twins(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.3),
+                    tmp_path)
+    data = EX["dataset"]("preference.jsonl")
+    runs = [cls(model=m, args=config(trl.DPOConfig, tmp_path, max_steps=2), train_dataset=data,
+                processing_class=base_tok) for cls, m in ((trl.DPOTrainer, ref), (peftc.trl.DPOTrainer, pm))]
+    for t in runs:
+        t.train()
+    assert_same_run(*runs, ref, pm, tmp_path, DPO_KEYS)
+
+
+def test_lora_backward_under_bf16_autocast():
+    """HF Trainer's bf16=True (TRL's default) runs forward and backward under CPU autocast: LoRA's custom backward
+    runs under the forward's autocast, so its matmuls meet the bf16 gradients (it raised a dtype mismatch before)."""
+    pm = peftc.compile(EX["base_model"](), peftc.LoRA(r=4))
+    pm.train()
+    ids = torch.randint(0, EX["VOCAB"], (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for p in pm.trainable_parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().max() > 0 for g in grads)
 
 
 # --- the surface TRL reads ---------------------------------------------------------------------------------------
