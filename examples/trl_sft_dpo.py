@@ -32,9 +32,11 @@ import torch  # noqa: E402
 DATA = Path(__file__).resolve().parent / "data"
 SPECIAL = ["<|im_start|>", "<|im_end|>"]
 EOS = "<|endoftext|>"
-CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-                 "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
-                 "{% endif %}")
+CHAT_TEMPLATE = (   # ChatML; {% generation %} marks what the assistant says (TRL's assistant_only_loss)
+    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\\n' }}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 VOCAB = 320          # the base tokenizer's size (the 256 bytes, merges, <|endoftext|>)
 
 
@@ -130,10 +132,11 @@ def main(argv: list[str] | None = None) -> dict:
                                          trainable_token_indices=new))
     out = tempfile.mkdtemp(prefix="peftc_trl_")
 
-    # SFT: TRL applies the chat template; the new tokens' embedding rows train with the LoRA weights
+    # SFT: TRL applies the chat template; the loss is on the assistant's tokens only (the template's generation
+    # markers); the new tokens' embedding rows train with the LoRA weights
     sft = trl.SFTTrainer(model=pm, processing_class=tok, train_dataset=dataset("chat.jsonl"),
                          args=trainer_args(trl.SFTConfig, out, a.seed, max_steps=a.sft_steps, learning_rate=1e-2,
-                                           per_device_train_batch_size=4))
+                                           per_device_train_batch_size=4, assistant_only_loss=True))
     sft.train()
     sft_losses = [h["loss"] for h in sft.state.log_history if "loss" in h]
     print("SFT loss  " + " ".join(f"{x:.3f}" for x in sft_losses))
