@@ -257,24 +257,15 @@ def frozen_copy_(pm: nn.Module, name: str = "ref", source: str | None = None) ->
 
 # --- dropout -------------------------------------------------------------------------------------------------------
 def disable_dropout_(pm: nn.Module) -> int:
-    """TRL's disable_dropout_in_model (DPOConfig.disable_dropout, on by default) for a PeftModule, in place: TRL sets
-    p = 0 on every nn.Dropout of the model, LoRA's dropout modules included under PEFT; a PeftModule's dropouts are
-    graph ops (the base's, passes.dropout) and per-adapter rates (LoRA's), which that loop never sees, so this zeroes
-    them. The adapters' configs keep their lora_dropout, as PEFT's do. Returns how many rates it zeroed."""
+    """TRL's disable_dropout_in_model (DPOConfig.disable_dropout, on by default) on a PeftModule, in place: p = 0 on
+    every nn.Dropout in it, which includes the base model's traced dropouts (passes.dropout.ModeAwareDropout) and
+    each LoRA site's rate (passes.lora.weights.DropoutRate, PEFT's lora_dropout), so TRL's own loop does the same.
+    The adapters' configs keep their lora_dropout, as PEFT's do. Returns how many non-zero rates it zeroed."""
     count = 0
     for m in pm.modules():
-        if isinstance(m, nn.Dropout) or type(m).__name__ == "ModeAwareDropout":
+        if isinstance(m, nn.Dropout):
             count += m.p > 0
             m.p = 0.0
-    for name in pm.adapters:
-        for m in pm.store[name].modules():
-            rate = getattr(m, "p_t", None)
-            if isinstance(rate, torch.Tensor) and rate.dim() == 0:
-                count += bool(rate.item() > 0)
-                with torch.no_grad():
-                    rate.zero_()
-                m.p = 0.0
-    pm._routes_changed()
     return count
 
 
@@ -284,9 +275,7 @@ class PeftcTrainerMixin:
       - where the trainer takes `ref_model` and none is given, the reference TRL gives a PeftModel: adapter "ref" if
         the module has one, else a frozen copy of its active adapter added as "ref" (frozen_copy_), run through
         reference_model;
-      - a `peft_config` (TRL would wrap the model with PEFT) is refused with the peftc way to do it;
-      - with `args.disable_dropout` (DPO's default) its dropouts are zeroed (disable_dropout_), as TRL zeroes a PEFT
-        model's nn.Dropout modules.
+      - a `peft_config` (TRL would wrap the model with PEFT) is refused with the peftc way to do it.
     It overrides nothing else, so other mixins (a checkpointing one, say) compose with it in either order."""
 
     def __init__(self, *args, **kwargs):
@@ -306,8 +295,6 @@ class PeftcTrainerMixin:
                 name = "ref" if "ref" in model.adapters else frozen_copy_(model, "ref")
                 bound.arguments["ref_model"] = reference_model(model, name)
         super().__init__(*bound.args, **bound.kwargs)
-        if isinstance(model, PeftModule) and getattr(self.args, "disable_dropout", False):
-            disable_dropout_(model)          # what TRL's disable_dropout_in_model does to a PEFT model
 
 
 @functools.lru_cache(maxsize=None)

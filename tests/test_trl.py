@@ -296,18 +296,26 @@ def test_disable_dropout_zeroes_the_adapters_rates():
     assert pm.peft_config["default"]["lora_dropout"] == 0.25              # the config keeps it, as PEFT's
 
 
-def test_dpo_trainer_class_disables_lora_dropout_as_trl_does_for_peft(base_tok, tmp_path):
-    """DPOConfig(disable_dropout=True), TRL's default: TRL zeroes a PEFT model's lora_dropout modules; peftc.trl's
-    trainer zeroes the PeftModule's rates, so the runs agree although the adapters say lora_dropout=0.3."""
+@pytest.mark.parametrize("trainer", ["trl", "peftc"])
+def test_dpo_disables_lora_dropout_as_trl_does_for_peft(trainer, base_tok, tmp_path):
+    """DPOConfig(disable_dropout=True), TRL's default: TRL sets p = 0 on the model's nn.Dropout modules, PEFT's
+    lora_dropout and, on a PeftModule, each site's DropoutRate; so the runs agree although the adapters say
+    lora_dropout=0.3 (plain trl.DPOTrainer with an explicit reference, and peftc.trl.DPOTrainer)."""
     base = EX["base_model"]()
     ref, pm = twins(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.3),
                     tmp_path)
     data = EX["dataset"]("preference.jsonl")
-    runs = [cls(model=m, args=config(trl.DPOConfig, tmp_path, max_steps=2), train_dataset=data,
-                processing_class=base_tok) for cls, m in ((trl.DPOTrainer, ref), (peftc.trl.DPOTrainer, pm))]
+    ours = dict(model=pm) if trainer == "peftc" else \
+        dict(model=pm, ref_model=peftc.trl.reference_model(pm, peftc.trl.frozen_copy_(pm)))
+    cls = peftc.trl.DPOTrainer if trainer == "peftc" else trl.DPOTrainer
+    runs = [c(**kw, args=config(trl.DPOConfig, tmp_path, max_steps=2), train_dataset=data, processing_class=base_tok)
+            for c, kw in ((trl.DPOTrainer, dict(model=ref)), (cls, ours))]
+    assert all(w.p == 0 and w.p_t.item() == 0 for a in pm.adapters for w in pm.store[a].modules()
+               if hasattr(w, "p_t"))
     for t in runs:
         t.train()
     assert_same_run(*runs, ref, pm, tmp_path, DPO_KEYS)
+    assert pm.peft_config["default"]["lora_dropout"] == 0.3              # the config keeps it, as PEFT's
 
 
 def test_lora_backward_under_bf16_autocast():
