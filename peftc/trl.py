@@ -22,7 +22,11 @@ What TRL asks of a model, and how peftc answers:
                                   base: every row routed to "__base__", per-call data) or
                                   reference_model(pm, frozen_copy_(pm)) (the adapter as it is now). Either shares
                                   every base weight (no copy). peftc.trl.DPOTrainer (trainer_class) does the second
-                                  for you, as TRL does for a PeftModel.
+                                  for you, as TRL does for a PeftModel. (Plain trl.DPOTrainer(model=pm) without a
+                                  ref_model takes TRL's path for plain models: it loads a second model by the
+                                  config's name_or_path, which fails offline for a model built in code.)
+    disable_dropout_in_model      TRL sets p = 0 on the model's nn.Dropout modules; a PeftModule's traced dropouts
+                                  and each LoRA site's rate are nn.Dropout modules (DropoutRate), so it reaches them.
 
 Nothing here imports trl or transformers at import time (`import peftc` never imports trl).
 """
