@@ -1,5 +1,5 @@
 """Example: TRL's SFTTrainer (chat template, new special tokens trained as embedding rows) then DPOTrainer on a peftc
-PeftModule, all offline on a tiny random Llama (about 30 s on a 2-core CPU).
+PeftModule, all offline on a tiny random Llama (10-25 s on a shared 2-core CPU).
 
     python examples/trl_sft_dpo.py [--seed 0]
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sft-steps", type=int, default=24)
     p.add_argument("--dpo-steps", type=int, default=16)
     a = p.parse_args(argv)
-    auto_threads()
+    torch.set_num_threads(auto_threads())   # 1 thread when other jobs keep the cores busy
     t0 = time.perf_counter()
 
     tok = chat_tokenizer()
