@@ -42,12 +42,13 @@ MODE_ARGS = {torch.ops.peftc.linear_8bit.default: 5}
 SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
-class ModeAwareDropout(nn.Module):
-    """A traced dropout op that applies only in train mode."""
+class ModeAwareDropout(nn.Dropout):
+    """A traced dropout op that applies only in train mode. An nn.Dropout, so code that sets `p` on a model's
+    dropouts (TRL's disable_dropout_in_model) reaches it."""
 
     def __init__(self, op, p: float):
-        super().__init__()
-        self.op, self.p = op, float(p)
+        nn.Module.__init__(self)
+        self.op, self.p, self.inplace = op, float(p), False
 
     def forward(self, x):
         return self.op(x, self.p, self.training)

@@ -50,6 +50,14 @@ class GraphModel(nn.Module):
             self._structure("graph", traced.gm)
         _mark_eager_frames(type(self))
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        # TRL's add_fused_lm_head assigns a forward that runs `self.base_model` as a transformers backbone; a graph
+        # answers its fused calls from its own logits instead (peftc.trl.fused_forward)
+        if name == "forward" and type(value).__name__ == "method" and _is_trl_fused(value):
+            from .trl import fused_forward
+            value = fused_forward(self, value)
+        super().__setattr__(name, value)
+
     def _apply(self, fn, *args, **kwargs):
         out = super()._apply(fn, *args, **kwargs)
         self._forget_decoder()      # emitted again over the moved / cast tensors
@@ -211,6 +219,11 @@ class GraphModel(nn.Module):
         logits = out["logits"] if isinstance(out, dict) else out.logits
         loss = compute_loss(self.loss_type, self.config, logits, labels, **loss_kwargs)
         return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})
+
+
+def _is_trl_fused(value) -> bool:
+    from .trl import is_trl_fused_forward      # peftc.trl imports neither trl nor transformers
+    return is_trl_fused_forward(value)
 
 
 def _signature_forward(self, *args, **kwargs):

@@ -95,6 +95,12 @@ class PeftSurface:
         """PEFT's name for `disable_adapters()`: a context manager within which calls run the base model exactly."""
         return self.disable_adapters()
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's floating-point dtype (PEFT answers with its base model's `dtype`)."""
+        p = next((p for p in self.base_graph_module.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
+
     def get_base_model(self) -> nn.Module:
         """The user's model. PEFT returns the model it wrapped, with its adapter layers injected; peftc never changes
         the model, so this is the original model without adapters (its weights are the ones this module shares)."""
@@ -131,6 +137,13 @@ class PeftSurface:
         if not is_main_process:
             return []
         return [p for n in names for p in self.save_adapter(save_directory, n)]
+
+    def add_model_tags(self, tags: list[str] | str) -> None:
+        """transformers' add_model_tags (PEFT reaches the base model's): tags for the model card, kept without
+        duplicates in `model_tags` of this module (the user's model is not changed)."""
+        tags = [tags] if isinstance(tags, str) else list(tags)
+        have = list(getattr(self, "model_tags", None) or [])
+        object.__setattr__(self, "model_tags", have + [t for t in tags if t not in have])
 
     # --- merging -------------------------------------------------------------------------------------------------
     def merge_and_unload(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
@@ -258,6 +271,11 @@ class PeftSurface:
         return any(isinstance(parent._modules[leaf], CheckpointWrapper)
                    for parent, leaf in map(self._slot, self._blocks))
 
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        """transformers 5's name of is_gradient_checkpointing."""
+        return self.is_gradient_checkpointing
+
     def _slot(self, path: str) -> tuple[nn.Module, str]:
         parent, _, leaf = path.rpartition(".")
         return (self.graph_module.get_submodule(parent) if parent else self.graph_module), leaf
@@ -266,24 +284,25 @@ class PeftSurface:
                                       every_n_layers: int = 1, offload: bool = False) -> None:
         """As transformers': every block (peftc.Block, e.g. `model.layers.0`) runs under
         torch.utils.checkpoint.checkpoint(..., **gradient_checkpointing_kwargs) (default use_reentrant=False, as
-        transformers 5), so its activations are recomputed in backward; gradients are unchanged. `every_n_layers`:
-        only blocks 0, n, 2n, ... (counted over the model, as transformers counts its layers) are checkpointed;
-        `offload`: what the checkpoints keep lives in host memory (torch.autograd.graph.save_on_cpu). On a model whose
-        main input is input_ids it also calls enable_input_require_grads(), as transformers does."""
+        transformers 5), so its activations are recomputed in backward; gradients are unchanged. `every_n_layers`
+        (transformers 5.2x): only blocks 0, n, 2n, ... (counted over all blocks in order) are checkpointed;
+        `offload`: the activations saved for the recompute are held on the CPU (torch's save_on_cpu). On a model
+        whose main input is input_ids it also calls enable_input_require_grads(), as transformers does."""
         from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointImpl, checkpoint_wrapper
         if not self._blocks:
             raise InputError(f"{self.model_class or 'this model'} has no repeated blocks (layers in an nn.ModuleList) "
                              "to checkpoint")
-        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+        if not isinstance(every_n_layers, int) or isinstance(every_n_layers, bool) or every_n_layers < 1:
             raise InputError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
         kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
         self.gradient_checkpointing_disable()
         impl = CheckpointImpl.REENTRANT if kwargs["use_reentrant"] else CheckpointImpl.NO_REENTRANT
         fn = functools.partial(_offloaded_checkpoint if offload else torch.utils.checkpoint.checkpoint, **kwargs)
         for i, (path, block) in enumerate(self._blocks.items()):
-            if i % every_n_layers == 0:
-                parent, leaf = self._slot(path)
-                parent._modules[leaf] = checkpoint_wrapper(block, checkpoint_impl=impl, checkpoint_fn=fn)
+            if i % every_n_layers:
+                continue
+            parent, leaf = self._slot(path)
+            parent._modules[leaf] = checkpoint_wrapper(block, checkpoint_impl=impl, checkpoint_fn=fn)
         if self.main_input_name == "input_ids":
             object.__setattr__(self, "_input_grads", True)
         self._place_input_grad_hooks()
@@ -314,8 +333,8 @@ def _offloaded_checkpoint(function, *args, **kwargs):
 
 def _inputs_require_grad(module, args):
     """Forward pre-hook: floating-point tensor inputs that need no grad get one (as new leaves: no graph is cut,
-    since they had none)."""
+    since they had none). 0-dim inputs (a routed adapter's scale or dropout rate, read as numbers) are left alone."""
     if not torch.is_grad_enabled():
         return None
     return tuple(a.detach().requires_grad_(True) if isinstance(a, torch.Tensor) and a.is_floating_point()
-                 and not a.requires_grad else a for a in args)
+                 and a.dim() > 0 and not a.requires_grad else a for a in args)

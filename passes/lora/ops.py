@@ -139,6 +139,12 @@ def _update_(x, ys, As, Bs, scales) -> tuple[torch.Tensor, ...]:
     return tuple(ys)
 
 
+def _autocast_state(device: str) -> tuple[str, torch.dtype, bool]:
+    """(device type, autocast dtype, enabled) of the autocast region a forward runs in (HF Trainer's bf16=True is
+    CPU or CUDA autocast): its backward's matmuls must run in the same dtypes as the forward's."""
+    return device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device)
+
+
 class _LoraFn(torch.autograd.Function):
     """Forward as _update_ (out of place); backward from x alone (h = x A^T again; x = remake(*srcs) again where
     given):  g_h_i = s_i g_i B_i     g_B_i = s_i g_i^T h_i     g_A = g_h^T x     g_x = g_h A     (g_y_i = g_i)
@@ -155,19 +161,18 @@ class _LoraFn(torch.autograd.Function):
             outs.append(torch.addmm(y.reshape(-1, y.shape[-1]), h[:, off:off + r] * s, B.t()).view(y.shape))
             off += r
         ctx.n, ctx.k, ctx.remake, ctx.x_shape = n, k, remake, x.shape
-        dev = x.device.type      # the backward runs under the forward's autocast, as torch.amp.custom_bwd does
-        ctx.amp = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.amp = _autocast_state(x.device.type)     # backward runs under it, as torch.amp.custom_bwd does
         ctx.save_for_backward(*(srcs if remake is not None else (x,)), *As, *Bs, *scales)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
-        dev, on, dtype = ctx.amp
-        with torch.autocast(dev, dtype=dtype, enabled=on):    # autograd casts each gradient to its input's dtype
-            return _LoraFn._backward(ctx, grads)
+        device, dtype, enabled = ctx.amp
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _LoraFn._backward(ctx, *grads)
 
     @staticmethod
-    def _backward(ctx, grads):
+    def _backward(ctx, *grads):
         n, k = ctx.n, ctx.k
         saved = ctx.saved_tensors
         if ctx.remake is not None:

@@ -14,6 +14,32 @@ from .inits import orthogonal_init, residual_init
 from .variants import variants_at
 
 
+class DropoutRate(nn.Dropout):
+    """A LoraWeights' dropout rate seen as an nn.Dropout (PEFT's lora_dropout module), never called: code that sets
+    `p` on a model's nn.Dropout modules (TRL's disable_dropout_in_model, DPO's default) sets the adapter's rate, as
+    it sets PEFT's. Holds no tensors (nothing in state dicts or checkpoints)."""
+
+    def __init__(self, owner: nn.Module):
+        nn.Module.__init__(self)
+        object.__setattr__(self, "_owner", owner)     # not a submodule: the owner holds this one
+        self.inplace = False
+
+    @property
+    def p(self) -> float:
+        return self._owner.p
+
+    @p.setter
+    def p(self, value: float) -> None:
+        if not 0.0 <= float(value) < 1.0:
+            raise SpecError(f"LoRA dropout must be in [0, 1), got p={value!r}")
+        self._owner.p = float(value)
+        with torch.no_grad():
+            self._owner.p_t.fill_(float(value))
+
+    def forward(self, x):
+        raise RuntimeError("DropoutRate only holds a LoRA site's rate; the graph applies the dropout")
+
+
 class LoraWeights(nn.Module):
     """One LoRA site of one adapter: A [r, in], B [out, r], the scale and the dropout rate on the site's input.
 
@@ -41,6 +67,7 @@ class LoraWeights(nn.Module):
         # the same as 0-dim tensors: what a call of the plain-form graph passes in (data, so adapters switch freely)
         self.register_buffer("scale_t", torch.tensor(self.scale, dtype=dtype, device=device), persistent=False)
         self.register_buffer("p_t", torch.tensor(self.p, dtype=dtype, device=device), persistent=False)
+        self.lora_dropout = DropoutRate(self)   # the rate as an nn.Dropout's p, for code that sets those (TRL)
         # DoRA: the trained magnitude per output channel (set from the site's weight when built), and the flag a
         # call passes in (1: DoRA; a plain adapter routes 0 where the graph has DoRA's subgraph)
         # (PEFT's shapes: [out] for linear layers and embeddings, [1, out, 1, ...] for convolutions)
