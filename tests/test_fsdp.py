@@ -163,3 +163,56 @@ def test_fsdp_gathers_one_layer_at_a_time(tmp_path):
     assert blocks == 4 * layer                               # a whole-model gather holds 4 layers: twice the bound
     assert r["shards"] <= whole / 2 + 64                     # every parameter sharded in two (up to padding)
     assert r["shards"] + bwd_all < r["shards"] + whole - layer   # held per rank at the peak, below a whole gather
+
+
+# QLoRA: the same under torchrun on a bitsandbytes 4-bit base (nf4, fp32 compute), loaded from one saved tiny Llama
+QLORA = r"""
+import json, sys
+sys.path.insert(0, %(examples)r)
+import torch, torch.distributed as dist
+import transformers as tf
+from torch.distributed.tensor import DTensor
+import fsdp_train
+base, out = sys.argv[1], sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+pm = fsdp_train.adapted(tf.AutoModelForCausalLM.from_pretrained(base, device_map="cpu",
+     quantization_config=tf.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_compute_dtype=torch.float32)))
+losses = fsdp_train.train(4, fsdp_train.Path(out), rank, world, distributed=True, pm=pm)
+q = pm.blocks()["model.layers.0"].self_attn.q_proj
+if rank == 0:
+    json.dump({"losses": losses, "kinds": sorted({s.kind for k, s in pm.sites.items() if ".layers." in k}),
+               "adapter_sharded": all(isinstance(p, DTensor) for p in pm.trainable_parameters()),
+               "codes": [q.weight.dtype == torch.uint8, isinstance(q.weight, DTensor), "weight" in q._buffers]},
+              open(out + ".json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_qlora_under_fsdp_learns_what_one_process_learns(tmp_path):
+    """QLoRA trains under fully_shard as one process does; the 4-bit weights are not sharded: peftc holds them as
+    buffers (peftc.quant.QuantLinear), and FSDP2 shards parameters only, so every rank keeps the whole 4-bit base
+    (its norms, embeddings, head and the adapters are sharded)."""
+    import fsdp_train
+    import transformers as tf
+
+    fsdp_train.model().save_pretrained(tmp_path / "base")
+    out = tmp_path / "fsdp"
+    torchrun(tmp_path, QLORA, str(tmp_path / "base"), str(out))
+    r = json.loads(Path(f"{out}.json").read_text())
+    assert r["kinds"] == ["linear4bit"] and r["adapter_sharded"], r      # every layer's linears are 4-bit
+    assert r["codes"] == [True, False, True], r              # packed 4-bit codes: a whole buffer on every rank
+
+    torch.set_num_threads(1)
+    quantized = tf.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map="cpu", quantization_config=tf.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    single = fsdp_train.train(4, tmp_path / "single", pm=fsdp_train.adapted(quantized))
+    assert max(abs(a - b) for a, b in zip(r["losses"], single)) <= 1e-5, (r["losses"], single)
+    got, want = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "single" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want)
+    worst = max((got[k] - want[k]).abs().max().item() for k in got)
+    assert worst <= 1e-5, f"the adapters differ by {worst:.3g}"
+    assert max(want[k].abs().max().item() for k in want if "lora_B" in k) > 1e-3
