@@ -1,7 +1,7 @@
 """Example: a PeftModule sharded per layer with FSDP2 (`fully_shard`), on the shipped corpus (byte-level tiny Llama).
 
-    torchrun --nproc_per_node=2 examples/fsdp_train.py [--steps 8] [--out DIR]     # gloo on CPU, nccl on a GPU
-    python examples/fsdp_train.py --single [--steps 8] [--out DIR]                  # the same global batches, one process
+    torchrun --nproc_per_node=2 examples/fsdp_train.py [--steps 8] [--out DIR]    # gloo on CPU, nccl on a GPU
+    python examples/fsdp_train.py --single [--steps 8] [--out DIR]     # the same global batches, one process
 
 The PeftModule calls the model's repeated blocks as modules at their own paths (`pm.blocks()`: "model.layers.0", ...),
 so `fully_shard` on each block, then on the PeftModule itself, shards the model as FSDP2 shards a transformers model:

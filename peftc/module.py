@@ -402,7 +402,8 @@ class PeftModule(PeftSurface, GraphModel):
         return route
 
     def _sharded(self) -> bool:
-        """Whether FSDP2 (`fully_shard`) manages the store's parameters: on this module, its tree's root or the store."""
+        """Whether FSDP2 (`fully_shard`) manages the store's parameters: put on this module, its tree's root or
+        the store."""
         fsdp = sys.modules.get("torch.distributed.fsdp")     # not imported: nothing is sharded
         return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in (self, self.graph_module, self.store))
 
@@ -498,6 +499,8 @@ class PeftModule(PeftSurface, GraphModel):
         adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`.
         Sharded by FSDP2 (`fully_shard`), every rank calls it (the shards are all-gathered) and only the main
         process writes: `is_main_process` (transformers' convention), by default rank 0."""
+        if is_main_process is None and self._sharded():     # its adapters loaded after fully_shard too: one writer
+            is_main_process = torch.distributed.get_rank() == 0
         return save_adapters(self.checkpoint_data, directory, adapter_name, is_main_process)
 
     save_pretrained = save_adapter
