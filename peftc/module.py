@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from .build import as_spec, check_adapter_name, check_autocast
 from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
-from .errors import InputError, MergeError, SpecError
+from .errors import GenerationError, InputError, MergeError, SpecError
 from .export import export_program
 from .generation import Steps
 from .graph_model import GraphModel
@@ -453,6 +453,10 @@ class PeftModule(PeftSurface, GraphModel):
     def _decoder_steps(self, forms, adapter_names, batch: int, wrap) -> Steps:
         """Prefill and decode of one generate call: the form adapter_names (or the active adapter) pick, each graph
         given this call's own route."""
+        if self._sharded():        # the generation graphs run outside FSDP's hooks: they would meet the shards
+            raise GenerationError("generate on a module sharded with fully_shard is not served: FSDP gathers the "
+                                  "parameters around forward calls only; save the adapter (every rank calls "
+                                  "save_adapter) and generate with it loaded into an unsharded model")
         form, name, rows = self._choose(adapter_names, None, lambda: batch)
         if form == "mixed" and "mixed" not in forms.prefill:
             raise InputError(f"rows of this batch cannot take different adapters: {forms.mixed_refusal}")

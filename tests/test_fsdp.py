@@ -46,7 +46,7 @@ def sharded(pm, mesh):
 
 def test_save_gathers_the_sharded_adapter(world_of_one, tmp_path):
     """save_adapter on a sharded module writes the whole adapter (DTensor.full_tensor) as the unsharded module does;
-    is_main_process=False writes nothing."""
+    is_main_process=False writes nothing. generate, which runs outside FSDP's hooks, says it is not served."""
     from torch.distributed.tensor import DTensor
 
     pm = peftc.compile(make("llama"), peftc.LoRA(r=4, targets="all-linear", init=False))
@@ -58,6 +58,8 @@ def test_save_gathers_the_sharded_adapter(world_of_one, tmp_path):
     got, want = load_file(tmp_path / "sharded" / WEIGHTS), load_file(tmp_path / "plain" / WEIGHTS)
     assert sorted(got) == sorted(want) and all(torch.equal(got[k], want[k]) for k in got)
     assert not (tmp_path / "other").exists()
+    with pytest.raises(peftc.GenerationError, match="sharded with fully_shard"):
+        pm.eval().generate(inputs("llama")["input_ids"], max_new_tokens=2)
 
 
 def test_a_call_before_sharding_does_not_pin_the_adapter(world_of_one):
