@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
 
 
-
 @pytest.fixture
 def world_of_one():
     """A gloo process group of one process (FSDP2 runs, every DTensor holds the whole tensor as its shard)."""
