@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -64,24 +65,35 @@ def adapter_config(data: ModelData, adapter_name: str) -> dict:
     )
 
 
-def save_adapters(data: ModelData, directory, adapter_name: str | None = None) -> list[Path]:
+def save_adapters(data: ModelData, directory, adapter_name: str | None = None,
+                  is_main_process: bool | None = None) -> list[Path]:
     """PEFT's layout: the adapter named "default" in `directory`, any other in `directory/<name>`; one adapter when
-    `adapter_name` is given, else all of them. Returns the directories written."""
+    `adapter_name` is given, else all of them. Returns the directories written (`is_main_process`: save_adapter)."""
     names = data.store.names() if adapter_name is None else [adapter_name]
     for name in names:
         if name not in data.store.names():
             raise UnknownAdapter(name, data.store.names())
     directory = Path(directory)
-    return [save_adapter(data, directory if n == "default" else directory / n, n) for n in names]
+    return [save_adapter(data, directory if n == "default" else directory / n, n, is_main_process) for n in names]
 
 
-def save_adapter(data: ModelData, directory, adapter_name: str) -> Path:
-    """One adapter's adapter_config.json + adapter_model.safetensors in `directory`."""
+def save_adapter(data: ModelData, directory, adapter_name: str, is_main_process: bool | None = None) -> Path:
+    """One adapter's adapter_config.json + adapter_model.safetensors in `directory`.
+
+    Sharded adapter weights (DTensors, e.g. under FSDP2's `fully_shard`) are gathered whole first: a collective, so
+    every rank calls this, and only the main process writes (`is_main_process`, transformers' convention; default:
+    rank 0 where tensors were sharded, else this process)."""
     if adapter_name not in data.store.names():
         raise UnknownAdapter(adapter_name, data.store.names())
     directory = Path(directory)
-    _prepare_dir(directory)
     state = {**data.store.peft_state_dict(adapter_name), **_bias_aliases(data, adapter_name)}
+    sharded = any(_is_dtensor(v) for v in state.values())
+    state = {k: _whole(v) for k, v in state.items()}       # every rank, in the same (the store's) order
+    if is_main_process is None:
+        is_main_process = not sharded or torch.distributed.get_rank() == 0
+    if not is_main_process:
+        return directory
+    _prepare_dir(directory)
     tensors, seen = {}, set()
     for k, v in state.items():                 # a tensor saved under two keys (PEFT's tied token rows): two copies
         tensors[k] = v.detach().to("cpu").contiguous()
@@ -94,6 +106,16 @@ def save_adapter(data: ModelData, directory, adapter_name: str) -> Path:
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
     })
     return directory
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    # no DTensor exists before torch.distributed.tensor is imported: a plain save does not import it
+    return "torch.distributed.tensor" in sys.modules and isinstance(t, sys.modules["torch.distributed.tensor"].DTensor)
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (this rank's shard) as the whole tensor, all-gathered (a collective); other tensors as they are."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def read_adapter_config(directory) -> dict:

@@ -5,6 +5,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -15,7 +16,7 @@ from torch.fx import GraphModule
 
 from .build import as_spec, check_adapter_name, check_autocast
 from .checkpoint import ModelData, load_spec, load_weights_, read_adapter_weights, save_adapters
-from .errors import InputError, SpecError, UnknownAdapter
+from .errors import GenerationError, InputError, SpecError, UnknownAdapter
 from .export import export_program
 from .generation import Steps
 from .graph_model import GraphModel
@@ -149,6 +150,11 @@ class PeftModule(PeftSurface, GraphModel):
     def _add(self, name: str, adapter: Adapter) -> None:
         if name in self.adapters:
             raise SpecError(f"an adapter named {name!r} exists already; adapters: {self.adapters}")
+        if self._sharded() and any(p.requires_grad for p in adapter.parameters()):
+            raise SpecError(f"cannot add trainable adapter {name!r}: this module is sharded (fully_shard), and FSDP "
+                            "shards and synchronizes only the parameters it had then, so this adapter's gradients "
+                            "would differ between ranks; add or load trainable adapters before fully_shard (a frozen "
+                            "one, load_adapter(..., is_trainable=False), can be loaded now)")
         self._check_room(name, adapter)
         graph_changes = self._changes_graph(adapter)
         self.store.add(name, adapter.to(_device_of(self.base_graph_module)))
@@ -386,11 +392,19 @@ class PeftModule(PeftSurface, GraphModel):
         its tensors go in detached, so frozen and trainable adapters look alike to torch.compile and switching
         between them never recompiles."""
         grad = torch.is_grad_enabled()
+        if self._sharded():      # FSDP swaps the adapter's tensors (shards / gathered) at every call: look them up
+            return plain_route(gm, self.store, name, detach=not grad)
         route = self._route_cache.get((name, grad, graph))
         if route is None:
             route = plain_route(gm, self.store, name, detach=not grad)
             self._route_cache[(name, grad, graph)] = route
         return route
+
+    def _sharded(self) -> bool:
+        """Whether FSDP2 (`fully_shard`) manages the store's parameters: put on this module, its tree's root or
+        the store."""
+        fsdp = sys.modules.get("torch.distributed.fsdp")     # not imported: nothing is sharded
+        return fsdp is not None and any(isinstance(m, fsdp.FSDPModule) for m in (self, self.graph_module, self.store))
 
     def names_of(self, rows: torch.Tensor) -> list[str]:
         """The adapter name of each slot index in `rows` (checked to be in range)."""
@@ -438,6 +452,10 @@ class PeftModule(PeftSurface, GraphModel):
     def _decoder_steps(self, forms, adapter_names, batch: int, wrap) -> Steps:
         """Prefill and decode of one generate call: the form adapter_names (or the active adapter) pick, each graph
         given this call's own route."""
+        if self._sharded():        # the generation graphs run outside FSDP's hooks: they would meet the shards
+            raise GenerationError("generate on a module sharded with fully_shard is not served: FSDP gathers the "
+                                  "parameters around forward calls only; save the adapter (every rank calls "
+                                  "save_adapter) and generate with it loaded into an unsharded model")
         form, name, rows = self._choose(adapter_names, None, lambda: batch)
         if form == "mixed" and "mixed" not in forms.prefill:
             raise InputError(f"rows of this batch cannot take different adapters: {forms.mixed_refusal}")
@@ -478,10 +496,15 @@ class PeftModule(PeftSurface, GraphModel):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     # --- checkpoints -----------------------------------------------------------------------------------------------
-    def save_adapter(self, directory, adapter_name: str | None = None) -> list[Path]:
+    def save_adapter(self, directory, adapter_name: str | None = None, *,
+                     is_main_process: bool | None = None) -> list[Path]:
         """Write adapter_config.json + adapter_model.safetensors in PEFT's format and layout (atomically): the
-        adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`."""
-        return save_adapters(self.checkpoint_data, directory, adapter_name)
+        adapter "default" in `directory`, any other in `directory/<name>`; all adapters unless `adapter_name`.
+        Sharded by FSDP2 (`fully_shard`), every rank calls it (the shards are all-gathered) and only the main
+        process writes: `is_main_process` (transformers' convention), by default rank 0."""
+        if is_main_process is None and self._sharded():     # its adapters loaded after fully_shard too: one writer
+            is_main_process = torch.distributed.get_rank() == 0
+        return save_adapters(self.checkpoint_data, directory, adapter_name, is_main_process)
 
     @property
     def checkpoint_data(self) -> ModelData:

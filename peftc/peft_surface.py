@@ -119,10 +119,11 @@ class PeftSurface:
         return load_adapter(model, model_id, adapter_name, is_trainable=is_trainable, **kwargs)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
-                        is_main_process: bool = True, **kwargs):
+                        is_main_process: bool | None = None, **kwargs):
         """PEFT's save_pretrained: `save_adapter` for every adapter (or those in `selected_adapters`), in PEFT's
         layout ("default" in the directory, any other in a sub-directory of its name); nothing is written where
-        `is_main_process` is False. Always safetensors: `safe_serialization=False` (a pickle) is refused, as are
+        `is_main_process` is False (by default: written, or by rank 0 alone when the module is sharded, where every
+        rank must call it). Always safetensors: `safe_serialization=False` (a pickle) is refused, as are
         PEFT's options that convert weights on the way (name them and they are refused, rather than ignored)."""
         if kwargs:
             raise InputError(f"save_pretrained got unsupported argument(s) {sorted(kwargs)}; peftc takes "
@@ -134,9 +135,7 @@ class PeftSurface:
         unknown = [n for n in names if n not in self.adapters]
         if unknown:
             raise UnknownAdapter(unknown, self.adapters, "selected_adapters")
-        if not is_main_process:
-            return []
-        return [p for n in names for p in self.save_adapter(save_directory, n)]
+        return [p for n in names for p in self.save_adapter(save_directory, n, is_main_process=is_main_process)]
 
     def add_model_tags(self, tags: list[str] | str) -> None:
         """transformers' add_model_tags (PEFT reaches the base model's): tags for the model card, kept without
