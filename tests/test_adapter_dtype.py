@@ -40,7 +40,7 @@ def _dtypes(pm, name="default"):
     return {p.dtype for p in pm.store[name].parameters()}
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_lora_bf16_fp32_adapter_parity_eval_train_and_checkpoints(arch, tmp_path):
     """PEFT's adapter (fp32 on bf16) saved, loaded by peftc: fp32 weights bit for bit, PEFT's outputs in eval and the
     same loss and float32 gradients in training; peftc's save loads back into PEFT as the same fp32 tensors."""
@@ -115,6 +115,7 @@ def _copy_from_peft(pm, ref, name="default"):
             t.copy_(theirs[key])
 
 
+@pytest.mark.slow
 def test_only_half_precision_is_upcast():
     """A float32 model's adapter weights stay float32; a float16 model's become float32 (as bfloat16's)."""
     pm = peftc.compile(make("llama"), peftc.LoRA(r=2, targets=["q_proj"]))
@@ -157,7 +158,7 @@ def test_add_adapter_autocast_and_bad_flag():
         peftc.compile(make("llama"), peftc.LoRA(r=2), autocast_adapter_dtype="yes")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", pytest.param("qwen2", marks=pytest.mark.slow)])
 def test_ia3_bf16_fp32_vectors_parity(arch, tmp_path):
     """IA3 as PEFT: float32 vectors on a bfloat16 model (output and feedforward sides), PEFT's outputs in the plain
     and the mixed form, fp32 tensors loaded from PEFT's checkpoint."""
@@ -290,6 +291,7 @@ def test_lora_on_embedding_bf16_fp32_adapter_equals_peft():
     assert a.dtype == BF16 and (a.float() - b.float()).abs().max().item() <= TOL
 
 
+@pytest.mark.slow
 def test_capacity_mixed_batch_takes_fp32_adapter_added_later():
     """A capacity's mixed graph on a bfloat16 model, made with a bfloat16 adapter, serves a float32 adapter added
     later (as data, no new graph): each row equals that adapter's plain call."""

@@ -70,6 +70,7 @@ def _assert_close(a, b, tol):
     assert len(a) == len(b) > 0 and all(abs(x - y) <= tol for x, y in zip(a, b)), (a, b)
 
 
+@pytest.mark.slow
 def test_losses_and_adapter_equal_peft_with_gradient_accumulation(tmp_path):
     """fp32, two accumulated micro-batches per step (Trainer's num_items_in_batch reaches peftc's loss): the logged
     losses and the trained adapter equal PEFT's under the same Trainer arguments."""
@@ -81,6 +82,7 @@ def test_losses_and_adapter_equal_peft_with_gradient_accumulation(tmp_path):
     assert _max_diff(_adapter(pm), get_peft_model_state_dict(ref)) < 1e-5
 
 
+@pytest.mark.slow
 def test_label_smoothing_shifts_labels_as_for_peft(tmp_path):
     """Trainer smooths labels outside the model and shifts them only for a causal LM it recognizes by class name:
     peftc.Trainer applies PEFT's rule (plain transformers.Trainer would not shift and report a different loss)."""
@@ -240,6 +242,7 @@ def test_checkpoints_are_peft_adapters_and_resume_is_exact(tmp_path):
     _assert_close(_losses(t), _losses(full), 1e-6)      # steps 1-4 read back from checkpoint-4, 5-6 trained
 
 
+@pytest.mark.slow
 def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
     """load_best_model_at_end: the adapter at the end is the one saved in the best checkpoint."""
     pm = _fresh()
@@ -251,6 +254,7 @@ def test_load_best_model_at_end_loads_the_best_checkpoint(tmp_path):
     assert _max_diff(_adapter(pm), _adapter(other)) == 0.0
 
 
+@pytest.mark.slow
 def test_resume_from_another_adapters_checkpoint_is_refused(tmp_path):
     pm = _fresh()
     pm.save_pretrained(tmp_path / "ckpt")

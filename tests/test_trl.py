@@ -99,7 +99,7 @@ def test_sft_chat_template_new_tokens_match_peft(chat_tok, tmp_path):
         assert torch.equal(effective[NEW], rows.delta)
 
 
-@pytest.mark.parametrize("strategy", ["wrapped", "bfd"])
+@pytest.mark.parametrize("strategy", ["wrapped", pytest.param("bfd", marks=pytest.mark.slow)])
 def test_sft_packing_matches_peft(strategy, base_tok, tmp_path):
     """packing=True on the shipped corpus: "wrapped" (padded rows, the default graph) and "bfd" (TRL's default:
     padding-free rows with position_ids, a graph traced with packed_example_inputs)."""
@@ -131,7 +131,7 @@ def test_padding_free_batch_on_default_graph_is_refused(base_tok, tmp_path):
 OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("temperature", [1.0, pytest.param(0.7, marks=pytest.mark.slow)])
 def test_fused_lm_head_fields_equal_trls(temperature):
     """add_fused_lm_head on a PeftModule (adapter off) gives TRL's fields on the same model, -100 labels included."""
     model = EX["base_model"]()
@@ -228,6 +228,7 @@ def test_reference_log_probs_are_the_base_models(base_tok):
     assert pm.training == model.training and pm.active_adapter == "default"
 
 
+@pytest.mark.slow
 def test_dpo_trainer_class_copies_the_adapter_as_trl_does(base_tok, tmp_path):
     """peftc.trl.DPOTrainer with no ref_model, on an adapter with trained weights: TRL's rule for a PeftModel it is
     given (a frozen "ref" copy of the adapter as the reference), so the run equals TRL's on that PeftModel."""
@@ -296,7 +297,7 @@ def test_disable_dropout_zeroes_the_adapters_rates():
     assert pm.peft_config["default"]["lora_dropout"] == 0.25              # the config keeps it, as PEFT's
 
 
-@pytest.mark.parametrize("trainer", ["trl", "peftc"])
+@pytest.mark.parametrize("trainer", ["trl", pytest.param("peftc", marks=pytest.mark.slow)])
 def test_dpo_disables_lora_dropout_as_trl_does_for_peft(trainer, base_tok, tmp_path):
     """DPOConfig(disable_dropout=True), TRL's default: TRL sets p = 0 on the model's nn.Dropout modules, PEFT's
     lora_dropout and, on a PeftModule, each site's DropoutRate; so the runs agree although the adapters say
@@ -333,6 +334,7 @@ def test_lora_backward_under_bf16_autocast():
 
 
 # --- the surface TRL reads ---------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_surface_trl_reads():
     model = EX["base_model"]()
     pm = peftc.compile(model, peftc.LoRA(r=4))
