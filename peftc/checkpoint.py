@@ -1,6 +1,7 @@
 """Adapter checkpoints in PEFT's format: adapter_config.json + adapter_model.safetensors, written atomically."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -10,11 +11,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import recover, write_files
-from .errors import CheckpointError, UnknownAdapter
+from .errors import CheckpointError, PeftcError, UnknownAdapter
 from .methods import spec_from_config, spec_to_config
 from .passes.match import tensor_at
 from .passes.modules_to_save import copy_of
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+# what peftc records in the safetensors metadata beside the tensors (PEFT ignores it): a checksum of the tensors, and
+# the config they were saved with, so that bytes changed on disk or a config edited to another meaning (lora_alpha,
+# r, targets, ...) are found at load time rather than giving a silently different model
+SUM_KEY, CONFIG_KEY = "peftc.sha256", "peftc.config"
 
 
 
@@ -101,11 +106,31 @@ def save_adapter(data: ModelData, directory, adapter_name: str, is_main_process:
         tensors[k] = tensors[k].clone() if ptr in seen else tensors[k]
         seen.add(ptr)
     cfg = adapter_config(data, adapter_name)
+    meta = {"format": "pt", SUM_KEY: _digest(tensors), CONFIG_KEY: json.dumps(cfg, sort_keys=True)}
     write_files(directory, {
-        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}),
+        WEIGHTS_NAME: lambda tmp: save_file(tensors, tmp, metadata=meta),
         CONFIG_NAME: lambda tmp: Path(tmp).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n"),
     })
     return directory
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's key, dtype, shape and bytes, in key order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(tensors[k].shape)}|".encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}              # unreadable: reading the tensors says so, naming the file
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:
@@ -154,9 +179,15 @@ def read_adapter_weights(directory) -> dict[str, torch.Tensor]:
             )
         raise CheckpointError(f"{directory} has no {WEIGHTS_NAME}")
     try:
-        return load_file(path)
+        tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); re-save the adapter") from None
+    recorded = _metadata(path).get(SUM_KEY)
+    if recorded is not None and recorded != _digest(tensors):
+        raise CheckpointError(f"{path}: its tensors do not match the checksum recorded when peftc saved them (bytes "
+                              "changed on disk: a damaged copy, or a file edited by hand); copy or re-save the adapter "
+                              "again")
+    return tensors
 
 
 def load_weights_(data: ModelData, adapter_name: str, tensors: dict[str, torch.Tensor], source: Any) -> None:
@@ -277,4 +308,23 @@ def _strip_adapter_name(key: str, name: str) -> str:
 
 
 def load_spec(directory):
-    return spec_from_config(read_adapter_config(directory), source=str(Path(directory) / CONFIG_NAME))
+    """The spec of adapter_config.json; where peftc saved the weights beside it, the config recorded with them must
+    mean the same spec (fields such as base_model_name_or_path or inference_mode may differ)."""
+    cfg = read_adapter_config(directory)
+    source = str(Path(directory) / CONFIG_NAME)
+    spec = spec_from_config(cfg, source=source)
+    recorded = _metadata(Path(directory) / WEIGHTS_NAME).get(CONFIG_KEY)
+    if recorded is not None:
+        try:
+            saved = json.loads(recorded)
+            same = spec_from_config(saved, source=source) == spec
+        except (ValueError, PeftcError):
+            saved, same = {}, False
+        if not same:
+            fields = sorted(k for k in {*cfg, *saved} if cfg.get(k) != saved.get(k))
+            shown = ", ".join(f"{k}: {cfg.get(k)!r} (saved with {saved.get(k)!r})" for k in fields[:4])
+            raise CheckpointError(
+                f"{source} does not mean the adapter its weights were saved with: {shown or 'unreadable record'}. "
+                f"Restore the config as saved (the record is in {WEIGHTS_NAME}'s metadata, key {CONFIG_KEY!r}); to "
+                "change the adapter's meaning on purpose, load it as saved and save a new adapter")
+    return spec

@@ -247,6 +247,19 @@ def _bool_tensor(d: Path) -> Path:
     return d
 
 
+def _edited_alpha(d: Path) -> Path:
+    cfg = json.loads((d / CONFIG).read_text())
+    (d / CONFIG).write_text(json.dumps({**cfg, "lora_alpha": 5}))
+    return d
+
+
+def _flipped_value(d: Path) -> Path:
+    data = bytearray((d / WEIGHTS).read_bytes())
+    data[-3] ^= 0x10                                            # a bit of the last tensor's last value
+    (d / WEIGHTS).write_bytes(bytes(data))
+    return d
+
+
 def _unsupported_config(d: Path) -> Path:
     cfg = json.loads((d / CONFIG).read_text())
     (d / CONFIG).write_text(json.dumps({**cfg, "use_qalora": True}))
@@ -269,6 +282,10 @@ BAD = {
     "integer tensor": (_integer_tensor, CheckpointError,
                        r"base_model.model.v.lora_A.weight is stored as torch.int32, but adapter weights are floating"),
     "bool tensor": (_bool_tensor, CheckpointError, r"v.lora_B.weight is stored as torch.bool"),
+    "edited config": (_edited_alpha, CheckpointError,
+                      r"adapter_config.json does not mean the adapter its weights were saved with: lora_alpha: 5 "
+                      r"\(saved with 4"),
+    "flipped bit": (_flipped_value, CheckpointError, r"do not match the checksum recorded when peftc saved them"),
     "unsupported config": (_unsupported_config, SpecError, r"use_qalora=True is not supported"),
 }
 
@@ -333,3 +350,14 @@ def test_hf_adapter_into_another_architecture(tmp_path):
     with pytest.raises(peftc.TargetNotFound, match=r"targets \[.*'c_attn'.*\] matched no linear layer"):
         peftc.load_adapter(bert, tmp_path)
     assert_unchanged(bert, before)
+
+
+def test_config_edits_that_keep_the_meaning_load(tmp_path):
+    d = saved(tmp_path)
+    cfg = json.loads((d / CONFIG).read_text())
+    (d / CONFIG).write_text(json.dumps({**cfg, "base_model_name_or_path": "elsewhere", "inference_mode": False}))
+    m, pm = compiled()
+    loaded = peftc.load_adapter(model(), d, example_inputs=ex())
+    x = ex()
+    with torch.no_grad():
+        assert torch.equal(loaded(*x), pm(*x))
