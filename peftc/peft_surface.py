@@ -91,6 +91,40 @@ class PeftSurface:
         """[the active adapter] (PEFT's list form of `active_adapter`); [] when there is none."""
         return [] if self.active_adapter is None else [self.active_adapter]
 
+    @property
+    def active_peft_config(self) -> dict:
+        """PEFT's config dict of the active adapter (`peft_config[active_adapter]`)."""
+        return self.peft_config[self.active_adapter]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """PEFT's rule: False only inside disable_adapter() while an adapter is active."""
+        return not getattr(self, "_disabled", 0) or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """The modules_to_save of every adapter's spec together (PEFT's union over its configs), None when none."""
+        mods = {m for a in self.adapters for m in (getattr(self.store[a].spec, "modules_to_save", None) or ())}
+        return mods or None
+
+    @property
+    def base_model_torch_dtype(self) -> torch.dtype | None:
+        return getattr(self.base_model, "dtype", None)
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        """PEFT's set_requires_grad: every parameter of the named adapter(s) (a name or a list) gets `requires_grad`."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        unknown = [n for n in names if n not in self.adapters]
+        if unknown:
+            raise UnknownAdapter(unknown, self.adapters, "set_requires_grad")
+        for n in names:
+            for p in self.store[n].parameters():
+                p.requires_grad_(bool(requires_grad))
+
+    def push_to_hub(self, *args, **kwargs):
+        raise InputError("push_to_hub: peftc does not upload; save_pretrained(dir) writes PEFT's format, which "
+                         "huggingface_hub's upload_folder(folder_path=dir, repo_id=...) uploads as it is")
+
     def disable_adapter(self):
         """PEFT's name for `disable_adapters()`: a context manager within which calls run the base model exactly."""
         return self.disable_adapters()

@@ -250,3 +250,26 @@ def test_save_pretrained_takes_peft_arguments_and_layout(pair, tmp_path):
     with pytest.raises(peftc.InputError, match=r"unsupported argument\(s\) \['convert_pissa_to_lora'\]"):
         ours.save_pretrained(tmp_path / "conv", convert_pissa_to_lora="x")
     assert not (tmp_path / "pkl").exists() and not (tmp_path / "conv").exists()
+
+
+def test_active_config_requires_grad_and_modules_to_save_as_peft(saved):
+    ours, ref = load_both(saved)
+    mine, theirs = ours.active_peft_config, plain(ref.active_peft_config.to_dict())
+    assert mine == ours.peft_config["default"] and len(mine.keys() & theirs.keys()) >= 30
+    assert all(mine[k] == theirs[k] for k in mine.keys() & theirs.keys())
+    assert ours.modules_to_save == ref.modules_to_save
+    assert ours.base_model_torch_dtype == ref.base_model_torch_dtype
+    assert ours.has_active_enabled_adapter == ref.has_active_enabled_adapter is True
+    with ours.disable_adapter(), ref.disable_adapter():
+        assert ours.has_active_enabled_adapter == ref.has_active_enabled_adapter is False
+    for names, flag in (("other", True), (["default", "other"], False)):
+        ours.set_requires_grad(names, flag), ref.set_requires_grad(names, flag)
+        want = sorted(n.replace(".default", "").replace(".other", "") + ("@o" if ".other" in n else "")
+                      for n, p in ref.named_parameters() if p.requires_grad)
+        got = {a: sum(p.requires_grad for p in ours.store[a].parameters()) for a in ours.adapters}
+        assert sum(got.values()) == len(want)
+        assert got["other"] == (len(list(ours.store["other"].parameters())) if flag else 0)
+    with pytest.raises(peftc.UnknownAdapter):
+        ours.set_requires_grad("nope")
+    with pytest.raises(peftc.InputError, match="upload_folder"):
+        ours.push_to_hub("me/repo")
