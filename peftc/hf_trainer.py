@@ -31,7 +31,6 @@ import torch
 from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, adapter_config, load_weights_, read_adapter_weights
 from .errors import CheckpointError, InputError
 from .methods import spec_from_config
-from .passes.match import QUANTIZED
 
 TRAINING_ARGS_NAME = "training_args.bin"     # transformers.trainer.TRAINING_ARGS_NAME
 
@@ -49,19 +48,14 @@ def _peft_module(model: Any):
 
 # Trainer options a PeftModule cannot honour: (option, is it set?, why, what to do). Each was run and failed or did
 # silently nothing (tests/test_hf_trainer.py shows each refusal). Run and found to work, so not refused: fsdp
-# (2 CPU processes: the adapter equals the DDP run's, checkpoints in PEFT's format), bf16 (CPU autocast), fp16 on
-# CPU (Trainer runs fp32 there, for a PEFT model too), torch_compile, gradient checkpointing and its kwargs,
-# label_smoothing_factor, gradient accumulation.
+# (2 CPU processes: the adapter equals the DDP run's, checkpoints in PEFT's format), bf16 (CPU autocast, on
+# bitsandbytes bases too), fp16 on CPU (Trainer runs fp32 there, for a PEFT model too), torch_compile, gradient
+# checkpointing and its kwargs, label_smoothing_factor, gradient accumulation.
 _REFUSED = (
     ("neftune_noise_alpha", lambda v, pm: v is not None,
      "NEFTune puts a forward hook on the model's input embedding module, but the traced graph calls the embedding as "
      "an op, so the hook would never run (no noise would be added)",
      "train without neftune_noise_alpha"),
-    ("bf16", lambda v, pm: bool(v) and any(s.kind in QUANTIZED for s in pm.sites.values()),
-     "peftc's fused LoRA op on bitsandbytes 4-bit / 8-bit layers cannot run under autocast yet (its in-place update "
-     "meets bfloat16 outputs with float32 adapter weights and fails in the first forward)",
-     "train without bf16 (the quantized layers compute in their own bnb_4bit_compute_dtype), or on an "
-     "unquantized base"),
 )
 
 

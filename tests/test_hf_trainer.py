@@ -353,23 +353,37 @@ def test_accelerate_two_cpu_processes_equal_one(tmp_path):
     assert not (tmp_path / "fsdp" / "checkpoint-12" / "model.safetensors").exists()
 
 
-def test_bf16_on_a_quantized_base_is_refused_up_front(tmp_path):
-    """bf16 autocast over bitsandbytes layers fails in peftc's fused LoRA op (in-place update, mixed dtypes): refused
-    by name when the Trainer is made, the adapter unchanged; the same module trains in fp32."""
+@pytest.mark.parametrize("bits", [4, 8])
+def test_bf16_autocast_on_a_quantized_base_trains_as_peft(tmp_path, bits):
+    """bf16 autocast over bitsandbytes layers (peftc's fused LoRA op: the update in the autocast dtype added into the
+    base output, the backward under the forward's autocast): loss and adapter gradients as PEFT's; Trainer trains."""
     import transformers as tf
 
     make("llama").save_pretrained(tmp_path / "base")
-    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",
-                                                    quantization_config=tf.BitsAndBytesConfig(load_in_8bit=True))
-    pm = peftc.compile(model, peftc.LoRA(r=4, targets=["q_proj", "v_proj"]))
-    before = _adapter(pm)
-    with pytest.raises(peftc.InputError, match="bf16=True: peftc's fused LoRA op on bitsandbytes"):
-        peftc.Trainer(model=pm, args=_args(tmp_path / "o", bf16=True), train_dataset=_rows())
-    assert _max_diff(_adapter(pm), before) == 0.0
+    q = tf.BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else tf.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    load = lambda: tf.AutoModelForCausalLM.from_pretrained(tmp_path / "base", device_map="cpu",  # noqa: E731
+                                                           quantization_config=q)
+    pm = peftc.compile(load(), peftc.LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"], init=False)).train()
+    ref = get_peft_model(load(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False)).train()
+    theirs = get_peft_model_state_dict(ref)
+    with torch.no_grad():
+        for k, t in pm.store.peft_state_dict("default").items():
+            t.copy_(theirs[k])
     row = {k: v[None] for k, v in _rows(1)[0].items()}                # (1, 12) each
-    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="same dtype"):
-        pm.train()(**row)                                               # what the refusal prevents
-    t = _train(peftc.Trainer, pm, _args(tmp_path / "o", max_steps=2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = pm(**row).loss, ref(**row).loss
+    a.backward(), b.backward()
+    assert abs(a.item() - b.item()) <= 1e-3 * abs(b.item())
+    grads = {n.replace(".default", ""): p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    mine = dict(pm.store["default"].named_parameters())
+    for key, t in pm.store.peft_state_dict("default").items():
+        g = next(p.grad for p in mine.values() if p.data_ptr() == t.data_ptr())
+        want = grads[key]
+        assert (g - want).norm() <= 0.05 * want.norm(), key
+    before = _adapter(pm)
+    t = _train(peftc.Trainer, pm, _args(tmp_path / "o", max_steps=2, bf16=True))
     assert len(_losses(t)) == 2 and _max_diff(_adapter(pm), before) > 0
 
 

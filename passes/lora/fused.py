@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from .ops import LoraGroup, _down, _dropout, _rate, _update_
+from .ops import LoraGroup, _autocast_state, _down, _dropout, _rate, _update_
 
 
 
@@ -164,8 +164,12 @@ class _QuantLoraFn(torch.autograd.Function):
             hs = list(h.split([A.shape[0] for A in As], 1))
         else:
             hs = [torch.mm(x2 if xd is None else xd.reshape(x2.shape), A.t()) for xd, A in zip(xds, As)]
+        ctx.amp = _autocast_state(x.device.type)          # backward runs under it, as torch.amp.custom_bwd does
         for y, h, B, s in zip(ys, hs, Bs, scales):
-            y.view(-1, y.shape[-1]).addmm_(h * s, B.t())                       # y_i += s_i h_i B_i^T
+            if ctx.amp[2]:     # under autocast: the update in its dtype, added into y's (PEFT's result + update)
+                y.view(-1, y.shape[-1]).add_(torch.mm(h * s, B.t()))
+            else:
+                y.view(-1, y.shape[-1]).addmm_(h * s, B.t())                   # y_i += s_i h_i B_i^T
         ctx.plan, ctx.x_shape, ctx.x_dtype = plan, x.shape, x.dtype
         # what a saved slot holds: base args' constants stay on ctx, tensors (the packed weights) are saved
         ctx.consts = [[None if isinstance(v, torch.Tensor) else v for v in a] for a in args]
@@ -181,6 +185,12 @@ class _QuantLoraFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        device, dtype, enabled = ctx.amp
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            return _QuantLoraFn._backward(ctx, *grads)
+
+    @staticmethod
+    def _backward(ctx, *grads):
         n, k, counts, ops, weights, bias_at, remake = ctx.plan
         saved = iter(ctx.saved_tensors)
         kept = [next(saved) for _ in range(1 if remake is None else k)]
@@ -210,8 +220,11 @@ class _QuantLoraFn(torch.autograd.Function):
                         for gh, m, d, na in zip(g_hs, masks, ds, need_A)]
         g_x = None
         if need_x:
-            g_x = _base_grad(g2s, args, weights, ctx.x_dtype)                  # sum_i g_i W_i
-            if grouped:
+            with torch.autocast(ctx.amp[0], enabled=False):                    # the base ops' own dtypes
+                g_x = _base_grad(g2s, args, weights, ctx.x_dtype)              # sum_i g_i W_i
+            if grouped and ctx.amp[2]:
+                g_x.add_(torch.mm(g_h, As[0] if n == 1 else torch.cat(As)))
+            elif grouped:
                 g_x.addmm_(g_h, As[0] if n == 1 else torch.cat(As))
             else:
                 for gh, A, m, d in zip(g_hs, As, masks, ds):
@@ -238,6 +251,7 @@ def _base_grad(g2s, args, weights, dtype: torch.dtype) -> torch.Tensor:
     acc = None
     for g2, a, weight in zip(g2s, args, weights):
         W = weight(a, dtype)                                                   # [out, in]
+        g2 = g2 if g2.dtype == W.dtype else g2.to(W.dtype)      # (under autocast g_i comes in its dtype)
         if W.dtype == dtype:
             acc = torch.mm(g2, W) if acc is None else acc.addmm_(g2, W)
         else:
