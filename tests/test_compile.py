@@ -280,6 +280,7 @@ def test_new_sequence_length_compiles():
 
 
 # --- inductor --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_inductor_matches_eager_and_routing_never_recompiles():
     model, cpm = build(backend="inductor")
     pm = cpm.peft

@@ -93,6 +93,7 @@ def test_label_smoothing_shifts_labels_as_for_peft(tmp_path):
     _assert_close(_losses(ours), _losses(theirs), 1e-5)
 
 
+@pytest.mark.slow
 def test_eval_loss_equals_peft(tmp_path):
     """eval_strategy="steps": eval_loss is reported at each evaluation and equals PEFT's on the same weights."""
     ref, pm = _pair(tmp_path)
@@ -171,6 +172,7 @@ def test_checkpointing_options_keep_gradients_and_save_less(kw):
         assert bytes_ < plain_bytes, (bytes_, plain_bytes)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_trains_close_to_peft(tmp_path):
     """bf16=True on CPU (autocast): the losses follow PEFT's within bf16 rounding, and differ from fp32's (the
     autocast is live, through peftc's LoRA backward too)."""
@@ -354,6 +356,7 @@ def test_accelerate_two_cpu_processes_equal_one(tmp_path):
 
 
 @pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.slow
 def test_bf16_autocast_on_a_quantized_base_trains_as_peft(tmp_path, bits):
     """bf16 autocast over bitsandbytes layers (peftc's fused LoRA op: the update in the autocast dtype added into the
     base output, the backward under the forward's autocast): loss and adapter gradients as PEFT's; Trainer trains."""

@@ -99,7 +99,7 @@ def test_sft_chat_template_new_tokens_match_peft(chat_tok, tmp_path):
         assert torch.equal(effective[NEW], rows.delta)
 
 
-@pytest.mark.parametrize("strategy", ["wrapped", pytest.param("bfd", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("strategy", [pytest.param("wrapped", marks=pytest.mark.slow), pytest.param("bfd", marks=pytest.mark.slow)])
 def test_sft_packing_matches_peft(strategy, base_tok, tmp_path):
     """packing=True on the shipped corpus: "wrapped" (padded rows, the default graph) and "bfd" (TRL's default:
     padding-free rows with position_ids, a graph traced with packed_example_inputs)."""
@@ -179,6 +179,7 @@ def assert_rewards_close(theirs, mine):
             assert abs(a[k] - b[k]) <= 1e-5 + 1e-3 * abs(a[k]), (k, theirs, mine)
 
 
+@pytest.mark.slow
 def test_dpo_base_reference_matches_peft(base_tok, tmp_path):
     """reference_model(pm): the base (rows routed to "__base__"), as TRL's reference for a PEFT model it made from a
     peft_config (disable_adapter()); same losses, rewards and adapter as that run. The reference holds no weights
@@ -297,7 +298,7 @@ def test_disable_dropout_zeroes_the_adapters_rates():
     assert pm.peft_config["default"]["lora_dropout"] == 0.25              # the config keeps it, as PEFT's
 
 
-@pytest.mark.parametrize("trainer", ["trl", pytest.param("peftc", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("trainer", [pytest.param("trl", marks=pytest.mark.slow), pytest.param("peftc", marks=pytest.mark.slow)])
 def test_dpo_disables_lora_dropout_as_trl_does_for_peft(trainer, base_tok, tmp_path):
     """DPOConfig(disable_dropout=True), TRL's default: TRL sets p = 0 on the model's nn.Dropout modules, PEFT's
     lora_dropout and, on a PeftModule, each site's DropoutRate; so the runs agree although the adapters say
