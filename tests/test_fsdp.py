@@ -163,7 +163,7 @@ def test_fsdp_two_gloo_processes_learn_what_one_process_learns(tmp_path):
 # bytes of all-gathered (unsharded) parameters held per rank, sampled around every FSDP unshard and reshard; per layer
 # (fully_shard on each block, then the root) and, as a control, the whole model as one group (fully_shard on the root)
 MEMORY = r"""
-import json, sys
+import gc, json, sys
 sys.path.insert(0, %(examples)r)
 import torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
@@ -218,8 +218,12 @@ for per_layer in (True, False):
     loss.backward()
     result["per_layer" if per_layer else "whole"] = {**layout, "groups": len(GROUPS),
         "forward": PEAK[f"{per_layer}-forward"], "backward": PEAK[f"{per_layer}-backward"]}
+    del pm, loss                  # FSDP's state and its pending work released while the process group lives
+    gc.collect()
+    dist.barrier()
 if rank == 0:
     json.dump(result, open(sys.argv[1], "w"))
+dist.barrier()
 dist.destroy_process_group()
 """
 
