@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import peftc
 from peftc import atomic
@@ -89,15 +91,26 @@ def save(kind: str, pm, out: Path) -> None:
         peftc.export_merged(pm, out, overwrite=True)
 
 
-def tree(path: Path) -> dict[str, bytes]:
-    """Every file under `path` by relative name -> bytes."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+def content(p: Path):
+    """A file's content: its bytes; a whole safetensors file as its metadata and tensors (the order of the metadata's
+    keys in the header is not fixed from one save to the next)."""
+    if p.suffix == ".safetensors":
+        try:
+            with safe_open(p, "pt") as f:
+                meta = json.dumps(f.metadata() or {}, sort_keys=True)
+                return meta, [(k, f.get_tensor(k).dtype, f.get_tensor(k).tolist()) for k in sorted(f.keys())]
+        except Exception:               # not whole: compared as bytes (and so unequal to a whole save)
+            pass
+    return p.read_bytes()
 
 
-def put(files: dict[str, bytes], out: Path) -> None:
-    for name, data in files.items():
-        (out / name).parent.mkdir(parents=True, exist_ok=True)
-        (out / name).write_bytes(data)
+def tree(path: Path) -> dict:
+    """Every file under `path` by relative name -> its content."""
+    return {str(p.relative_to(path)): content(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def put(source: Path, out: Path) -> None:
+    shutil.copytree(source, out)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +123,7 @@ def saves(tmp_path_factory):
         pm = module(w)
         for kind in ("adapter", "export"):
             save(kind, pm, root / kind / w)
-            out[kind, w] = tree(root / kind / w)
+            out[kind, w], out["dir", kind, w] = tree(root / kind / w), root / kind / w
     assert out["adapter", "a"] != out["adapter", "b"] and out["export", "a"] != out["export", "b"]
     return out
 
@@ -142,7 +155,7 @@ BOUNDARIES = [("adapter", n, False) for n in (1, 2, 3)] + [("export", 1, False)]
 @pytest.mark.parametrize("kind,n,fallback", BOUNDARIES)
 def test_killed_right_after_each_rename_leaves_one_whole_save(kind, n, fallback, saves, tmp_path):
     out = tmp_path / "target"
-    put(saves[kind, "a"], out)
+    put(saves["dir", kind, "a"], out)
     printed = run_saver(kind, out, "b", kill_after=n, fallback=fallback)
     assert "ready" in printed and "saved" not in printed            # it did die mid-switch
     # once the journal is written (adapter: the first rename) or the exchange is done, the new save is the one
@@ -157,7 +170,7 @@ def test_killed_right_after_each_rename_leaves_one_whole_save(kind, n, fallback,
 def test_killed_at_random_moments_leaves_one_whole_save(kind, saves, tmp_path):
     rng = random.Random(0)
     out = tmp_path / "target"
-    put(saves[kind, "a"], out)
+    put(saves["dir", kind, "a"], out)
     midway = 0
     for _ in range(3):
         p = subprocess.Popen([sys.executable, "-c", SAVER, kind, str(out), "a", "0", "0", "1"], cwd=ROOT,
