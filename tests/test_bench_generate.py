@@ -46,6 +46,7 @@ def check_results(r: dict, compiled: bool) -> str:
     return table
 
 
+@pytest.mark.slow
 def test_generate_benchmark_runs_at_tiny_sizes():
     check_results(generate.main(TINY + ["--no-compiled"]), compiled=False)
 

@@ -250,6 +250,7 @@ def test_merge_weights_that_do_not_fit(llama, tmp_path):
     assert_one_line_error(r, key, "(4, 32)", "(4, 64)", "different base model")
 
 
+@pytest.mark.slow
 def test_verbose_shows_the_traceback(llama, tmp_path):
     args = ["merge", "--base", llama / "gpt2", "--adapter", llama / "adapter", "--out", tmp_path / "m"]
     quiet = run(*args)
@@ -269,6 +270,7 @@ def test_verbose_shows_the_traceback(llama, tmp_path):
 
 
 # --- export --------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("unmerged", [False, True])
 def test_export_pt2(llama, tmp_path, unmerged):
     out = tmp_path / "model.pt2"

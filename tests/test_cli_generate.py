@@ -123,6 +123,7 @@ def puts(monkeypatch) -> list[torch.Tensor]:
     return seen
 
 
+@pytest.mark.slow
 def test_streams_what_pm_generate_and_peft_give(dirs, pm, peft_model, puts):
     """Greedy: the streamed text is the decoded tokens of pm.generate, which are PEFT's generate's token for token;
     the streamer gets the prompt, then one token per step."""

@@ -72,6 +72,7 @@ def test_a_model_whose_forward_the_static_cache_trace_cannot_take_is_refused():
         assert torch.allclose(pm(input_ids=ids).logits, model(input_ids=ids, use_cache=False).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_a_model_changed_after_compile_is_refused_naming_the_module():
     from tests.models import make
 

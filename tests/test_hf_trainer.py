@@ -121,6 +121,7 @@ class _CountCalls:
         self.n += 1
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_recomputes_and_keeps_losses(tmp_path):
     """gradient_checkpointing=True: Trainer switches it on through activation_checkpointing_enable; every block runs
     twice per step (forward, and again in backward) and the run equals the one without it."""
@@ -215,6 +216,7 @@ class _StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
+@pytest.mark.slow
 def test_checkpoints_are_peft_adapters_and_resume_is_exact(tmp_path):
     """save_strategy="steps": each checkpoint-N holds the adapter in PEFT's format (no base weights), which
     PeftModel.from_pretrained loads with equal outputs; a run stopped at checkpoint-4 and resumed (onto a fresh

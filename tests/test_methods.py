@@ -89,6 +89,7 @@ def custom():
     unregister_method(example["Gate"])
 
 
+@pytest.mark.slow
 def test_adapters_of_two_methods_share_one_model(custom, tmp_path):
     """A LoRA adapter and a custom method's adapter on one PeftModule: each call equals that adapter alone, each
     merges through its own fold rule, both save and reload, and a mixed batch with the custom one (no per-row form)

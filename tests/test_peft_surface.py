@@ -172,6 +172,7 @@ def grads(pm, x) -> list[torch.Tensor]:
     return [p.grad.clone() for p in pm.trainable_parameters()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     pm = peftc.compile(make("llama"), peftc.LoRA(r=4, targets=["q_proj", "v_proj"], init=False)).train()

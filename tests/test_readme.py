@@ -53,6 +53,7 @@ def test_quickstart_is_at_most_ten_lines():
     assert len([line for line in quickstart.splitlines() if line.strip()]) <= 10
 
 
+@pytest.mark.slow
 def test_readme_python_snippets_run(tmp_path, monkeypatch):
     snippets = _blocks("python")
     assert snippets

@@ -71,6 +71,7 @@ def test_train_and_eval_modes_follow_dropout():
     assert not any(m.training for m in pm.modules())
 
 
+@pytest.mark.slow
 def test_hf_trainer_trains_the_adapter():
     from transformers import Trainer, TrainingArguments
 

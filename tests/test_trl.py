@@ -72,6 +72,7 @@ def assert_same_run(ref_trainer, ours_trainer, ref_model, pm, tmp_path, keys=("l
 
 
 # --- SFT ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_sft_chat_template_new_tokens_match_peft(chat_tok, tmp_path):
     """The template's new special tokens train as embedding rows (trainable_token_indices): per-step losses and the
     final adapter (LoRA and the token rows) equal PEFT's; only those rows moved; the base is bitwise unchanged."""
@@ -119,6 +120,7 @@ def test_sft_packing_matches_peft(strategy, base_tok, tmp_path):
     assert_same_run(*runs, ref, pm, tmp_path)
 
 
+@pytest.mark.slow
 def test_padding_free_batch_on_default_graph_is_refused(base_tok, tmp_path):
     pm = peftc.compile(EX["base_model"](), peftc.LoRA(r=4))
     t = trl.SFTTrainer(model=pm, args=config(trl.SFTConfig, tmp_path, packing=True, max_length=64),
